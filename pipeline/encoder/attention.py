@@ -1,0 +1,98 @@
+"""Pick the device, precision and attention backend, and load the model with them.
+
+Backends, best first: flash-attn (the ``gpu`` extra, CUDA only) -> torch SDPA ->
+eager. ``auto`` takes the first that imports and loads; an explicit choice that
+cannot run is an error, not a silent fallback. What actually ran is reported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+
+from pipeline.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+_HF_NAMES = {"flash": "flash_attention_2", "sdpa": "sdpa", "eager": "eager"}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str
+    precision: str  # fp32 | bf16 | fp16: what runs, never "auto"
+    attention: str  # flash | sdpa | eager: what runs, never "auto"
+
+
+def pick_device(requested: str, gpu_address: str | None = None) -> str:
+    import torch
+
+    if requested == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return f"cuda:{gpu_address}" if gpu_address is not None else "cuda:0"
+    if requested == "cuda":
+        raise ConfigError("model.device", "cuda was asked for but no CUDA device is visible")
+    return "cpu"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-bf16 or AMX: the CPUs on which bf16 matmuls beat fp32."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def pick_precision(requested: str, device: str) -> str:
+    import torch
+
+    if requested != "auto":
+        return requested
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def flash_available(device: str) -> bool:
+    return device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None
+
+
+def candidate_backends(requested: str, device: str) -> list[str]:
+    if requested == "auto":
+        order = ["flash", "sdpa", "eager"]
+        return [b for b in order if b != "flash" or flash_available(device)]
+    if requested == "flash" and not flash_available(device):
+        raise ConfigError("model.attention", "flash needs a CUDA device and the flash-attn "
+                          "package (pip install 'embed-pipeline[gpu]'); allowed values: "
+                          "auto, flash, sdpa, eager")
+    return [requested]
+
+
+def load_model(path, requested_attention: str, precision: str, device: str,
+               trust_remote_code: bool = False):
+    """Load AutoModel with the first backend that works; returns (model, attention)."""
+    from transformers import AutoModel
+
+    dtype = torch_dtype(precision)
+    errors = []
+    for backend in candidate_backends(requested_attention, device):
+        try:
+            model = AutoModel.from_pretrained(
+                str(path), dtype=dtype, attn_implementation=_HF_NAMES[backend],
+                trust_remote_code=trust_remote_code, local_files_only=True)
+        except (ValueError, ImportError, NotImplementedError) as exc:
+            errors.append(f"{backend}: {str(exc).splitlines()[0]}")
+            log.info("attention backend %s unavailable: %s", backend, exc)
+            continue
+        model.eval().to(device)
+        return model, backend
+    raise ModelError(f"no attention backend could load {path}: " + "; ".join(errors))

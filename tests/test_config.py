@@ -1,0 +1,99 @@
+"""Config loading and validation: every error names its key (no Spark needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import load_config, parse_config
+from pipeline.errors import ConfigError
+from pipeline.run import preflight
+
+BASE = {
+    "source": {"path": "src"},
+    "outputs": [{"name": "emb_384", "dim": 384}],
+    "sink": {"path": "out"},
+}
+
+
+def _cfg(**overrides):
+    raw = {k: (dict(v) if isinstance(v, dict) else list(v)) for k, v in BASE.items()}
+    for key, value in overrides.items():
+        raw[key] = value
+    return raw
+
+
+def test_defaults_and_paths_resolved_against_config_dir(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "source: {path: data/src}\noutputs: [{name: e, dim: 8}]\nsink: {path: out}\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.source.path == str(tmp_path / "data" / "src")
+    assert cfg.sink.path == str(tmp_path / "out")
+    assert cfg.sink.quarantine == str(tmp_path / "out") + "_quarantine"
+    assert cfg.model.pooling == "mean" and cfg.model.max_length == 256
+    assert cfg.sink.mode == "incremental"
+
+
+def test_unknown_key_names_key_and_suggests():
+    with pytest.raises(ConfigError) as err:
+        parse_config(_cfg(model={"max_lenght": 128}))
+    msg = str(err.value)
+    assert "model.max_lenght" in msg and "did you mean 'max_length'" in msg
+
+
+def test_bad_choice_lists_allowed_values():
+    with pytest.raises(ConfigError) as err:
+        parse_config(_cfg(model={"pooling": "max"}))
+    assert "model.pooling" in str(err.value)
+    assert "mean, cls, last_token" in str(err.value)
+
+
+def test_wrong_type_and_missing_required():
+    with pytest.raises(ConfigError, match=r"outputs\[0\]\.dim.*integer"):
+        parse_config(_cfg(outputs=[{"name": "e", "dim": "big"}]))
+    raw = _cfg()
+    del raw["sink"]
+    with pytest.raises(ConfigError, match="'sink'.*required"):
+        parse_config(raw)
+
+
+@pytest.mark.parametrize("outputs, pattern", [
+    ([{"name": "e", "dim": 8}, {"name": "e", "dim": 4}], r"outputs\[1\]\.name.*duplicate"),
+    ([{"name": "1bad", "dim": 8}], r"outputs\[0\]\.name.*not a valid column name"),
+    ([{"name": "run_id", "dim": 8}], r"outputs\[0\]\.name.*reserved"),
+    ([{"name": "e", "dim": 0}], r"outputs\[0\]\.dim.*positive"),
+    ([], r"'outputs'.*at least one"),
+])
+def test_output_validation(outputs, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        parse_config(_cfg(outputs=outputs))
+
+
+def test_overrides_dotted_list_and_freeform(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "source: {path: s}\noutputs: [{name: e, dim: 8}, {name: f, dim: 4}]\nsink: {path: o}\n")
+    cfg = load_config(tmp_path / "c.yaml", [
+        "model.max_length=128", "outputs.1.dim=2", "spark.conf.spark.sql.shuffle.partitions=3",
+        "model.prompt=query: "])
+    assert cfg.model.max_length == 128
+    assert cfg.outputs[1].dim == 2
+    assert cfg.spark.conf == {"spark.sql.shuffle.partitions": 3}
+    assert cfg.model.prompt == "query: "  # looks like a mapping, stays a string
+    with pytest.raises(ConfigError, match="--set"):
+        load_config(tmp_path / "c.yaml", ["model.max_length"])
+    with pytest.raises(ConfigError, match="no list item '5'"):
+        load_config(tmp_path / "c.yaml", ["outputs.5.dim=3"])
+
+
+def test_dim_larger_than_hidden_size_is_caught_before_spark(tmp_path):
+    (tmp_path / "src").mkdir()
+    cfg = parse_config(_cfg(source={"path": str(tmp_path / "src"), "format": "parquet"},
+                            outputs=[{"name": "big", "dim": 512}]))
+    with pytest.raises(ConfigError, match=r"outputs\[0\]\.dim.*512.*hidden size 384"):
+        preflight(cfg)
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a, b = parse_config(_cfg()), parse_config(_cfg())
+    assert a.config_hash() == b.config_hash()
+    c = parse_config(_cfg(model={"max_length": 64}))
+    assert c.config_hash() != a.config_hash()
