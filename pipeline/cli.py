@@ -107,6 +107,52 @@ def setup_spark_cmd() -> None:
     click.echo(f"wrote {write_spark_defaults()}")
 
 
+@main.command("sizes")
+@config_option
+@set_option
+@click.option("--rows", type=int, default=1_000_000, show_default=True,
+              help="Rows to size the whole table for.")
+def sizes_cmd(config_path: Path, overrides: tuple[str, ...], rows: int) -> None:
+    """Bytes per row of each output column, against float32 at the model's full dim."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.config import load_config
+    from pipeline.encoder.engine import resolve_layer
+    from pipeline.outputs import row_bytes
+    from pipeline.run import preflight
+
+    try:
+        cfg = load_config(config_path, overrides)
+        info = preflight(cfg)
+    except PipelineError as err:
+        _fail(err)
+    full = 4 * info.hidden_size
+    table = Table(title=f"{info.name}: hidden {info.hidden_size}, {info.num_layers} layers; "
+                        f"{rows:,} rows")
+    for col in ("column", "dim", "layer", "dtype", "bytes/row", "vs float32 full", "table"):
+        table.add_column(col, justify="left" if col in ("column", "dtype") else "right")
+    total = 0
+    for spec in cfg.outputs:
+        size = row_bytes(spec)
+        total += size
+        table.add_row(spec.name, str(spec.dim), str(resolve_layer(spec.layer, info.num_layers)),
+                      spec.dtype, f"{size:,}", f"{size / full:.1%}", _human(size * rows))
+    table.add_row("all columns", "", "", "", f"{total:,}", f"{total / full:.1%}",
+                  _human(total * rows), style="bold")
+    table.add_row(f"float32 x {info.hidden_size}", "", "", "", f"{full:,}", "100.0%",
+                  _human(full * rows), style="dim")
+    Console().print(table)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
 @main.command("validate")
 @config_option
 @set_option

@@ -31,7 +31,9 @@ POOLINGS = ("mean", "cls", "last_token")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 ATTENTIONS = ("auto", "flash", "sdpa", "eager")
 DEVICES = ("auto", "cpu", "cuda")
-OUTPUT_DTYPES = ("float32",)
+OUTPUT_DTYPES = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
+CALIBRATED_DTYPES = ("int8", "uint8")
+PACKED_DTYPES = ("binary", "ubinary")
 SINK_MODES = ("incremental", "append", "overwrite")
 # Columns the sink writes next to the embedding columns; outputs may not reuse them.
 RESERVED_COLUMNS = ("id", "content_hash", "model", "model_fingerprint", "run_id", "embedded_at")
@@ -75,13 +77,27 @@ class ModelConfig:
 class OutputSpec:
     """One output column cut from the shared forward pass.
 
-    Order of operations: pool -> truncate to ``dim`` -> L2-renormalize -> cast.
+    Order of operations: the layer's hidden states -> pool -> truncate to
+    ``dim`` -> L2-renormalize -> quantize to ``dtype``.
     """
 
     name: str
     dim: int
+    # Transformer layer whose hidden states are pooled: null = the last; 1..L
+    # counts from the input, -1..-L from the output (2D Matryoshka).
+    layer: int | None = None
     dtype: str = field(default="float32", metadata=_choices(*OUTPUT_DTYPES))
     normalize: bool = True
+    # Overrides model.pooling for this column.
+    pooling: str | None = field(default=None, metadata=_choices(*POOLINGS))
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationConfig:
+    """Sample for int8/uint8 ranges: computed once per output table, then reused."""
+
+    size: int = 1000
+    seed: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,6 +105,7 @@ class SinkConfig:
     path: str
     mode: str = field(default="incremental", metadata=_choices(*SINK_MODES))
     quarantine_path: str | None = None
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     @property
     def quarantine(self) -> str:
@@ -240,6 +257,15 @@ def _validate(cfg: RunConfig) -> None:
         seen.add(spec.name)
         if spec.dim <= 0:
             raise ConfigError(f"{key}.dim", f"must be a positive integer, got {spec.dim}")
+        if spec.dtype in PACKED_DTYPES and spec.dim % 8:
+            raise ConfigError(f"{key}.dim", f"{spec.dtype} packs 8 dimensions per byte: dim "
+                              f"must be a multiple of 8, got {spec.dim} (column {spec.name!r})")
+        if spec.layer == 0:
+            raise ConfigError(f"{key}.layer", "layers count from 1 (first) or -1 (last); "
+                              "null means the last layer")
+    if cfg.sink.calibration.size <= 0:
+        raise ConfigError("sink.calibration.size", "must be a positive integer, "
+                          f"got {cfg.sink.calibration.size}")
     for key, col in (("source.id_column", cfg.source.id_column),
                      ("source.text_column", cfg.source.text_column)):
         if not col:
@@ -311,7 +337,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         else:
             value = _check_scalar(key, value, tp)
             choices = f.metadata.get("choices")
-            if choices and value not in choices:
+            if choices and value is not None and value not in choices:
                 raise ConfigError(key, f"{value!r} is not allowed; allowed values: "
                                   + ", ".join(choices))
             kwargs[name] = value

@@ -8,6 +8,7 @@ run before the JVM starts, so a bad config fails in a second with one line.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 import uuid
@@ -18,7 +19,8 @@ from pipeline import sink, source
 from pipeline.config import RunConfig
 from pipeline.encoder.engine import validate_outputs
 from pipeline.encoder.model import fingerprint, inspect_model
-from pipeline.errors import ReconciliationError
+from pipeline.errors import PipelineError, ReconciliationError
+from pipeline.outputs import Calibration, needs_calibration
 
 ENCODE_JOB_GROUP = "embed-encode"
 # Rows per encode task: small enough for a moving progress bar and for the two
@@ -63,9 +65,38 @@ def new_run_id(now: datetime) -> str:
 def preflight(cfg: RunConfig):
     """Everything that can be checked without Spark; returns the model info."""
     info = inspect_model(cfg.model.name_or_path, cfg.model.allow_pickle)
-    validate_outputs(cfg.outputs, info.hidden_size)
+    validate_outputs(cfg.outputs, info.hidden_size, info.num_layers)
     source.check_source_path(cfg.source)
     return info
+
+
+def calibrate(cfg: RunConfig, valid, stored: dict | None) -> Calibration | None:
+    """int8/uint8 ranges: the table's stored ones, else fitted once on a seeded sample.
+
+    Never per batch and never per run: every later run and backfill reuses what
+    the table stores, so the same text always quantizes to the same bytes.
+    """
+    from pyspark.sql import functions as F
+
+    need = needs_calibration(cfg.outputs)
+    if not need:
+        return None
+    if stored and stored.get("calibration"):
+        calibration = Calibration.from_json(stored["calibration"])
+        if all(s.name in calibration.ranges for s in need):
+            return calibration
+    from pipeline.encoder import Encoder
+
+    size, seed = cfg.sink.calibration.size, cfg.sink.calibration.seed
+    # A seeded hash order is a deterministic sample: same data + seed = same rows.
+    sample = (valid.orderBy(F.sha2(F.concat(F.lit(f"{seed}:"), F.col("content_hash")), 256))
+              .limit(size).select("text").toPandas()["text"].tolist())
+    if not sample:
+        raise PipelineError("int8/uint8 columns need a calibration sample, but the source "
+                            "has no valid rows to take it from")
+    float_specs = tuple(dataclasses.replace(s, dtype="float32") for s in need)
+    floats, _, _ = Encoder(cfg.model, float_specs).encode_float(sample)
+    return Calibration.fit(floats)
 
 
 def run(cfg: RunConfig, spark=None, progress=None) -> RunResult:
@@ -100,6 +131,7 @@ def run(cfg: RunConfig, spark=None, progress=None) -> RunResult:
 
     # -- source: read once, tag every row, keep the tagged snapshot for all passes
     t = time.perf_counter()
+    warm = udf.warm_workers(spark, cfg, spark_setup.torch_threads(spark, cfg.spark))
     df, _source_version = source.read_source(spark, cfg.source)
     tagged = source.tag_rows(df, cfg.source).persist()
     try:
@@ -124,10 +156,16 @@ def run(cfg: RunConfig, spark=None, progress=None) -> RunResult:
         # -- encode + sink: one Delta commit for the whole run
         t = time.perf_counter()
         slots = spark_setup.task_slots(spark)
-        partitions = cfg.spark.partitions or max(slots, math.ceil(rows_todo / ROWS_PER_PARTITION))
+        # A multiple of the task slots: an odd last wave would run on one core alone.
+        partitions = cfg.spark.partitions or slots * max(
+            1, math.ceil(rows_todo / (slots * ROWS_PER_PARTITION)))
+        calibration = calibrate(cfg, valid, stored if cfg.sink.mode != "overwrite" else None)
+        if calibration:
+            identity = {**identity, "calibration": calibration.to_json()}
         stats = udf.stats_accumulator(spark.sparkContext)
         encode_fn = udf.make_encode_fn(cfg.model, cfg.outputs,
-                                       spark_setup.torch_threads(spark, cfg.spark), stats)
+                                       spark_setup.torch_threads(spark, cfg.spark), stats,
+                                       calibration)
         schema = udf.output_schema(df.schema[cfg.source.id_column].dataType, cfg.outputs)
         encoded = (
             todo.repartition(partitions)
@@ -159,6 +197,7 @@ def run(cfg: RunConfig, spark=None, progress=None) -> RunResult:
         stages["quarantine"] = time.perf_counter() - t
     finally:
         tagged.unpersist()
+        warm.join()
 
     rows_embedded = commit.rows_written if commit else 0
     if rows_read != rows_embedded + rows_quarantined + rows_skipped:

@@ -59,6 +59,9 @@ def check_compatible(stored: dict[str, str] | None, wanted: dict[str, str], path
     """Refuse to mix vectors of two models / two output layouts in one table."""
     if stored is None:
         return
+    if not stored:
+        raise SinkConflictError(f"{path} is a Delta table that embed did not make (no "
+                                "embed.* table properties); choose another sink.path")
     diffs = [k for k in IDENTITY_KEYS if stored.get(k) != wanted.get(k)]
     if not diffs:
         return

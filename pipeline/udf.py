@@ -10,22 +10,26 @@ assigned it (TaskContext resources), else cuda:0 / CPU.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterator
 
-import numpy as np
 import pyarrow as pa
 
 from pipeline.config import ModelConfig, OutputSpec
+from pipeline.outputs import Calibration, spark_type, to_spark_arrow
 
+log = logging.getLogger(__name__)
 _ENCODERS: dict = {}
 
 
-def get_encoder(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], gpu: str | None):
-    key = (model_cfg, outputs, gpu)
+def get_encoder(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], gpu: str | None,
+                calibration: Calibration | None = None):
+    key = (model_cfg, outputs, gpu, calibration.key() if calibration else "")
     if key not in _ENCODERS:
         from pipeline.encoder import Encoder
 
-        _ENCODERS[key] = Encoder(model_cfg, outputs, gpu_address=gpu)
+        _ENCODERS[key] = Encoder(model_cfg, outputs, gpu_address=gpu, calibration=calibration)
     return _ENCODERS[key]
 
 
@@ -41,32 +45,17 @@ def task_gpu() -> str | None:
 
 
 def output_schema(id_type, outputs: tuple[OutputSpec, ...]):
-    from pyspark.sql.types import (
-        ArrayType,
-        BooleanType,
-        FloatType,
-        IntegerType,
-        StringType,
-        StructField,
-        StructType,
-    )
+    from pyspark.sql.types import BooleanType, IntegerType, StringType, StructField, StructType
 
     fields = [StructField("id", id_type, True), StructField("content_hash", StringType(), True)]
-    fields += [StructField(s.name, ArrayType(FloatType(), False), False) for s in outputs]
+    fields += [StructField(s.name, spark_type(s), False) for s in outputs]
     fields += [StructField("n_tokens", IntegerType(), False),
                StructField("truncated", BooleanType(), False)]
     return StructType(fields)
 
 
-def _as_list_array(fixed: pa.FixedSizeListArray) -> pa.ListArray:
-    """Spark's ArrayType travels as an Arrow list; rewrap the fixed-size values (no copy)."""
-    n, dim = len(fixed), fixed.type.list_size
-    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, fixed.values)
-
-
 def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], torch_threads: int,
-                   stats_acc=None):
+                   stats_acc=None, calibration: Calibration | None = None):
     """The function given to ``mapInArrow``; it closes over plain, picklable config."""
 
     def encode_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -74,13 +63,13 @@ def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], torc
 
         if torch.get_num_threads() != torch_threads:
             torch.set_num_threads(torch_threads)
-        encoder = get_encoder(model_cfg, outputs, task_gpu())
+        encoder = get_encoder(model_cfg, outputs, task_gpu(), calibration)
         rows = tokens = padded = 0
         seconds = 0.0
         for batch in batches:
             result = encoder.encode(batch.column("text"))
             arrays = [batch.column("id"), batch.column("content_hash")]
-            arrays += [_as_list_array(result.columns[s.name]) for s in outputs]
+            arrays += [to_spark_arrow(result.columns[s.name]) for s in outputs]
             arrays += [pa.array(result.n_tokens, pa.int32()), pa.array(result.truncated)]
             names = ["id", "content_hash", *(s.name for s in outputs), "n_tokens", "truncated"]
             rows += batch.num_rows
@@ -99,6 +88,42 @@ def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], torc
 
 def _zero_stats() -> dict:
     return {"rows": 0, "tokens": 0, "padded_tokens": 0, "encode_seconds": 0.0, "runtime": set()}
+
+
+def warm_workers(spark, cfg, torch_threads: int) -> threading.Thread:
+    """Start every task slot's Python worker and load the model, in the background.
+
+    Spark starts Python workers lazily, at the first Python task: each then
+    imports torch and transformers and loads the model (seconds) while its
+    core idles. This runs that start-up concurrently with the driver's source
+    read and plan; the encode stage then finds warm, reused workers.
+    """
+    from pipeline.outputs import needs_calibration
+
+    slots = max(1, spark.sparkContext.defaultParallelism)
+    outputs = cfg.outputs if not needs_calibration(cfg.outputs) else None
+    model_cfg = cfg.model
+
+    def warm(batches):
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        if outputs is not None:
+            get_encoder(model_cfg, outputs, task_gpu())
+        else:  # int8 ranges are not known yet: import the heavy modules only
+            import transformers  # noqa: F401
+        yield from batches
+
+    def job():
+        try:
+            (spark.range(slots, numPartitions=slots).mapInArrow(warm, "id long")
+             .collect())
+        except Exception as exc:  # a failed warm-up only costs time, never the run
+            log.warning("worker warm-up failed: %s", exc)
+
+    thread = threading.Thread(target=job, name="embed-warm-workers", daemon=True)
+    thread.start()
+    return thread
 
 
 def stats_accumulator(sc):

@@ -19,7 +19,7 @@ from pipeline.encoder import attention
 from pipeline.encoder.batching import pad_batch, padding_efficiency, plan_batches
 from pipeline.encoder.model import inspect_model, pool
 from pipeline.errors import ConfigError
-from pipeline.outputs import cut, to_arrow
+from pipeline.outputs import Calibration, cut, needs_calibration, quantize, to_arrow
 
 log = logging.getLogger(__name__)
 
@@ -43,25 +43,56 @@ class EncoderStats:
     extra: dict = field(default_factory=dict)
 
 
-def validate_outputs(outputs: Sequence[OutputSpec], hidden_size: int) -> None:
+class _EarlyExit(Exception):
+    """Raised by the hook on the deepest layer any column needs: skip the rest."""
+
+
+def resolve_layer(layer: int | None, num_layers: int) -> int:
+    """null -> last; 1..L as is; -1..-L from the output (-1 is the last)."""
+    if layer is None:
+        return num_layers
+    return layer if layer > 0 else num_layers + 1 + layer
+
+
+def validate_outputs(outputs: Sequence[OutputSpec], hidden_size: int, num_layers: int) -> None:
     for i, spec in enumerate(outputs):
         if spec.dim > hidden_size:
             raise ConfigError(f"outputs[{i}].dim", f"{spec.dim} is larger than the model's "
                               f"hidden size {hidden_size} (column {spec.name!r})")
+        if spec.layer is not None and not 1 <= resolve_layer(spec.layer, num_layers) <= num_layers:
+            raise ConfigError(f"outputs[{i}].layer", f"{spec.layer} is beyond the model's depth "
+                              f"of {num_layers} layers (allowed: 1..{num_layers} or "
+                              f"-1..-{num_layers}; column {spec.name!r})")
+
+
+def find_layers(model, num_layers: int):
+    """The model's ModuleList of transformer blocks (encoder.layer, layers, h, ...)."""
+    import torch
+
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ValueError(f"cannot find the {num_layers} transformer layers of "
+                     f"{type(model).__name__}; per-layer outputs need them")
 
 
 class Encoder:
     """Tokenizer + model + output specs, loaded once and reused for every batch."""
 
     def __init__(self, model_cfg: ModelConfig, outputs: Sequence[OutputSpec],
-                 gpu_address: str | None = None):
+                 gpu_address: str | None = None, calibration: Calibration | None = None):
         import torch
         from transformers import AutoTokenizer
 
         self.cfg = model_cfg
         self.outputs = tuple(outputs)
+        self.calibration = calibration or Calibration()
+        missing = [s.name for s in needs_calibration(self.outputs)
+                   if s.name not in self.calibration.ranges]
+        if missing:
+            raise ValueError(f"int8/uint8 columns {missing} need calibration ranges")
         self.info = inspect_model(model_cfg.name_or_path, model_cfg.allow_pickle)
-        validate_outputs(self.outputs, self.info.hidden_size)
+        validate_outputs(self.outputs, self.info.hidden_size, self.info.num_layers)
         device = attention.pick_device(model_cfg.device, gpu_address)
         precision = attention.pick_precision(model_cfg.precision, device)
         self.tokenizer = AutoTokenizer.from_pretrained(
@@ -78,6 +109,38 @@ class Encoder:
         self.left_pad = getattr(self.tokenizer, "padding_side", "right") == "left"
         self.stats = EncoderStats()
         self._torch = torch
+        self._setup_layers()
+
+    def _setup_layers(self) -> None:
+        """Hooks that capture intermediate layers and stop at the deepest one needed.
+
+        The last layer comes from the model's own output (decoders apply a final
+        norm there); a shallower layer is its block's raw output, which is what
+        ``hidden_states[k]`` of a full pass holds. When no column needs the last
+        layer, the forward pass stops after the deepest needed block (early exit).
+        """
+        L = self.info.num_layers
+        self.groups = sorted({(resolve_layer(s.layer, L), s.pooling or self.cfg.pooling)
+                              for s in self.outputs})
+        self.spec_group = {s.name: (resolve_layer(s.layer, L), s.pooling or self.cfg.pooling)
+                           for s in self.outputs}
+        inner = sorted({layer for layer, _ in self.groups if layer < L})
+        self.exit_layer = max(inner) if inner and max(layer for layer, _ in self.groups) < L \
+            else None
+        self.layers_run = self.exit_layer or L
+        self._captured: dict[int, object] = {}
+        if not inner:
+            return
+        blocks = find_layers(self.model, L)
+        for layer in inner:
+            blocks[layer - 1].register_forward_hook(self._make_hook(layer))
+
+    def _make_hook(self, layer: int):
+        def hook(module, args, output):
+            self._captured[layer] = output[0] if isinstance(output, tuple) else output
+            if layer == self.exit_layer:
+                raise _EarlyExit
+        return hook
 
     # ------------------------------------------------------------------ stages
     def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -100,20 +163,29 @@ class Encoder:
                 if len(ids) else np.zeros(0, dtype=np.int64))
         return flat, offsets, lengths
 
-    def forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """One padded batch -> pooled [B, H] float32 (numpy)."""
+    def forward(self, ids: np.ndarray, mask: np.ndarray) -> dict[tuple[int, str], np.ndarray]:
+        """One padded batch -> {(layer, pooling): pooled [B, H] float32 (numpy)}."""
         torch = self._torch
         device = self.runtime.device
         input_ids = torch.from_numpy(ids).to(device, non_blocking=True)
         attn = torch.from_numpy(mask).to(device, non_blocking=True)
+        kwargs = {}
+        if self.left_pad:
+            # Left padding shifts real tokens right: positions must come from the
+            # mask, or the same text gets other position embeddings than unpadded.
+            kwargs["position_ids"] = (attn.cumsum(1) - 1).clamp(min=0)
+        self._captured.clear()
         with torch.inference_mode():
-            out = self.model(input_ids=input_ids, attention_mask=attn)
-            pooled = pool(out.last_hidden_state, attn, self.cfg.pooling)
-        return pooled.cpu().numpy()
+            try:
+                out = self.model(input_ids=input_ids, attention_mask=attn, **kwargs)
+                self._captured[self.info.num_layers] = out.last_hidden_state
+            except _EarlyExit:
+                pass
+            return {(layer, mode): pool(self._captured[layer], attn, mode).cpu().numpy()
+                    for layer, mode in self.groups}
 
-    def encode(self, texts: Sequence[str] | pa.Array) -> EncodeResult:
-        """Encode texts; every output column in the caller's row order."""
-        start = time.perf_counter()
+    def encode_float(self, texts: Sequence[str] | pa.Array):
+        """Texts -> ({column: float32 [N, dim] truncated + renormalized}, lengths, batches)."""
         if isinstance(texts, (pa.Array, pa.ChunkedArray)):
             texts = texts.to_pylist()
         if any(t is None for t in texts):
@@ -121,11 +193,20 @@ class Encoder:
         n = len(texts)
         flat, offsets, lengths = self.tokenize(texts)
         batches = plan_batches(lengths, self.cfg.token_budget, self.cfg.max_batch_rows)
-        pooled_all = np.empty((n, self.info.hidden_size), dtype=np.float32)
+        pooled = {g: np.empty((n, self.info.hidden_size), dtype=np.float32) for g in self.groups}
         for idx in batches:
             ids, mask = pad_batch(flat, offsets, lengths, idx, self.pad_id, self.left_pad)
-            pooled_all[idx] = self.forward(ids, mask)
-        columns = {spec.name: to_arrow(cut(pooled_all, spec), spec) for spec in self.outputs}
+            for group, vecs in self.forward(ids, mask).items():
+                pooled[group][idx] = vecs
+        floats = {s.name: cut(pooled[self.spec_group[s.name]], s) for s in self.outputs}
+        return floats, lengths, batches
+
+    def encode(self, texts: Sequence[str] | pa.Array) -> EncodeResult:
+        """Encode texts; every output column in the caller's row order."""
+        start = time.perf_counter()
+        floats, lengths, batches = self.encode_float(texts)
+        columns = {s.name: to_arrow(quantize(floats[s.name], s, self.calibration), s)
+                   for s in self.outputs}
         efficiency = padding_efficiency(lengths, batches)
         elapsed = time.perf_counter() - start
         self._account(lengths, batches, elapsed)
