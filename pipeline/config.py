@@ -105,6 +105,10 @@ class SinkConfig:
     path: str
     mode: str = field(default="incremental", metadata=_choices(*SINK_MODES))
     quarantine_path: str | None = None
+    # Runs table (Delta); null: <parent of path>/_embedding_runs.
+    runs_path: str | None = None
+    # Output rows whose id is gone from the source (incremental runs): keep | delete.
+    deletes: str = field(default="keep", metadata=_choices("keep", "delete"))
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     @property
@@ -221,8 +225,9 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
         cfg,
         source=dataclasses.replace(cfg.source, path=resolve(cfg.source.path)),
         sink=dataclasses.replace(
-            cfg.sink, path=resolve(cfg.sink.path), quarantine_path=resolve(cfg.sink.quarantine_path)
-        ),
+            cfg.sink, path=resolve(cfg.sink.path),
+            quarantine_path=resolve(cfg.sink.quarantine_path),
+            runs_path=resolve(cfg.sink.runs_path)),
     )
 
 

@@ -45,3 +45,15 @@ class ReconciliationError(PipelineError):
     """Rows read != rows embedded + quarantined + skipped."""
 
     exit_code = 6
+
+
+class ConcurrentRunError(PipelineError):
+    """Another run committed to the output table while this one was writing."""
+
+    exit_code = 7
+
+
+class AlreadyCommitted(PipelineError):
+    """A backfill partition this run was asked to write is already committed."""
+
+    exit_code = 0

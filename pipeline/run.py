@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-from pipeline import sink, source
+from pipeline import lineage, sink, source
 from pipeline.config import RunConfig
 from pipeline.encoder.engine import validate_outputs
 from pipeline.encoder.model import fingerprint, inspect_model
-from pipeline.errors import PipelineError, ReconciliationError
+from pipeline.errors import AlreadyCommitted, PipelineError, ReconciliationError
 from pipeline.outputs import Calibration, needs_calibration
 
 ENCODE_JOB_GROUP = "embed-encode"
@@ -43,6 +44,8 @@ class RunResult:
     runtime: str  # device/precision/attention that actually ran
     output_version: int | None
     seconds: float
+    rows_deleted: int = 0
+    source_version: int | None = None
     encode_seconds: float = 0.0
     padding_efficiency: float = 1.0
     tokens: int = 0
@@ -99,40 +102,78 @@ def calibrate(cfg: RunConfig, valid, stored: dict | None) -> Calibration | None:
     return Calibration.fit(floats)
 
 
-def run(cfg: RunConfig, spark=None, progress=None) -> RunResult:
+def run(cfg: RunConfig, spark=None, progress=None, source_filter: str | None = None,
+        txn: tuple[str, int] | None = None, partition: str | None = None) -> RunResult:
     """Embed the source into the sink; returns counts, timings and lineage ids.
 
     ``progress``: optional context-manager factory ``progress(spark, label)``
     shown while the encode job runs (the CLI passes a rich progress bar).
+    ``source_filter`` (SQL), ``txn`` (Delta app id, version) and ``partition``
+    are how a backfill runs one partition exactly once.
+    Every run is recorded in the runs table: ``running`` at start, then
+    ``succeeded`` with its counts or ``failed`` with its error.
     """
+    from pipeline import spark as spark_setup
+
+    started = time.perf_counter()
+    now = datetime.now(UTC).replace(microsecond=0)
+    run_id = new_run_id(now)
+    info = preflight(cfg)
+    t = time.perf_counter()
+    model_fp = fingerprint(info)
+    fp_seconds = time.perf_counter() - t
+    t = time.perf_counter()
+    spark = spark or spark_setup.get_session(cfg.spark)
+    stages = {"fingerprint": fp_seconds, "spark_start": time.perf_counter() - t}
+    runs_table = lineage.runs_path(cfg.sink.path, cfg.sink.runs_path)
+    base = {
+        "run_id": run_id, "started_at": now, "output_path": cfg.sink.path,
+        "source_path": cfg.source.path, "model": info.name, "model_fingerprint": model_fp,
+        "config_hash": cfg.config_hash(), "mode": cfg.sink.mode, "partition": partition,
+        "config_json": json.dumps(cfg.to_dict(), sort_keys=True, default=str),
+        "versions": lineage.software_versions(),
+    }
+    lineage.record(spark, runs_table, status="running", **base)
+    try:
+        result = _run_stages(cfg, spark, info, model_fp, run_id, now, stages, progress,
+                             source_filter, txn)
+    except Exception as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        lineage.record(spark, runs_table, status="failed", ended_at=datetime.now(UTC),
+                       seconds=time.perf_counter() - started, stage_seconds=stages,
+                       error=f"{type(exc).__name__}: {message}"[:4000], **base)
+        raise
+    result.seconds = time.perf_counter() - started
+    lineage.record(
+        spark, runs_table, status="succeeded", ended_at=datetime.now(UTC),
+        output_version=result.output_version, source_version=result.source_version,
+        runtime=result.runtime, rows_read=result.rows_read, rows_embedded=result.rows_embedded,
+        rows_quarantined=result.rows_quarantined, rows_skipped=result.rows_skipped,
+        rows_deleted=result.rows_deleted, seconds=result.seconds, stage_seconds=stages, **base)
+    return result
+
+
+def _run_stages(cfg, spark, info, model_fp, run_id, now, stages, progress, source_filter, txn):
     from pyspark.sql import functions as F
 
     from pipeline import spark as spark_setup
     from pipeline import udf
 
-    started = time.perf_counter()
-    now = datetime.now(UTC).replace(microsecond=0)
-    run_id = new_run_id(now)
-    stages: dict[str, float] = {}
-    info = preflight(cfg)
-    t = time.perf_counter()
-    model_fp = fingerprint(info)
-    identity = sink.table_identity(cfg, info.name, model_fp)
-    stages["fingerprint"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    spark = spark or spark_setup.get_session(cfg.spark)
-    stages["spark_start"] = time.perf_counter() - t
     out_path = cfg.sink.path
-
+    identity = sink.table_identity(cfg, info.name, model_fp)
     stored = sink.read_identity(spark, out_path)
     if cfg.sink.mode != "overwrite":
         sink.check_compatible(stored, identity, out_path)
+    if txn and sink.committed_txn(spark, out_path, txn[0]) >= txn[1]:
+        raise AlreadyCommitted(f"{txn[0]} v{txn[1]} is already committed to {out_path}")
 
     # -- source: read once, tag every row, keep the tagged snapshot for all passes
     t = time.perf_counter()
-    warm = udf.warm_workers(spark, cfg, spark_setup.torch_threads(spark, cfg.spark))
-    df, _source_version = source.read_source(spark, cfg.source)
+    threads = spark_setup.torch_threads(spark, cfg.spark)
+    warm = udf.warm_workers(spark, cfg, threads)
+    df, source_version = source.read_source(spark, cfg.source)
+    if source_filter:
+        df = df.filter(source_filter)
     tagged = source.tag_rows(df, cfg.source).persist()
     try:
         rows_read = tagged.count()
@@ -148,9 +189,9 @@ def run(cfg: RunConfig, spark=None, progress=None) -> RunResult:
                                                          "left_anti")
         rows_todo = todo.count()
         rows_skipped = rows_read - rows_quarantined - rows_todo
-        upsert = False
-        if existing is not None and cfg.sink.mode == "incremental" and rows_todo:
-            upsert = todo.join(existing.select("id"), "id", "left_semi").limit(1).count() > 0
+        deleted_ids = None
+        if existing is not None and cfg.sink.deletes == "delete" and not source_filter:
+            deleted_ids = existing.select("id").join(valid.select("id"), "id", "left_anti")
         stages["plan"] = time.perf_counter() - t
 
         # -- encode + sink: one Delta commit for the whole run
@@ -163,9 +204,7 @@ def run(cfg: RunConfig, spark=None, progress=None) -> RunResult:
         if calibration:
             identity = {**identity, "calibration": calibration.to_json()}
         stats = udf.stats_accumulator(spark.sparkContext)
-        encode_fn = udf.make_encode_fn(cfg.model, cfg.outputs,
-                                       spark_setup.torch_threads(spark, cfg.spark), stats,
-                                       calibration)
+        encode_fn = udf.make_encode_fn(cfg.model, cfg.outputs, threads, stats, calibration)
         schema = udf.output_schema(df.schema[cfg.source.id_column].dataType, cfg.outputs)
         encoded = (
             todo.repartition(partitions)
@@ -183,7 +222,11 @@ def run(cfg: RunConfig, spark=None, progress=None) -> RunResult:
             spark.sparkContext.setJobGroup(ENCODE_JOB_GROUP, f"embed run {run_id}")
             with (progress(spark, f"embedding {rows_todo:,} rows") if progress
                   else contextlib.nullcontext()):
-                commit = sink.write(spark, encoded, out_path, cfg.sink.mode, run_id, upsert)
+                commit = sink.write(spark, encoded, out_path, cfg.sink.mode, run_id, txn)
+        elif txn:  # nothing to embed: still mark the partition done, exactly once
+            sink.mark_txn(spark, out_path, run_id, txn)
+        rows_deleted = sink.delete_ids(spark, out_path, deleted_ids, run_id) \
+            if deleted_ids is not None else 0
         stages["encode_write"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -208,9 +251,10 @@ def run(cfg: RunConfig, spark=None, progress=None) -> RunResult:
     return RunResult(
         run_id=run_id, output_path=out_path, quarantine_path=cfg.sink.quarantine,
         rows_read=rows_read, rows_embedded=rows_embedded, rows_quarantined=rows_quarantined,
-        rows_skipped=rows_skipped, columns=[o.name for o in cfg.outputs], model=info.name,
+        rows_skipped=rows_skipped, rows_deleted=rows_deleted,
+        columns=[o.name for o in cfg.outputs], model=info.name,
         model_fingerprint=model_fp, runtime=", ".join(sorted(s["runtime"])) or "-",
-        output_version=commit.version if commit else None,
-        seconds=time.perf_counter() - started, encode_seconds=s["encode_seconds"],
+        output_version=commit.version if commit else None, source_version=source_version,
+        seconds=0.0, encode_seconds=s["encode_seconds"],
         padding_efficiency=(s["tokens"] / s["padded_tokens"]) if s["padded_tokens"] else 1.0,
         tokens=s["tokens"], stage_seconds=stages)

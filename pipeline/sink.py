@@ -9,14 +9,18 @@ versions to runs and a killed run leaves the table at its last commit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import SinkConflictError
+from pipeline.errors import ConcurrentRunError, SinkConflictError
 
 PROP_PREFIX = "embed."
 # Properties that decide the stored vectors: a mismatch means incomparable vectors.
+_CONFLICT_MARKERS = ("ConcurrentAppendException", "ConcurrentDeleteReadException",
+                     "ConcurrentDeleteDeleteException", "ConcurrentTransactionException",
+                     "ConcurrentWriteException", "DELTA_CONCURRENT")
 IDENTITY_KEYS = ("model", "model_fingerprint", "pooling", "max_length", "prompt", "outputs")
 
 
@@ -80,7 +84,15 @@ def ensure_table(spark, path: str, schema, identity: dict[str, str]) -> None:
     builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(schema)
     for key, value in identity.items():
         builder = builder.property(PROP_PREFIX + key, value)
-    builder.execute()
+    try:
+        builder.execute()
+    except Exception:
+        # Two runs creating the table at once: the loser finds it made; then the
+        # identity check decides, as for any existing table.
+        stored = read_identity(spark, path)
+        if stored is None:
+            raise
+        check_compatible(stored, identity, path)
 
 
 def set_identity(spark, path: str, identity: dict[str, str]) -> None:
@@ -112,29 +124,100 @@ def last_commit(spark, path: str) -> Commit:
     return Commit(version=int(row["version"]), operation=row["operation"], rows_written=written)
 
 
-def write(spark, df, path: str, mode: str, run_id: str, upsert: bool) -> Commit:
-    """One Delta commit: append / overwrite, or MERGE on id when texts changed."""
-    if upsert:
-        from delta.tables import DeltaTable
+def committed_txn(spark, path: str, app_id: str) -> int:
+    """The last txnVersion Delta recorded for ``app_id`` on this table (-1: none)."""
+    if not is_delta_table(path):
+        return -1
+    jvm = spark._jvm
+    none = getattr(getattr(jvm.scala, "None$"), "MODULE$")
+    log = jvm.org.apache.spark.sql.delta.DeltaLog.forTable(spark._jsparkSession, path)
+    found = log.update(False, none, none).transactions().get(app_id)
+    return int(found.get()) if found.isDefined() else -1
 
-        # The source holds a Python UDF: materialise it so MERGE's two passes over
-        # the source do not encode every row twice.
-        spark.conf.set("spark.databricks.delta.merge.materializeSource", "all")
-        spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", run_id)
-        try:
-            (DeltaTable.forPath(spark, path).alias("t")
-             .merge(df.alias("s"), "t.id = s.id")
-             .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
-        finally:
-            spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
-    else:
-        writer = df.write.format("delta").option("userMetadata", run_id)
-        if mode == "overwrite":
-            writer = writer.mode("overwrite").option("overwriteSchema", "true")
-        else:
-            writer = writer.mode("append")
-        writer.save(path)
+
+@contextlib.contextmanager
+def _session_conf(spark, conf: dict[str, str]):
+    for key, value in conf.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key in conf:
+            spark.conf.unset(key)
+
+
+def _commit_conf(run_id: str, txn: tuple[str, int] | None) -> dict[str, str]:
+    conf = {"spark.databricks.delta.commitInfo.userMetadata": run_id}
+    if txn:
+        conf["spark.databricks.delta.write.txnAppId"] = txn[0]
+        conf["spark.databricks.delta.write.txnVersion"] = str(txn[1])
+    return conf
+
+
+def _concurrent(exc: Exception, path: str) -> ConcurrentRunError | None:
+    text = str(exc)
+    if any(marker in text for marker in _CONFLICT_MARKERS):
+        return ConcurrentRunError(
+            f"another run holds this table: it committed to {path} while this run was writing "
+            "(nothing of this run was written); re-run to embed what it did not")
+    return None
+
+
+def write(spark, df, path: str, mode: str, run_id: str,
+          txn: tuple[str, int] | None = None) -> Commit:
+    """ONE Delta commit tagged with the run id (and, for backfills, a txn app id/version).
+
+    incremental: MERGE on id (insert new ids, replace changed texts);
+    append: insert-only MERGE on (id, content_hash); overwrite: replace the table.
+    MERGE (not a blind append) reads the target, so two runs writing the same
+    table at once conflict in Delta's commit check instead of doubling rows.
+    """
+    from delta.tables import DeltaTable
+
+    try:
+        with _session_conf(spark, _commit_conf(run_id, txn)):
+            if mode == "overwrite":
+                df.write.format("delta").mode("overwrite").option("overwriteSchema", "true") \
+                    .save(path)
+            else:
+                # The source holds a Python UDF: materialise it so MERGE's passes over
+                # the source never encode a row twice.
+                spark.conf.set("spark.databricks.delta.merge.materializeSource", "all")
+                on = "t.id = s.id" if mode == "incremental" else \
+                    "t.id = s.id AND t.content_hash = s.content_hash"
+                merge = DeltaTable.forPath(spark, path).alias("t").merge(df.alias("s"), on)
+                if mode == "incremental":
+                    merge = merge.whenMatchedUpdateAll()
+                merge.whenNotMatchedInsertAll().execute()
+    except Exception as exc:
+        conflict = _concurrent(exc, path)
+        if conflict:
+            raise conflict from None
+        raise
     return last_commit(spark, path)
+
+
+def mark_txn(spark, path: str, run_id: str, txn: tuple[str, int]) -> None:
+    """Record a txn with no rows (an empty partition), so a re-run skips it too."""
+    from delta.tables import DeltaTable
+
+    empty = spark.read.format("delta").load(path).limit(0)
+    with _session_conf(spark, _commit_conf(run_id, txn)):
+        DeltaTable.forPath(spark, path).alias("t").merge(empty.alias("s"), "t.id = s.id") \
+            .whenNotMatchedInsertAll().execute()
+
+
+def delete_ids(spark, path: str, ids_df, run_id: str) -> int:
+    """Delete output rows whose id left the source; returns rows deleted."""
+    from delta.tables import DeltaTable
+
+    if ids_df.limit(1).count() == 0:
+        return 0
+    with _session_conf(spark, _commit_conf(run_id, None)):
+        DeltaTable.forPath(spark, path).alias("t").merge(ids_df.alias("s"), "t.id = s.id") \
+            .whenMatchedDelete().execute()
+    metrics = DeltaTable.forPath(spark, path).history(1).collect()[0]["operationMetrics"] or {}
+    return int(metrics.get("numTargetRowsDeleted", 0))
 
 
 def append_rows(df, path: str, run_id: str) -> None:

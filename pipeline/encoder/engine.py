@@ -39,12 +39,24 @@ class EncoderStats:
     tokens: int = 0
     padded_tokens: int = 0
     batches: int = 0
+    oom_splits: int = 0
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
 class _EarlyExit(Exception):
     """Raised by the hook on the deepest layer any column needs: skip the rest."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text
+                                              or "can't allocate memory" in text)
 
 
 def resolve_layer(layer: int | None, num_layers: int) -> int:
@@ -108,6 +120,7 @@ class Encoder:
         self.pad_id = int(pad_id)
         self.left_pad = getattr(self.tokenizer, "padding_side", "right") == "left"
         self.stats = EncoderStats()
+        self.token_budget = model_cfg.token_budget
         self._torch = torch
         self._setup_layers()
 
@@ -135,6 +148,10 @@ class Encoder:
         for layer in inner:
             blocks[layer - 1].register_forward_hook(self._make_hook(layer))
 
+    def _free_cache(self) -> None:
+        if self.runtime.device.startswith("cuda"):
+            self._torch.cuda.empty_cache()
+
     def _make_hook(self, layer: int):
         def hook(module, args, output):
             self._captured[layer] = output[0] if isinstance(output, tuple) else output
@@ -151,9 +168,15 @@ class Encoder:
         prompt = self.cfg.prompt
         if prompt:
             texts = [prompt + t for t in texts]
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.cfg.max_length,
-                             padding=False, return_attention_mask=False,
-                             return_token_type_ids=False)
+        kwargs = dict(truncation=True, max_length=self.cfg.max_length, padding=False,
+                      return_attention_mask=False, return_token_type_ids=False)
+        try:
+            enc = self.tokenizer(list(texts), **kwargs)
+        except TypeError:
+            # Lone surrogates (possible in Python str, never in UTF-8 data) are not
+            # text the Rust tokenizer takes: replace them, as a UTF-8 decoder would.
+            texts = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]
+            enc = self.tokenizer(texts, **kwargs)
         ids = enc["input_ids"]
         lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=len(ids))
         offsets = np.zeros(len(ids), dtype=np.int64)
@@ -192,11 +215,28 @@ class Encoder:
             raise ValueError("encode() got a null text; quarantine nulls before encoding")
         n = len(texts)
         flat, offsets, lengths = self.tokenize(texts)
-        batches = plan_batches(lengths, self.cfg.token_budget, self.cfg.max_batch_rows)
+        batches = plan_batches(lengths, self.token_budget, self.cfg.max_batch_rows)
         pooled = {g: np.empty((n, self.info.hidden_size), dtype=np.float32) for g in self.groups}
-        for idx in batches:
+        pending = list(reversed(batches))
+        while pending:
+            idx = pending.pop()
             ids, mask = pad_batch(flat, offsets, lengths, idx, self.pad_id, self.left_pad)
-            for group, vecs in self.forward(ids, mask).items():
+            try:
+                out = self.forward(ids, mask)
+            except Exception as exc:
+                if not is_out_of_memory(exc) or len(idx) == 1:
+                    raise
+                # Halve the batch and retry both halves; later batches of this
+                # encoder plan with half the budget. No row is lost or repeated.
+                self.stats.oom_splits += 1
+                self.token_budget = max(self.cfg.max_length, self.token_budget // 2)
+                log.warning("out of memory on a batch of %d rows x %d tokens: splitting it, "
+                            "token budget now %d", len(idx), ids.shape[1], self.token_budget)
+                self._free_cache()
+                half = len(idx) // 2
+                pending += [idx[half:], idx[:half]]
+                continue
+            for group, vecs in out.items():
                 pooled[group][idx] = vecs
         floats = {s.name: cut(pooled[self.spec_group[s.name]], s) for s in self.outputs}
         return floats, lengths, batches
