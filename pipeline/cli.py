@@ -82,6 +82,101 @@ def run_cmd(config_path: Path, overrides: tuple[str, ...], as_json: bool, progre
     print_summary(result, as_json)
 
 
+@main.command("backfill")
+@config_option
+@set_option
+@click.option("--from", "start", default=None, help="First partition value (inclusive).")
+@click.option("--to", "end", default=None, help="Last partition value (inclusive).")
+@click.option("--dry-run", is_flag=True, help="Print the plan; embed nothing.")
+@click.option("--parallelism", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Partitions run at once.")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Skip partitions already committed (--no-resume starts a new backfill "
+                   "id; unchanged rows are still skipped by content hash).")
+def backfill_cmd(config_path: Path, overrides: tuple[str, ...], start, end, dry_run: bool,
+                 parallelism: int, resume: bool) -> None:
+    """Embed source partitions in [--from, --to], each committed exactly once."""
+    import time
+    import uuid
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from pipeline import backfill
+    from pipeline.config import load_config
+    from pipeline.encoder.model import fingerprint
+    from pipeline.run import preflight
+    from pipeline.spark import get_session
+
+    console = Console()
+    try:
+        cfg = load_config(config_path, overrides)
+        info = preflight(cfg)
+        spark = get_session(cfg.spark)
+        salt = "" if resume else uuid.uuid4().hex
+        plans = backfill.plan(spark, cfg, fingerprint(info), start, end, salt)
+        table = Table(title=f"backfill of {cfg.sink.path} by {cfg.source.partition_column}")
+        for col in ("partition", "rows", "status"):
+            table.add_column(col)
+        for p in plans:
+            table.add_row(p.value, f"{p.rows:,}", "committed (skip)" if p.committed else "to do")
+        console.print(table)
+        todo = [p for p in plans if not p.committed]
+        console.print(f"{len(plans)} partitions, {len(todo)} to do, "
+                      f"{len(plans) - len(todo)} already committed")
+        if dry_run or not todo:
+            return
+        started = time.perf_counter()
+        with Progress(TextColumn("[bold]backfill"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.description}"), console=console) as progress:
+            bar = progress.add_task("", total=len(todo))
+
+            def done(p, result):
+                note = (f"{p.value}: {result.rows_embedded:,} embedded, "
+                        f"{result.rows_skipped:,} skipped" if result else f"{p.value}: skipped")
+                progress.update(bar, advance=1, description=note)
+
+            results = backfill.run_backfill(spark, cfg, plans, parallelism, on_done=done)
+    except PipelineError as err:
+        _fail(err)
+    embedded = sum(r.rows_embedded for r in results if r)
+    console.print(f"backfill done: {len(todo)} partitions, {embedded:,} rows embedded in "
+                  f"{time.perf_counter() - started:.1f} s")
+
+
+@main.command("runs")
+@click.option("--table", "table_path", required=True, help="Output table path.")
+@click.option("--runs-path", default=None, help="Runs table (default: next to the table).")
+@click.option("--limit", type=int, default=20, show_default=True)
+def runs_cmd(table_path: str, runs_path: str | None, limit: int) -> None:
+    """List the latest runs that wrote an output table, with their lineage."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline import lineage
+    from pipeline.config import SparkConfig
+    from pipeline.spark import get_session
+
+    table_path = str(Path(table_path).resolve())
+    path = lineage.runs_path(table_path, runs_path)
+    if not Path(path).is_dir():
+        click.echo(f"error: no runs table at {path}", err=True)
+        sys.exit(3)
+    spark = get_session(SparkConfig(app_name="embed-runs"))
+    runs = lineage.latest_runs(spark, path, limit, output_path=table_path)
+    out = Table(title=f"runs of {table_path}")
+    for col in ("run_id", "status", "started_at", "partition", "read", "embedded",
+                "quarantined", "skipped", "version", "runtime", "error"):
+        out.add_column(col)
+    for r in runs.itertuples():
+        out.add_row(r.run_id, r.status, str(r.started_at), r.partition or "",
+                    *(("" if v != v or v is None else f"{int(v):,}") for v in (
+                        r.rows_read, r.rows_embedded, r.rows_quarantined, r.rows_skipped,
+                        r.output_version)), r.runtime or "", (r.error or "")[:80])
+    Console().print(out)
+
+
 @main.command("demo-data")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Where to write the Delta source table.")

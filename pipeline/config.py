@@ -52,6 +52,8 @@ class SourceConfig:
     format: str = field(default="delta", metadata=_choices(*SOURCE_FORMATS))
     id_column: str = "id"
     text_column: str = "text"
+    # Column that splits the source for backfills (e.g. a date); optional.
+    partition_column: str | None = None
     options: dict = field(default_factory=dict)
 
 

@@ -63,12 +63,14 @@ def record(spark, path: str, **fields) -> None:
                 raise
 
 
-def latest_runs(spark, path: str, limit: int = 20):
+def latest_runs(spark, path: str, limit: int = 20, output_path: str | None = None):
     """The latest event per run id, newest runs first (a pandas frame)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     df = spark.read.format("delta").load(path)
+    if output_path:
+        df = df.filter(F.col("output_path") == output_path)
     w = Window.partitionBy("run_id").orderBy(F.col("event_time").desc())
     return (df.withColumn("_n", F.row_number().over(w)).filter("_n = 1").drop("_n")
             .orderBy(F.col("started_at").desc()).limit(limit).toPandas())

@@ -189,6 +189,12 @@ def _run_stages(cfg, spark, info, model_fp, run_id, now, stages, progress, sourc
                                                          "left_anti")
         rows_todo = todo.count()
         rows_skipped = rows_read - rows_quarantined - rows_todo
+        # A backfill partition of only new rows commits as a blind append with its
+        # txn id: partitions then never conflict with each other. Changed texts
+        # need a MERGE (replace by id).
+        blind = bool(txn) and cfg.sink.mode != "overwrite" and (
+            existing is None or rows_todo == 0
+            or todo.join(existing.select("id"), "id", "left_semi").limit(1).count() == 0)
         deleted_ids = None
         if existing is not None and cfg.sink.deletes == "delete" and not source_filter:
             deleted_ids = existing.select("id").join(valid.select("id"), "id", "left_anti")
@@ -222,7 +228,8 @@ def _run_stages(cfg, spark, info, model_fp, run_id, now, stages, progress, sourc
             spark.sparkContext.setJobGroup(ENCODE_JOB_GROUP, f"embed run {run_id}")
             with (progress(spark, f"embedding {rows_todo:,} rows") if progress
                   else contextlib.nullcontext()):
-                commit = sink.write(spark, encoded, out_path, cfg.sink.mode, run_id, txn)
+                commit = sink.write(spark, encoded, out_path, cfg.sink.mode, run_id, txn,
+                                    blind=blind)
         elif txn:  # nothing to embed: still mark the partition done, exactly once
             sink.mark_txn(spark, out_path, run_id, txn)
         rows_deleted = sink.delete_ids(spark, out_path, deleted_ids, run_id) \

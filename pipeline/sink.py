@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from pipeline.errors import ConcurrentRunError, SinkConflictError
 
 PROP_PREFIX = "embed."
 # Properties that decide the stored vectors: a mismatch means incomparable vectors.
+# MERGE commits of one process take turns (backfill threads); they also set session
+# confs (txn ids), which are per session, not per thread.
+_MERGE_LOCK = threading.Lock()
 _CONFLICT_MARKERS = ("ConcurrentAppendException", "ConcurrentDeleteReadException",
                      "ConcurrentDeleteDeleteException", "ConcurrentTransactionException",
                      "ConcurrentWriteException", "DELTA_CONCURRENT")
@@ -111,10 +115,20 @@ def existing_keys(spark, path: str):
     return spark.read.format("delta").load(path).select("id", "content_hash")
 
 
-def last_commit(spark, path: str) -> Commit:
+def _run_commit(spark, path: str, run_id: str):
+    """This run's latest commit (by userMetadata: other runs may have committed since)."""
     from delta.tables import DeltaTable
 
-    row = DeltaTable.forPath(spark, path).history(1).collect()[0]
+    rows = (DeltaTable.forPath(spark, path).history(50)
+            .filter(f"userMetadata = '{run_id}'").orderBy("version", ascending=False)
+            .limit(1).collect())
+    if not rows:
+        raise RuntimeError(f"run {run_id} finds no commit of its own in {path}")
+    return rows[0]
+
+
+def last_commit(spark, path: str, run_id: str) -> Commit:
+    row = _run_commit(spark, path, run_id)
     metrics = row["operationMetrics"] or {}
     if row["operation"] == "MERGE":
         written = int(metrics.get("numTargetRowsInserted", 0)) + int(
@@ -164,7 +178,7 @@ def _concurrent(exc: Exception, path: str) -> ConcurrentRunError | None:
 
 
 def write(spark, df, path: str, mode: str, run_id: str,
-          txn: tuple[str, int] | None = None) -> Commit:
+          txn: tuple[str, int] | None = None, blind: bool = False) -> Commit:
     """ONE Delta commit tagged with the run id (and, for backfills, a txn app id/version).
 
     incremental: MERGE on id (insert new ids, replace changed texts);
@@ -174,8 +188,14 @@ def write(spark, df, path: str, mode: str, run_id: str,
     """
     from delta.tables import DeltaTable
 
+    if blind:  # backfill partitions of new rows only: writer options, no session state
+        writer = df.write.format("delta").mode("append").option("userMetadata", run_id)
+        if txn:
+            writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])
+        writer.save(path)
+        return last_commit(spark, path, run_id)
     try:
-        with _session_conf(spark, _commit_conf(run_id, txn)):
+        with _MERGE_LOCK, _session_conf(spark, _commit_conf(run_id, txn)):
             if mode == "overwrite":
                 df.write.format("delta").mode("overwrite").option("overwriteSchema", "true") \
                     .save(path)
@@ -194,7 +214,7 @@ def write(spark, df, path: str, mode: str, run_id: str,
         if conflict:
             raise conflict from None
         raise
-    return last_commit(spark, path)
+    return last_commit(spark, path, run_id)
 
 
 def mark_txn(spark, path: str, run_id: str, txn: tuple[str, int]) -> None:
@@ -202,7 +222,7 @@ def mark_txn(spark, path: str, run_id: str, txn: tuple[str, int]) -> None:
     from delta.tables import DeltaTable
 
     empty = spark.read.format("delta").load(path).limit(0)
-    with _session_conf(spark, _commit_conf(run_id, txn)):
+    with _MERGE_LOCK, _session_conf(spark, _commit_conf(run_id, txn)):
         DeltaTable.forPath(spark, path).alias("t").merge(empty.alias("s"), "t.id = s.id") \
             .whenNotMatchedInsertAll().execute()
 
@@ -213,10 +233,10 @@ def delete_ids(spark, path: str, ids_df, run_id: str) -> int:
 
     if ids_df.limit(1).count() == 0:
         return 0
-    with _session_conf(spark, _commit_conf(run_id, None)):
+    with _MERGE_LOCK, _session_conf(spark, _commit_conf(run_id, None)):
         DeltaTable.forPath(spark, path).alias("t").merge(ids_df.alias("s"), "t.id = s.id") \
             .whenMatchedDelete().execute()
-    metrics = DeltaTable.forPath(spark, path).history(1).collect()[0]["operationMetrics"] or {}
+    metrics = _run_commit(spark, path, run_id)["operationMetrics"] or {}
     return int(metrics.get("numTargetRowsDeleted", 0))
 
 
