@@ -60,8 +60,8 @@ def main() -> None:
     specs = tuple(OutputSpec(name=f"d{d}", dim=d) for d in dims) + (
         OutputSpec(name="l3", dim=384, layer=3),)
     encoder = Encoder(ModelConfig(), specs)
-    q, _, _ = encoder.encode_float(queries)
-    d, _, _ = encoder.encode_float(docs)
+    q, _ = encoder.encode_float(queries)
+    d, _ = encoder.encode_float(docs)
 
     results = {}
     for dim in dims:

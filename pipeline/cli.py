@@ -177,6 +177,44 @@ def runs_cmd(table_path: str, runs_path: str | None, limit: int) -> None:
     Console().print(out)
 
 
+@main.group("cluster")
+def cluster_group() -> None:
+    """A standalone Spark cluster on 127.0.0.1 (master + workers) to try jobs on."""
+
+
+state_option = click.option("--state-dir", type=click.Path(path_type=Path),
+                            default=Path(".spark-cluster"), show_default=True,
+                            help="Where pid files and logs go.")
+
+
+@cluster_group.command("start")
+@state_option
+@click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True)
+@click.option("--cores", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Cores per worker.")
+@click.option("--memory", default="2g", show_default=True, help="Memory per worker.")
+def cluster_start(state_dir: Path, workers: int, cores: int, memory: str) -> None:
+    """Start a master and N workers; prints the master URL for spark-submit --master."""
+    from pipeline.cluster import Cluster
+
+    try:
+        cluster = Cluster(state_dir.resolve()).start(workers, cores, memory)
+    except RuntimeError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    click.echo(cluster.master_url)
+
+
+@cluster_group.command("stop")
+@state_option
+def cluster_stop(state_dir: Path) -> None:
+    """Stop the master and workers started from this state dir, by their pids."""
+    from pipeline.cluster import Cluster
+
+    pids = Cluster(state_dir.resolve()).stop()
+    click.echo(f"stopped {len(pids)} processes" if pids else "nothing to stop")
+
+
 @main.command("demo-data")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Where to write the Delta source table.")

@@ -71,6 +71,12 @@ class ModelConfig:
     token_budget: int = 4096
     max_batch_rows: int = 64
     prompt: str = ""
+    # Texts over max_length tokens: cut them (and flag the row), or split them into
+    # max_length windows overlapping by chunk_overlap tokens and take the
+    # token-weighted mean of the windows' pooled vectors (at most max_chunks).
+    long_text: str = field(default="truncate", metadata=_choices("truncate", "chunk"))
+    chunk_overlap: int = 32
+    max_chunks: int = 64
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
@@ -240,6 +246,11 @@ def _validate(cfg: RunConfig) -> None:
                        ("spark.arrow_batch_rows", cfg.spark.arrow_batch_rows)):
         if value <= 0:
             raise ConfigError(key, f"must be a positive integer, got {value}")
+    if m.long_text == "chunk" and not 0 <= m.chunk_overlap < m.max_length // 2:
+        raise ConfigError("model.chunk_overlap", f"must be in [0, max_length / 2 = "
+                          f"{m.max_length // 2}), got {m.chunk_overlap}")
+    if m.max_chunks <= 0:
+        raise ConfigError("model.max_chunks", f"must be a positive integer, got {m.max_chunks}")
     if m.token_budget < m.max_length:
         raise ConfigError("model.token_budget",
                           f"must be >= model.max_length ({m.max_length}) so one full-length "

@@ -98,7 +98,7 @@ def calibrate(cfg: RunConfig, valid, stored: dict | None) -> Calibration | None:
         raise PipelineError("int8/uint8 columns need a calibration sample, but the source "
                             "has no valid rows to take it from")
     float_specs = tuple(dataclasses.replace(s, dtype="float32") for s in need)
-    floats, _, _ = Encoder(cfg.model, float_specs).encode_float(sample)
+    floats, _ = Encoder(cfg.model, float_specs).encode_float(sample)
     return Calibration.fit(floats)
 
 

@@ -14,7 +14,8 @@ from pipeline.config import SourceConfig
 from pipeline.errors import ConfigError, SourceError
 
 # Quarantine reasons, in the order they are checked (the first that applies wins).
-REASONS = ("null_id", "text_not_string", "null_text", "empty_text", "duplicate_id")
+REASONS = ("null_id", "text_not_string", "null_text", "invalid_utf8", "empty_text",
+           "duplicate_id")
 RAW_VALUE_CHARS = 1000
 
 
@@ -60,21 +61,24 @@ def read_source(spark, cfg: SourceConfig):
 def tag_rows(df, cfg: SourceConfig):
     """Columns: id, text, content_hash, reason (null for rows to embed), raw_value."""
     from pyspark.sql import functions as F
-    from pyspark.sql.types import StringType
+    from pyspark.sql.types import BinaryType, StringType
     from pyspark.sql.window import Window
 
-    text_is_string = isinstance(df.schema[cfg.text_column].dataType, StringType)
+    text_type = df.schema[cfg.text_column].dataType
+    # Binary text columns are taken as UTF-8 bytes; any other type is not text.
+    text_is_string = isinstance(text_type, (StringType, BinaryType))
     id_col, text_col = F.col(cfg.id_column), F.col(cfg.text_column)
-    text = text_col if text_is_string else F.lit(None).cast("string")
+    text = text_col.cast("string") if text_is_string else F.lit(None).cast("string")
     dupes = F.count(F.lit(1)).over(Window.partitionBy(id_col))
     reason = (
         F.when(id_col.isNull(), F.lit("null_id"))
         .when(F.lit(not text_is_string), F.lit("text_not_string"))
         .when(text.isNull(), F.lit("null_text"))
+        .when(~F.is_valid_utf8(text), F.lit("invalid_utf8"))
         .when(text.rlike(r"(?U)^\s*$"), F.lit("empty_text"))
         .when(dupes > 1, F.lit("duplicate_id"))
     )
-    raw = F.substring(text_col.cast("string"), 1, RAW_VALUE_CHARS)
+    raw = F.substring(F.make_valid_utf8(text_col.cast("string")), 1, RAW_VALUE_CHARS)
     return df.select(
         id_col.alias("id"),
         text.alias("text"),

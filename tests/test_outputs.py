@@ -108,7 +108,7 @@ def test_early_exit_layer_matches_hidden_states_of_a_full_pass(model_dir, demo_r
     enc = Encoder(ModelConfig(), (OutputSpec(name="l3", dim=384, layer=3),
                                   OutputSpec(name="l2_cls", dim=128, layer=-5, pooling="cls")))
     assert enc.layers_run == 3  # no column needs layers 4..6: they never run
-    ours, _, _ = enc.encode_float(texts)
+    ours, _ = enc.encode_float(texts)
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
@@ -192,3 +192,28 @@ def test_pickle_only_weights_are_refused(tmp_path, model_dir):
     with pytest.raises(ModelError, match="pickle.*allow_pickle"):
         inspect_model(str(tmp_path))
     assert inspect_model(str(tmp_path), allow_pickle=True).weight_files[0].name.endswith(".bin")
+
+
+def test_mpnet_family_random_weights(model_dir, tmp_path, demo_rows):
+    """MPNet (all-mpnet-base-v2's architecture) as a tiny random config built in code."""
+    from transformers import AutoModel, AutoTokenizer, MPNetConfig
+
+    torch.manual_seed(0)
+    config = MPNetConfig(vocab_size=30527, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=4, num_attention_heads=4)
+    AutoModel.from_config(config).eval().save_pretrained(tmp_path, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(tmp_path)
+    texts = [r["text"] for r in demo_rows[:16]]
+    specs = (OutputSpec(name="full", dim=64), OutputSpec(name="l2", dim=32, layer=2))
+    from pipeline.errors import ModelError
+
+    results = {}
+    for attention in ("eager", "auto"):
+        enc = Encoder(ModelConfig(name_or_path=str(tmp_path), attention=attention), specs)
+        # transformers has no SDPA path for MPNet: auto falls back to eager, and says so
+        assert enc.info.model_type == "mpnet" and enc.runtime.attention == "eager"
+        results[attention], _ = enc.encode_float(texts)
+    for name in ("full", "l2"):
+        assert cosine_rows(results["eager"][name], results["auto"][name]).min() >= 0.9999
+    with pytest.raises(ModelError, match="sdpa"):
+        Encoder(ModelConfig(name_or_path=str(tmp_path), attention="sdpa"), specs)

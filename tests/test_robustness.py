@@ -82,3 +82,61 @@ def test_fuzzed_source_through_spark_reconciles(spark, tmp_path):
     assert result.rows_embedded == 41
     out = spark.read.format("delta").load(cfg.sink.path)
     assert out.count() == 41 and out.select("id").distinct().count() == 41
+
+
+def test_long_text_chunking_is_the_token_weighted_mean_of_windows(demo_rows):
+    from pipeline.config import ModelConfig
+
+    cfg = ModelConfig(max_length=64, long_text="chunk", chunk_overlap=8, max_chunks=4)
+    enc = Encoder(cfg, (OutputSpec(name="e", dim=384, normalize=False),))
+    tok = enc.tokenizer
+    long_text = " ".join(r["text"] for r in demo_rows[:3])
+    ids = tok(long_text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 4 * 62  # more than max_chunks windows: the rest is cut, and flagged
+    short = "A short docstring."
+    result = enc.encode([short, long_text])
+    assert result.truncated.tolist() == [False, True]
+    assert result.n_tokens[1] == len(ids) + 2
+
+    plain = Encoder(ModelConfig(max_length=64), (OutputSpec(name="e", dim=384,
+                                                            normalize=False),))
+    window, stride = 62, 54
+    pieces = [ids[s:s + window] for s in range(0, len(ids) - 8, stride)][:4]
+    texts = [tok.decode(p) for p in pieces]
+    vecs, _ = plain.encode_float(texts)
+    weights = np.array([len(p) for p in pieces], dtype=np.float32)
+    expected = (vecs["e"] * weights[:, None]).sum(0) / weights.sum()
+    got = np.asarray(result.columns["e"].values).reshape(2, 384)[1]
+    assert cosine_rows(got[None], expected[None])[0] >= 0.999
+    # short rows are untouched by chunking
+    alone, _ = plain.encode_float([short])
+    assert cosine_rows(np.asarray(result.columns["e"].values).reshape(2, 384)[:1],
+                       alone["e"])[0] >= 0.9999
+
+
+def test_invalid_utf8_and_non_string_text_are_quarantined(spark, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "bytes.parquet"
+    pq.write_table(pa.table({
+        "id": pa.array([1, 2, 3], pa.int64()),
+        "text": pa.array([b"valid text", b"bad \xff\xfe bytes", "caf\u00e9".encode()],
+                         pa.binary()),
+    }), src)
+    cfg = load_config(write_config(tmp_path, str(src), str(tmp_path / "out"), fmt="parquet",
+                                   outputs="[{name: e, dim: 32}]"))
+    result = run(cfg, spark=spark)
+    assert (result.rows_read, result.rows_embedded, result.rows_quarantined) == (3, 2, 1)
+    q = spark.read.format("delta").load(cfg.sink.quarantine).collect()
+    assert [(r.id, r.reason) for r in q] == [("2", "invalid_utf8")]
+    assert q[0].raw_value.startswith("bad ")
+
+    numbers = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"id": [1, 2], "text": [3.5, 4.0]}), numbers)
+    cfg = load_config(write_config(tmp_path, str(numbers), str(tmp_path / "out2"),
+                                   fmt="parquet", outputs="[{name: e, dim: 32}]"))
+    result = run(cfg, spark=spark)
+    assert (result.rows_embedded, result.rows_quarantined) == (0, 2)
+    reasons = {r.reason for r in spark.read.format("delta").load(cfg.sink.quarantine).collect()}
+    assert reasons == {"text_not_string"}

@@ -34,6 +34,14 @@ class EncodeResult:
 
 
 @dataclass
+class EncodeInfo:
+    n_tokens: np.ndarray  # per row: tokens of the whole text (all windows when chunked)
+    truncated: np.ndarray  # per row: text was cut (max_length, or past max_chunks)
+    unit_lengths: np.ndarray  # per forward unit (row or window)
+    batches: list
+
+
+@dataclass
 class EncoderStats:
     rows: int = 0
     tokens: int = 0
@@ -186,6 +194,59 @@ class Encoder:
                 if len(ids) else np.zeros(0, dtype=np.int64))
         return flat, offsets, lengths
 
+    def _special_tokens(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after a text ([CLS] / [SEP], BOS / EOS)."""
+        probe = "hello world"
+        bare = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+        full = self.tokenizer(probe)["input_ids"]
+        for i in range(len(full) - len(bare) + 1):
+            if full[i:i + len(bare)] == bare:
+                return full[:i], full[i + len(bare):]
+        return [], []
+
+    def chunk_long_rows(self, texts: Sequence[str], flat, offsets, lengths):
+        """Split rows that hit max_length into overlapping windows (long_text: chunk).
+
+        Returns (flat, offsets, lengths) over units (rows or windows), each unit's
+        owner row and weight (its real tokens), and per row its total tokens and
+        whether text was still cut (more than max_chunks windows).
+        """
+        n = len(lengths)
+        owner = np.arange(n)
+        weights = lengths.astype(np.float32)
+        total, cut_off = lengths.copy(), lengths >= self.cfg.max_length
+        long_rows = np.nonzero(cut_off)[0] if self.cfg.long_text == "chunk" else []
+        if not len(long_rows):
+            return flat, offsets, lengths, owner, weights, total, cut_off
+        tok = self.tokenizer
+        prefix, suffix = self._special_tokens()
+        window = self.cfg.max_length - len(prefix) - len(suffix)
+        stride = window - self.cfg.chunk_overlap
+        prompt = self.cfg.prompt
+        full = tok([prompt + texts[i] for i in long_rows], add_special_tokens=False,
+                   truncation=False, return_attention_mask=False)["input_ids"]
+        keep = np.ones(n, dtype=bool)
+        keep[long_rows] = False
+        units = [flat[offsets[i]:offsets[i] + lengths[i]] for i in np.nonzero(keep)[0]]
+        unit_owner = list(np.nonzero(keep)[0])
+        unit_weight = list(lengths[keep].astype(np.float32))
+        cut_off = np.zeros(n, dtype=bool)
+        for row, ids in zip(long_rows, full, strict=True):
+            starts = list(range(0, max(len(ids) - self.cfg.chunk_overlap, 1), stride))
+            cut_off[row] = len(starts) > self.cfg.max_chunks
+            for start in starts[: self.cfg.max_chunks]:
+                piece = ids[start:start + window]
+                units.append(np.asarray(prefix + list(piece) + suffix))
+                unit_owner.append(row)
+                unit_weight.append(float(len(piece)))
+            total[row] = len(ids) + len(prefix) + len(suffix)
+        lengths = np.fromiter((len(u) for u in units), dtype=np.int64, count=len(units))
+        offsets = np.zeros(len(units), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=offsets[1:])
+        return (np.concatenate(units).astype(np.int64), offsets, lengths,
+                np.asarray(unit_owner), np.asarray(unit_weight, dtype=np.float32), total,
+                cut_off)
+
     def forward(self, ids: np.ndarray, mask: np.ndarray) -> dict[tuple[int, str], np.ndarray]:
         """One padded batch -> {(layer, pooling): pooled [B, H] float32 (numpy)}."""
         torch = self._torch
@@ -208,13 +269,20 @@ class Encoder:
                     for layer, mode in self.groups}
 
     def encode_float(self, texts: Sequence[str] | pa.Array):
-        """Texts -> ({column: float32 [N, dim] truncated + renormalized}, lengths, batches)."""
+        """Texts -> ({column: float32 [N, dim] truncated + renormalized}, info).
+
+        ``info``: per-row tokens and cut-off flags, and the unit lengths and
+        batches (for padding statistics).
+        """
         if isinstance(texts, (pa.Array, pa.ChunkedArray)):
             texts = texts.to_pylist()
         if any(t is None for t in texts):
             raise ValueError("encode() got a null text; quarantine nulls before encoding")
-        n = len(texts)
+        n_rows = len(texts)
         flat, offsets, lengths = self.tokenize(texts)
+        flat, offsets, lengths, owner, weights, total, cut_off = self.chunk_long_rows(
+            texts, flat, offsets, lengths)
+        n = len(lengths)
         batches = plan_batches(lengths, self.token_budget, self.cfg.max_batch_rows)
         pooled = {g: np.empty((n, self.info.hidden_size), dtype=np.float32) for g in self.groups}
         pending = list(reversed(batches))
@@ -238,20 +306,26 @@ class Encoder:
                 continue
             for group, vecs in out.items():
                 pooled[group][idx] = vecs
+        if n != n_rows:  # chunked: token-weighted mean of each row's windows
+            row_weight = np.bincount(owner, weights=weights, minlength=n_rows)[:, None]
+            for group, units in pooled.items():
+                rows = np.zeros((n_rows, units.shape[1]), dtype=np.float64)
+                np.add.at(rows, owner, units * weights[:, None])
+                pooled[group] = (rows / row_weight).astype(np.float32)
         floats = {s.name: cut(pooled[self.spec_group[s.name]], s) for s in self.outputs}
-        return floats, lengths, batches
+        return floats, EncodeInfo(n_tokens=total, truncated=cut_off, unit_lengths=lengths,
+                                  batches=batches)
 
     def encode(self, texts: Sequence[str] | pa.Array) -> EncodeResult:
         """Encode texts; every output column in the caller's row order."""
         start = time.perf_counter()
-        floats, lengths, batches = self.encode_float(texts)
+        floats, info = self.encode_float(texts)
         columns = {s.name: to_arrow(quantize(floats[s.name], s, self.calibration), s)
                    for s in self.outputs}
-        efficiency = padding_efficiency(lengths, batches)
+        efficiency = padding_efficiency(info.unit_lengths, info.batches)
         elapsed = time.perf_counter() - start
-        self._account(lengths, batches, elapsed)
-        return EncodeResult(columns=columns, n_tokens=lengths,
-                            truncated=lengths >= self.cfg.max_length,
+        self._account(info.unit_lengths, info.batches, elapsed)
+        return EncodeResult(columns=columns, n_tokens=info.n_tokens, truncated=info.truncated,
                             padding_efficiency=efficiency, seconds=elapsed)
 
     def _account(self, lengths: np.ndarray, batches: list[np.ndarray], seconds: float) -> None:

@@ -1,0 +1,128 @@
+"""A real standalone Spark cluster on 127.0.0.1: one master, N workers.
+
+Started from the installed pyspark (``spark-class ...deploy.master.Master`` and
+``...deploy.worker.Worker``), each process in its own session with its pid in a
+state folder, and stopped by those pids (TERM, then KILL). For tests and for
+trying a cluster on one machine; executors use this environment's Python (via
+spark-defaults.conf) and the editable install of ``pipeline``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.spark import spark_home
+
+HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    state_dir: Path
+    port: int = 7077
+    webui_port: int = 8080
+
+    @property
+    def master_url(self) -> str:
+        return f"spark://{HOST}:{self.port}"
+
+    def _pidfile(self, name: str) -> Path:
+        return self.state_dir / f"{name}.pid"
+
+    def _spawn(self, name: str, *args: str) -> int:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, SPARK_LOCAL_IP=HOST, SPARK_HOME=str(spark_home()),
+                   SPARK_WORKER_DIR=str(self.state_dir / f"{name}-work"))
+        log = open(self.state_dir / f"{name}.log", "w")
+        proc = subprocess.Popen([str(spark_home() / "bin" / "spark-class"), *args],
+                                stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        self._pidfile(name).write_text(str(proc.pid))
+        return proc.pid
+
+    def start(self, workers: int = 2, cores: int = 1, memory: str = "2g",
+              timeout: float = 90) -> Cluster:
+        if self.alive_workers() is not None:
+            raise RuntimeError(f"a master already answers on {HOST}:{self.webui_port}; "
+                               "stop it first (embed cluster stop)")
+        self._spawn("master", "org.apache.spark.deploy.master.Master", "--host", HOST,
+                    "--port", str(self.port), "--webui-port", str(self.webui_port))
+        _wait(lambda: _port_open(self.port), timeout, "the master")
+        for i in range(workers):
+            self._spawn(f"worker-{i}", "org.apache.spark.deploy.worker.Worker",
+                        self.master_url, "--host", HOST, "--cores", str(cores),
+                        "--memory", memory, "--webui-port", "0")
+        _wait(lambda: (self.alive_workers() or 0) >= workers, timeout,
+              f"{workers} workers to register")
+        return self
+
+    def alive_workers(self) -> int | None:
+        """Workers the master reports ALIVE; None when no master answers."""
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{self.webui_port}/json/",
+                                        timeout=2) as resp:
+                return int(json.load(resp).get("aliveworkers", 0))
+        except (OSError, ValueError):
+            return None
+
+    def stop(self, grace: float = 10) -> list[int]:
+        """Stop every process this cluster started, by its pid (workers first)."""
+        pids = []
+        files = sorted(self.state_dir.glob("worker-*.pid")) + [self._pidfile("master")]
+        for pidfile in files:
+            if not pidfile.is_file():
+                continue
+            pid = int(pidfile.read_text())
+            _signal_group(pid, signal.SIGTERM)
+            pids.append(pid)
+        deadline = time.time() + grace
+        for pid in pids:
+            while _alive(pid) and time.time() < deadline:
+                time.sleep(0.2)
+            if _alive(pid):
+                _signal_group(pid, signal.SIGKILL)
+        for pidfile in files:
+            pidfile.unlink(missing_ok=True)
+        return pids
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)  # the process and the JVM children it started
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child of ours counts as gone
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((HOST, port)) == 0
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
