@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 
 
 def _fail(err: PipelineError) -> None:
@@ -64,9 +64,14 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 @set_option
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def run_cmd(config_path: Path, overrides: tuple[str, ...], as_json: bool, progress: bool) -> None:
+@click.option("--partition", default=None,
+              help="Only this value of source.partition_column, committed exactly once "
+                   "(as one backfill partition); empty = the whole source.")
+def run_cmd(config_path: Path, overrides: tuple[str, ...], as_json: bool, progress: bool,
+            partition: str | None) -> None:
     """Embed the configured source table into its Delta output table."""
     from pipeline.config import load_config
+    from pipeline.errors import AlreadyCommitted
     from pipeline.run import run
 
     try:
@@ -76,7 +81,23 @@ def run_cmd(config_path: Path, overrides: tuple[str, ...], as_json: bool, progre
             from pipeline.progress import spark_task_progress
 
             reporter = spark_task_progress
-        result = run(cfg, progress=reporter)
+        kwargs = {}
+        if partition:
+            from pipeline import backfill
+            from pipeline.encoder.model import fingerprint
+            from pipeline.run import preflight
+
+            if not cfg.source.partition_column:
+                raise ConfigError("source.partition_column",
+                                  "--partition needs the source column to filter on")
+            app_id = backfill.app_id_for(cfg, fingerprint(preflight(cfg)), partition)
+            kwargs = {"source_filter": backfill.partition_filter(
+                cfg.source.partition_column, partition), "txn": (app_id, 1),
+                "partition": partition}
+        result = run(cfg, progress=reporter, **kwargs)
+    except AlreadyCommitted as done:
+        click.echo(f"nothing to do: {done}")
+        return
     except PipelineError as err:
         _fail(err)
     print_summary(result, as_json)

@@ -135,6 +135,9 @@ class SparkConfig:
     # torch intra-op threads per Python worker; None: cores / concurrent tasks,
     # so workers x threads never oversubscribes the machine.
     torch_threads: int | None = None
+    # GPUs per encode task on a cluster (stage-level scheduling: only the encode
+    # stage asks for GPUs). Ignored on local masters, which refuse ResourceProfiles.
+    gpus_per_task: float | None = None
     conf: dict = field(default_factory=dict)
 
 
@@ -255,6 +258,9 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("model.token_budget",
                           f"must be >= model.max_length ({m.max_length}) so one full-length "
                           f"row fits a batch, got {m.token_budget}")
+    if cfg.spark.gpus_per_task is not None and cfg.spark.gpus_per_task <= 0:
+        raise ConfigError("spark.gpus_per_task", "must be a positive number or null, "
+                          f"got {cfg.spark.gpus_per_task}")
     for key, value in (("spark.partitions", cfg.spark.partitions),
                        ("spark.torch_threads", cfg.spark.torch_threads)):
         if value is not None and value <= 0:

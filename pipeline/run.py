@@ -114,6 +114,7 @@ def run(cfg: RunConfig, spark=None, progress=None, source_filter: str | None = N
     ``succeeded`` with its counts or ``failed`` with its error.
     """
     from pipeline import spark as spark_setup
+    from pipeline import udf
 
     started = time.perf_counter()
     now = datetime.now(UTC).replace(microsecond=0)
@@ -125,6 +126,7 @@ def run(cfg: RunConfig, spark=None, progress=None, source_filter: str | None = N
     t = time.perf_counter()
     spark = spark or spark_setup.get_session(cfg.spark)
     stages = {"fingerprint": fp_seconds, "spark_start": time.perf_counter() - t}
+    udf.check_gpu_request(spark, cfg)
     runs_table = lineage.runs_path(cfg.sink.path, cfg.sink.runs_path)
     base = {
         "run_id": run_id, "started_at": now, "output_path": cfg.sink.path,
@@ -214,7 +216,7 @@ def _run_stages(cfg, spark, info, model_fp, run_id, now, stages, progress, sourc
         schema = udf.output_schema(df.schema[cfg.source.id_column].dataType, cfg.outputs)
         encoded = (
             todo.repartition(partitions)
-            .mapInArrow(encode_fn, schema)
+            .mapInArrow(encode_fn, schema, profile=udf.gpu_profile(spark, cfg.spark))
             .select(
                 "id", "content_hash", *(s.name for s in cfg.outputs), "n_tokens", "truncated",
                 F.lit(info.name).alias("model"), F.lit(model_fp).alias("model_fingerprint"),

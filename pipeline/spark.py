@@ -118,7 +118,8 @@ def get_session(cfg: SparkConfig):
         _apply_runtime_conf(active, cfg)
         return active
     builder = SparkSession.builder.appName(cfg.app_name)
-    if cfg.master:
+    # Under spark-submit (the JVM started this Python) --master decides, not the config.
+    if cfg.master and "PYSPARK_GATEWAY_PORT" not in os.environ:
         builder = builder.master(cfg.master)
     for key, value in base_conf().items():
         builder = builder.config(key, value)

@@ -126,6 +126,48 @@ def warm_workers(spark, cfg, torch_threads: int) -> threading.Thread:
     return thread
 
 
+def is_local(spark) -> bool:
+    return spark.sparkContext.master.startswith("local")
+
+
+def gpu_profile(spark, cfg):
+    """A ResourceProfile asking ``gpus_per_task`` GPUs for the encode stage only.
+
+    None on local masters (Spark refuses ResourceProfiles there) or when no GPUs
+    are asked for; reading and writing stages keep the default profile.
+    """
+    if not cfg.gpus_per_task or is_local(spark):
+        return None
+    from pyspark.resource import (
+        ExecutorResourceRequests,
+        ResourceProfileBuilder,
+        TaskResourceRequests,
+    )
+
+    gpus_per_executor = spark.conf.get("spark.executor.resource.gpu.amount", "1")
+    executor = ExecutorResourceRequests().resource("gpu", float(gpus_per_executor))
+    task_req = TaskResourceRequests().resource("gpu", cfg.gpus_per_task)
+    return ResourceProfileBuilder().require(executor).require(task_req).build
+
+
+def check_gpu_request(spark, cfg) -> None:
+    """device: cuda needs a GPU somewhere: on this machine (local) or on executors."""
+    if cfg.model.device != "cuda":
+        return
+    import torch
+
+    from pipeline.errors import ConfigError
+
+    cluster_gpus = spark.conf.get("spark.executor.resource.gpu.amount", None)
+    if is_local(spark) and not torch.cuda.is_available():
+        raise ConfigError("model.device", "cuda was asked for but this machine has no CUDA "
+                          "device (local master); use device: auto to run on the CPU")
+    if not is_local(spark) and not cluster_gpus:
+        raise ConfigError("model.device", "cuda was asked for but the cluster requests no "
+                          "GPUs: set spark.executor.resource.gpu.amount (see "
+                          "conf/spark-defaults.gpu.conf) or use device: auto")
+
+
 def stats_accumulator(sc):
     """Encoder statistics summed over tasks: rows, tokens, padding, what runtime ran."""
     from pyspark.accumulators import AccumulatorParam

@@ -1,0 +1,81 @@
+"""Airflow DAG: validate -> embed (spark-submit jobs/embed.py) -> check run -> publish.
+
+Thin wiring only: the Python tasks call pipeline.dag_tasks, the embed task is a
+SparkSubmitOperator running jobs/embed.py. Configure with environment variables
+or params:
+
+- EMBED_CONFIG (param ``config``): the run config, default conf/demo.yaml
+- EMBED_SCHEDULE: cron or preset, default @daily
+- EMBED_CATCHUP=1: with source.partition_column, catchup backfills one logical
+  date per run, each committed exactly once
+- the ``spark_default`` connection: master (local[2], spark://host:7077, yarn, k8s://...)
+
+The run's logical date (``ds``) is the partition when the config names
+source.partition_column; otherwise each run is incremental over the whole source.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+from airflow.sdk import Param, dag, task
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = os.environ.get("EMBED_CONFIG", str(ROOT / "conf" / "demo.yaml"))
+
+
+@dag(
+    dag_id="embed_pipeline",
+    schedule=os.environ.get("EMBED_SCHEDULE", "@daily"),
+    start_date=datetime(2026, 1, 1),
+    catchup=os.environ.get("EMBED_CATCHUP", "0") == "1",
+    max_active_runs=1,  # one writer per output table
+    params={"config": Param(DEFAULT_CONFIG, type="string", description="run config path")},
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=1),
+                  "retry_exponential_backoff": True, "max_retry_delay": timedelta(minutes=30)},
+    tags=["embeddings"],
+)
+def embed_pipeline():
+    @task
+    def validate(params=None, ds=None) -> dict:
+        from pipeline.dag_tasks import validate_config
+
+        return validate_config(params["config"], ds)
+
+    validated = validate()
+    embed = SparkSubmitOperator(
+        task_id="embed",
+        application=str(ROOT / "jobs" / "embed.py"),
+        application_args=[
+            "--config", "{{ params.config }}", "--json",
+            "--partition", "{{ ti.xcom_pull(task_ids='validate')['partition'] }}",
+        ],
+        conn_id="spark_default",
+        name="embed-{{ ds }}",
+        env_vars={"PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable},
+    )
+
+    @task
+    def check(validated: dict) -> dict:
+        from pipeline.dag_tasks import check_run
+
+        return check_run(validated["config"], validated["partition"])
+
+    @task
+    def publish(validated: dict, checked: dict) -> str:
+        from pipeline.dag_tasks import summary_line
+
+        line = summary_line(validated, checked)
+        print(line)
+        return line
+
+    checked = check(validated)
+    validated >> embed >> checked
+    publish(validated, checked)
+
+
+embed_pipeline()

@@ -1,0 +1,145 @@
+"""Deployment paths: a real standalone cluster on 127.0.0.1, the real Airflow DAG
+(DagBag + `airflow dags test` running spark-submit), and the GPU cluster conf."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import load_config
+from pipeline.run import run
+from tests.conftest import ROOT, cosine_rows, write_config
+
+BIN = Path(sys.executable).parent
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def deploy_source(spark, tmp_path_factory):
+    from pipeline.demo import write_demo_table
+
+    path = str(tmp_path_factory.mktemp("deploy") / "src")
+    write_demo_table(spark, path, limit=80)
+    return path
+
+
+def _table(spark, path):
+    pdf = spark.read.format("delta").load(path).toPandas().sort_values("id")
+    return pdf.reset_index(drop=True)
+
+
+@pytest.mark.cluster
+def test_standalone_cluster_matches_local_mode(spark, deploy_source, tmp_path):
+    from pipeline.cluster import Cluster, _alive
+
+    cluster = Cluster(tmp_path / "cluster", port=7177, webui_port=8180)
+    pids = []
+    try:
+        cluster.start(workers=2, cores=1, memory="2g")
+        pids = [int(p.read_text()) for p in (tmp_path / "cluster").glob("*.pid")]
+        assert cluster.alive_workers() == 2 and len(pids) == 3
+        cfg_path = write_config(tmp_path, deploy_source, str(tmp_path / "cluster_out"))
+        proc = subprocess.run(
+            [str(BIN / "spark-submit"), "--master", cluster.master_url,
+             "--conf", "spark.executor.cores=1", "--conf", "spark.cores.max=2",
+             "jobs/embed.py", "--config", str(cfg_path), "--json"],
+            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert summary["rows_embedded"] == 80
+    finally:
+        cluster.stop()
+    assert pids and not any(_alive(pid) for pid in pids)
+
+    local_cfg = load_config(write_config(tmp_path, deploy_source, str(tmp_path / "local_out")))
+    run(local_cfg, spark=spark)
+    a, b = _table(spark, str(tmp_path / "cluster_out")), _table(spark, str(tmp_path / "local_out"))
+    assert a["id"].tolist() == b["id"].tolist()
+    for col in ("emb_384", "emb_128", "emb_64"):
+        assert cosine_rows(np.stack(a[col]), np.stack(b[col])).min() >= 0.99999
+
+
+def test_airflow_dag_imports_and_runs_on_local_spark(spark, deploy_source, tmp_path):
+    airflow_home = tmp_path / "airflow"
+    cfg_path = write_config(tmp_path, deploy_source, str(tmp_path / "dag_out"))
+    env = _env(
+        AIRFLOW_HOME=str(airflow_home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "airflow_dags"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__UNIT_TEST_MODE="False",
+        AIRFLOW_CONN_SPARK_DEFAULT='{"conn_type": "spark", "host": "local[2]"}',
+        EMBED_CONFIG=str(cfg_path),
+    )
+
+    def airflow(*args, timeout=600):
+        proc = subprocess.run([str(BIN / "airflow"), *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, (args, proc.stdout[-3000:], proc.stderr[-3000:])
+        return proc
+
+    # DagBag: imports cleanly, with the expected task graph
+    probe = subprocess.run([sys.executable, "-c", (
+        "import json; from airflow.models.dagbag import DagBag\n"
+        f"bag = DagBag(dag_folder={str(ROOT / 'airflow_dags')!r})\n"
+        "dag = bag.dags['embed_pipeline']\n"
+        "print(json.dumps({'errors': {k: str(v) for k, v in bag.import_errors.items()},"
+        " 'edges': sorted([t.task_id, d] for t in dag.tasks for d in t.downstream_task_ids),"
+        " 'retries': dag.default_args['retries']}))")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    graph = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert graph["errors"] == {}
+    assert graph["edges"] == [["check", "publish"], ["embed", "check"],
+                              ["validate", "check"], ["validate", "embed"],
+                              ["validate", "publish"]]
+    assert graph["retries"] == 2
+
+    airflow("db", "migrate")
+    airflow("dags", "reserialize")
+    out = airflow("dags", "test", "embed_pipeline", "2026-11-24")
+    assert "embedded 80 rows" in out.stdout + out.stderr
+
+    table = spark.read.format("delta").load(str(tmp_path / "dag_out"))
+    assert table.count() == 80
+    from pipeline import lineage
+
+    runs = lineage.latest_runs(spark, lineage.runs_path(str(tmp_path / "dag_out"), None), 5,
+                               output_path=str(tmp_path / "dag_out"))
+    assert list(runs["status"]) == ["succeeded"] and runs.iloc[0].rows_embedded == 80
+
+
+def test_gpu_conf_parses_and_cuda_without_gpus_fails_clearly(deploy_source, tmp_path):
+    conf = {}
+    for line in (ROOT / "conf" / "spark-defaults.gpu.conf").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, value = line.split(None, 1)
+            conf[key] = value.strip()
+    assert conf["spark.executor.resource.gpu.amount"] == "1"
+    assert conf["spark.task.resource.gpu.amount"] == "1"
+    script = ROOT / conf["spark.executor.resource.gpu.discoveryScript"]
+    found = json.loads(subprocess.run([str(script)], capture_output=True, text=True,
+                                      check=True).stdout)
+    assert found["name"] == "gpu" and isinstance(found["addresses"], list)
+
+    cfg_path = write_config(tmp_path, deploy_source, str(tmp_path / "out"))
+    proc = subprocess.run([str(BIN / "embed"), "run", "--config", str(cfg_path),
+                           "--set", "model.device=cuda", "--set", "spark.gpus_per_task=1"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("this machine has a CUDA device")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model.device" in proc.stderr and "no CUDA device" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
