@@ -85,3 +85,18 @@ def read_vectors(spark, path: str, column: str) -> tuple[np.ndarray, np.ndarray]
     pdf = spark.read.format("delta").load(path).select("id", column).toPandas()
     pdf = pdf.sort_values("id")
     return pdf["id"].to_numpy(), np.stack(pdf[column].to_numpy()).astype(np.float32)
+
+
+def demo_table(spark, folder: Path, rows: int) -> str:
+    """A Delta source of the first ``rows`` demo docstrings; returns its path."""
+    from pipeline.demo import write_demo_table
+
+    path = str(folder / "src")
+    write_demo_table(spark, path, limit=rows)
+    return path
+
+
+def sorted_table(spark, path: str):
+    """A Delta table as pandas, sorted by id."""
+    pdf = spark.read.format("delta").load(path).toPandas().sort_values("id")
+    return pdf.reset_index(drop=True)

@@ -97,3 +97,22 @@ def test_config_hash_is_stable_and_sensitive():
     assert a.config_hash() == b.config_hash()
     c = parse_config(_cfg(model={"max_length": 64}))
     assert c.config_hash() != a.config_hash()
+
+
+def test_missing_source_and_model_are_one_line_errors_before_spark(tmp_path):
+    from pipeline.errors import ModelError, SourceError
+
+    cfg = parse_config(_cfg(source={"path": str(tmp_path / "nope")}))
+    with pytest.raises(SourceError, match="source path not found"):
+        preflight(cfg)
+    (tmp_path / "plain").mkdir()
+    cfg = parse_config(_cfg(source={"path": str(tmp_path / "plain"), "format": "delta"}))
+    with pytest.raises(SourceError, match="not a Delta table"):
+        preflight(cfg)
+    for name, pattern in ((str(tmp_path / "no_model_here"), "model directory not found"),
+                          ("not-an-installed-package", "neither a local directory"),
+                          (str(tmp_path / "plain"), "has no config.json")):
+        cfg = parse_config(_cfg(source={"path": str(tmp_path / "plain"), "format": "parquet"},
+                                model={"name_or_path": name}))
+        with pytest.raises(ModelError, match=pattern):
+            preflight(cfg)

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.run import run
-from tests.conftest import ROOT, cosine_rows, write_config
+from tests.conftest import ROOT, cosine_rows, demo_table, sorted_table, write_config
 
 BIN = Path(sys.executable).parent
 
@@ -28,16 +28,7 @@ def _env(**extra) -> dict:
 
 @pytest.fixture(scope="module")
 def deploy_source(spark, tmp_path_factory):
-    from pipeline.demo import write_demo_table
-
-    path = str(tmp_path_factory.mktemp("deploy") / "src")
-    write_demo_table(spark, path, limit=80)
-    return path
-
-
-def _table(spark, path):
-    pdf = spark.read.format("delta").load(path).toPandas().sort_values("id")
-    return pdf.reset_index(drop=True)
+    return demo_table(spark, tmp_path_factory.mktemp("deploy"), 80)
 
 
 @pytest.mark.cluster
@@ -65,7 +56,8 @@ def test_standalone_cluster_matches_local_mode(spark, deploy_source, tmp_path):
 
     local_cfg = load_config(write_config(tmp_path, deploy_source, str(tmp_path / "local_out")))
     run(local_cfg, spark=spark)
-    a, b = _table(spark, str(tmp_path / "cluster_out")), _table(spark, str(tmp_path / "local_out"))
+    a = sorted_table(spark, str(tmp_path / "cluster_out"))
+    b = sorted_table(spark, str(tmp_path / "local_out"))
     assert a["id"].tolist() == b["id"].tolist()
     for col in ("emb_384", "emb_128", "emb_64"):
         assert cosine_rows(np.stack(a[col]), np.stack(b[col])).min() >= 0.99999

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, cosine_rows, write_config
+from tests.conftest import ROOT, cosine_rows, demo_table, sorted_table, write_config
 
 BIN = Path(sys.executable).parent
 
@@ -29,16 +29,7 @@ def _run(args, timeout=600):
 
 @pytest.fixture(scope="module")
 def small_source(spark, tmp_path_factory):
-    from pipeline.demo import write_demo_table
-
-    path = str(tmp_path_factory.mktemp("entry") / "src")
-    write_demo_table(spark, path, limit=120)
-    return path
-
-
-def _table(spark, path):
-    pdf = spark.read.format("delta").load(path).toPandas().sort_values("id")
-    return pdf.reset_index(drop=True)
+    return demo_table(spark, tmp_path_factory.mktemp("entry"), 120)
 
 
 def test_spark_submit_and_cli_write_the_same_table(spark, small_source, tmp_path):
@@ -51,7 +42,8 @@ def test_spark_submit_and_cli_write_the_same_table(spark, small_source, tmp_path
     sub = _run([str(BIN / "spark-submit"), "--master", "local[2]", "jobs/embed.py",
                 "--config", str(sub_cfg), "--json"])
     assert sub.returncode == 0, sub.stderr[-3000:]
-    a, b = _table(spark, str(tmp_path / "cli_out")), _table(spark, str(tmp_path / "sub_out"))
+    a = sorted_table(spark, str(tmp_path / "cli_out"))
+    b = sorted_table(spark, str(tmp_path / "sub_out"))
     assert len(a) == len(b) == 120
     assert a["id"].tolist() == b["id"].tolist()
     assert a["content_hash"].tolist() == b["content_hash"].tolist()

@@ -212,3 +212,22 @@ def test_two_runs_at_once_never_double_rows(spark, kill_source, tmp_path):
     # whoever lost, a re-run completes with nothing left to do
     again = run(cfg, spark=spark)
     assert again.rows_embedded == 0 and again.rows_skipped == 400
+
+
+def test_two_processes_at_once_conflict_cleanly_or_both_succeed(spark, tmp_path, demo_rows):
+    """Two `embed run` processes on one new output table: Delta's commit check, not
+    an in-process lock, must keep rows single."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    spark.createDataFrame(pd.DataFrame(demo_rows[:120])[["id", "text"]]).write.format("delta") \
+        .save(str(src))
+    cfg_path = write_config(tmp_path, str(src), str(out), outputs="[{name: emb, dim: 32}]")
+    cmd = [str(BIN / "embed"), "run", "--config", str(cfg_path), "--no-progress",
+           "--set", "spark.master=local[1]"]
+    procs = [_spawn(cmd) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes in ([0, 0], [0, 7]), (codes, [o[-2000:] for o in outputs])
+    if codes == [0, 7]:
+        assert any("another run holds this table" in o for o in outputs)
+    table = spark.read.format("delta").load(str(out))
+    assert table.count() == 120 and table.select("id").distinct().count() == 120

@@ -103,7 +103,9 @@ class Encoder:
                  gpu_address: str | None = None, calibration: Calibration | None = None):
         import torch
         from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # one bar per worker per load is noise in job logs
         self.cfg = model_cfg
         self.outputs = tuple(outputs)
         self.calibration = calibration or Calibration()
