@@ -54,6 +54,24 @@ def output_schema(id_type, outputs: tuple[OutputSpec, ...]):
     return StructType(fields)
 
 
+def _prefetched(batches: Iterator[pa.RecordBatch], encoder):
+    """Yield (batch, prepared batch) with the NEXT batch tokenized in a thread while
+    the caller runs the model on the current one (overlap of CPU and model work)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = iter(batches)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as pool:
+        current = next(batches, None)
+        future = pool.submit(encoder.prepare, current.column("text")) if current else None
+        while current is not None:
+            following = next(batches, None)
+            prepared = future.result()
+            if following is not None:
+                future = pool.submit(encoder.prepare, following.column("text"))
+            yield current, prepared
+            current = following
+
+
 def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], torch_threads: int,
                    stats_acc=None, calibration: Calibration | None = None):
     """The function given to ``mapInArrow``; it closes over plain, picklable config."""
@@ -66,8 +84,8 @@ def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], torc
         encoder = get_encoder(model_cfg, outputs, task_gpu(), calibration)
         rows = tokens = padded = 0
         seconds = 0.0
-        for batch in batches:
-            result = encoder.encode(batch.column("text"))
+        for batch, prepared in _prefetched(batches, encoder):
+            result = encoder.encode(prepared)
             arrays = [batch.column("id"), batch.column("content_hash")]
             arrays += [to_spark_arrow(result.columns[s.name]) for s in outputs]
             arrays += [pa.array(result.n_tokens, pa.int32()), pa.array(result.truncated)]

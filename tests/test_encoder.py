@@ -120,3 +120,26 @@ def test_last_token_pooling_left_and_right_padding_agree():
     torch.testing.assert_close(b, expected)
     torch.testing.assert_close(pool(right, right_mask, "mean"),
                                torch.stack([s.mean(0) for s in states]))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precisions_stay_within_parity_threshold(precision, demo_rows, st_reference):
+    enc = Encoder(ModelConfig(precision=precision), OUTPUTS[:1])
+    assert enc.runtime.precision == precision
+    ours = _matrix(enc.encode([r["text"] for r in demo_rows[:32]]).columns["emb_384"])
+    assert cosine_rows(ours, st_reference[:32]).min() >= 0.999
+
+
+def test_prefetch_overlaps_tokenizing_and_keeps_batch_order(encoder, demo_rows):
+    from pipeline.udf import _prefetched
+
+    texts = [r["text"] for r in demo_rows[:30]]
+    batches = [pa.RecordBatch.from_arrays([pa.array(texts[i:i + 10])], names=["text"])
+               for i in range(0, 30, 10)]
+    seen = []
+    for batch, prepared in _prefetched(batches, encoder):
+        assert prepared.n_rows == batch.num_rows
+        seen.append(_matrix(encoder.encode(prepared).columns["emb_64"]))
+    direct = _matrix(encoder.encode(texts).columns["emb_64"])
+    assert cosine_rows(np.concatenate(seen), direct).min() >= 0.9999
+    assert list(_prefetched(iter([]), encoder)) == []

@@ -34,6 +34,20 @@ class EncodeResult:
 
 
 @dataclass
+class Prepared:
+    """A tokenized batch: units (rows, or windows of chunked rows) ready to run."""
+
+    n_rows: int
+    flat: np.ndarray
+    offsets: np.ndarray
+    lengths: np.ndarray
+    owner: np.ndarray
+    weights: np.ndarray
+    total: np.ndarray
+    cut_off: np.ndarray
+
+
+@dataclass
 class EncodeInfo:
     n_tokens: np.ndarray  # per row: tokens of the whole text (all windows when chunked)
     truncated: np.ndarray  # per row: text was cut (max_length, or past max_chunks)
@@ -270,20 +284,25 @@ class Encoder:
             return {(layer, mode): pool(self._captured[layer], attn, mode).cpu().numpy()
                     for layer, mode in self.groups}
 
-    def encode_float(self, texts: Sequence[str] | pa.Array):
-        """Texts -> ({column: float32 [N, dim] truncated + renormalized}, info).
-
-        ``info``: per-row tokens and cut-off flags, and the unit lengths and
-        batches (for padding statistics).
-        """
+    def prepare(self, texts: Sequence[str] | pa.Array) -> Prepared:
+        """CPU stage: tokenize (and chunk) a batch. Thread-safe to run ahead of
+        :meth:`encode` on the previous batch: the fast tokenizer releases the GIL."""
         if isinstance(texts, (pa.Array, pa.ChunkedArray)):
             texts = texts.to_pylist()
         if any(t is None for t in texts):
             raise ValueError("encode() got a null text; quarantine nulls before encoding")
-        n_rows = len(texts)
         flat, offsets, lengths = self.tokenize(texts)
-        flat, offsets, lengths, owner, weights, total, cut_off = self.chunk_long_rows(
-            texts, flat, offsets, lengths)
+        return Prepared(len(texts), *self.chunk_long_rows(texts, flat, offsets, lengths))
+
+    def encode_float(self, texts: Sequence[str] | pa.Array | Prepared):
+        """Texts (or a prepared batch) -> ({column: float32 [N, dim]}, info).
+
+        ``info``: per-row tokens and cut-off flags, and the unit lengths and
+        batches (for padding statistics).
+        """
+        prep = texts if isinstance(texts, Prepared) else self.prepare(texts)
+        n_rows, flat, offsets, lengths = prep.n_rows, prep.flat, prep.offsets, prep.lengths
+        owner, weights, total, cut_off = prep.owner, prep.weights, prep.total, prep.cut_off
         n = len(lengths)
         batches = plan_batches(lengths, self.token_budget, self.cfg.max_batch_rows)
         pooled = {g: np.empty((n, self.info.hidden_size), dtype=np.float32) for g in self.groups}
@@ -318,7 +337,7 @@ class Encoder:
         return floats, EncodeInfo(n_tokens=total, truncated=cut_off, unit_lengths=lengths,
                                   batches=batches)
 
-    def encode(self, texts: Sequence[str] | pa.Array) -> EncodeResult:
+    def encode(self, texts: Sequence[str] | pa.Array | Prepared) -> EncodeResult:
         """Encode texts; every output column in the caller's row order."""
         start = time.perf_counter()
         floats, info = self.encode_float(texts)
