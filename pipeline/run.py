@@ -186,7 +186,8 @@ def _run_stages(cfg, spark, info, model_fp, run_id, now, stages, progress, sourc
 
         # -- plan: skip rows whose (id, content_hash) is already embedded
         t = time.perf_counter()
-        existing = sink.existing_keys(spark, out_path) if cfg.sink.mode != "overwrite" else None
+        existing = (sink.existing_keys(spark, out_path)
+                    if stored is not None and cfg.sink.mode != "overwrite" else None)
         todo = valid if existing is None else valid.join(existing, ["id", "content_hash"],
                                                          "left_anti")
         rows_todo = todo.count()

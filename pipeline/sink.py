@@ -109,9 +109,7 @@ def _sql_str(value: str) -> str:
 
 
 def existing_keys(spark, path: str):
-    """(id, content_hash) of rows already embedded, or None when there is no table."""
-    if read_identity(spark, path) is None:
-        return None
+    """(id, content_hash) of the rows already embedded in the output table."""
     return spark.read.format("delta").load(path).select("id", "content_hash")
 
 

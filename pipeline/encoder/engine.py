@@ -6,6 +6,7 @@ output column; rows come back in the caller's order.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -210,6 +211,7 @@ class Encoder:
                 if len(ids) else np.zeros(0, dtype=np.int64))
         return flat, offsets, lengths
 
+    @functools.cached_property
     def _special_tokens(self) -> tuple[list[int], list[int]]:
         """The ids the tokenizer puts before and after a text ([CLS] / [SEP], BOS / EOS)."""
         probe = "hello world"
@@ -235,7 +237,7 @@ class Encoder:
         if not len(long_rows):
             return flat, offsets, lengths, owner, weights, total, cut_off
         tok = self.tokenizer
-        prefix, suffix = self._special_tokens()
+        prefix, suffix = self._special_tokens
         window = self.cfg.max_length - len(prefix) - len(suffix)
         stride = window - self.cfg.chunk_overlap
         prompt = self.cfg.prompt
