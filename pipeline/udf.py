@@ -10,6 +10,7 @@ assigned it (TaskContext resources), else cuda:0 / CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Iterator
@@ -82,23 +83,19 @@ def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], torc
         if torch.get_num_threads() != torch_threads:
             torch.set_num_threads(torch_threads)
         encoder = get_encoder(model_cfg, outputs, task_gpu(), calibration)
-        rows = tokens = padded = 0
-        seconds = 0.0
+        before = dataclasses.replace(encoder.stats)  # the encoder counts; report this task's share
         for batch, prepared in _prefetched(batches, encoder):
             result = encoder.encode(prepared)
             arrays = [batch.column("id"), batch.column("content_hash")]
             arrays += [to_spark_arrow(result.columns[s.name]) for s in outputs]
             arrays += [pa.array(result.n_tokens, pa.int32()), pa.array(result.truncated)]
             names = ["id", "content_hash", *(s.name for s in outputs), "n_tokens", "truncated"]
-            rows += batch.num_rows
-            tokens += int(result.n_tokens.sum())
-            padded += int(round(result.n_tokens.sum() / max(result.padding_efficiency, 1e-9)))
-            seconds += result.seconds
             yield pa.RecordBatch.from_arrays(arrays, names=names)
         if stats_acc is not None:
-            rt = encoder.runtime
-            stats_acc.add({"rows": rows, "tokens": tokens, "padded_tokens": padded,
-                           "encode_seconds": seconds,
+            rt, now = encoder.runtime, encoder.stats
+            stats_acc.add({"rows": now.rows - before.rows, "tokens": now.tokens - before.tokens,
+                           "padded_tokens": now.padded_tokens - before.padded_tokens,
+                           "encode_seconds": now.seconds - before.seconds,
                            "runtime": {f"{rt.device}/{rt.precision}/{rt.attention}"}})
 
     return encode_batches

@@ -10,7 +10,7 @@ import functools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -64,7 +64,6 @@ class EncoderStats:
     batches: int = 0
     oom_splits: int = 0
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class _EarlyExit(Exception):
