@@ -1,10 +1,13 @@
-"""Airflow DAG: validate -> embed (spark-submit jobs/embed.py) -> check run -> publish.
+"""Airflow DAG: validate -> embed (spark-submit jobs/embed.py) -> check run -> drift -> publish.
 
 Thin wiring only: the Python tasks call pipeline.dag_tasks, the embed task is a
 SparkSubmitOperator running jobs/embed.py. Configure with environment variables
 or params:
 
 - EMBED_CONFIG (param ``config``): the run config, default conf/demo.yaml
+- param ``fail_on_drift`` (default true): a distribution-drift breach fails the
+  drift task (no retries) and so skips publish; a canary failure (another
+  model) already fails the embed task, before anything is written
 - EMBED_SCHEDULE: cron or preset, default @daily
 - EMBED_CATCHUP=1: with source.partition_column, catchup backfills one logical
   date per run, each committed exactly once
@@ -34,7 +37,9 @@ DEFAULT_CONFIG = os.environ.get("EMBED_CONFIG", str(ROOT / "conf" / "demo.yaml")
     start_date=datetime(2026, 1, 1),
     catchup=os.environ.get("EMBED_CATCHUP", "0") == "1",
     max_active_runs=1,  # one writer per output table
-    params={"config": Param(DEFAULT_CONFIG, type="string", description="run config path")},
+    params={"config": Param(DEFAULT_CONFIG, type="string", description="run config path"),
+            "fail_on_drift": Param(True, type="boolean",
+                                   description="fail the run when drift breaches")},
     default_args={"retries": 2, "retry_delay": timedelta(minutes=1),
                   "retry_exponential_backoff": True, "max_retry_delay": timedelta(minutes=30)},
     tags=["embeddings"],
@@ -65,17 +70,23 @@ def embed_pipeline():
 
         return check_run(validated["config"], validated["partition"])
 
+    @task(retries=0)  # a breach is a finding, not a transient failure
+    def drift(validated: dict, checked: dict, params=None) -> dict:
+        from pipeline.dag_tasks import check_drift
+
+        return check_drift(validated["config"], checked["run_id"], params["fail_on_drift"])
+
     @task
-    def publish(validated: dict, checked: dict) -> str:
+    def publish(validated: dict, checked: dict, drifted: dict) -> str:
         from pipeline.dag_tasks import summary_line
 
-        line = summary_line(validated, checked)
+        line = summary_line(validated, checked, drifted)
         print(line)
         return line
 
     checked = check(validated)
     validated >> embed >> checked
-    publish(validated, checked)
+    publish(validated, checked, drift(validated, checked))
 
 
 embed_pipeline()

@@ -16,6 +16,7 @@ back in time. Per-partition ids have neither problem.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -90,7 +91,14 @@ def run_backfill(spark, cfg: RunConfig, plans: list[PartitionPlan], parallelism:
             on_done(p, result)
         return result
 
+    if not pending:
+        return []
+    # The canary checks the runtime, which all partitions share: the first
+    # partition runs it, the others skip it.
+    first = one(pending[0])
+    cfg = dataclasses.replace(cfg, drift=dataclasses.replace(
+        cfg.drift, canary=dataclasses.replace(cfg.drift.canary, enabled=False)))
     if parallelism <= 1:
-        return [one(p) for p in pending]
+        return [first] + [one(p) for p in pending[1:]]
     with ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="backfill") as pool:
-        return list(pool.map(one, pending))
+        return [first, *pool.map(one, pending[1:])]

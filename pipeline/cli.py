@@ -43,6 +43,8 @@ def print_summary(result, as_json: bool = False) -> None:
     table.add_row("time", f"{result.seconds:.1f} s")
     table.add_row("texts/s", f"{result.texts_per_second:,.0f}")
     table.add_row("padding efficiency", f"{result.padding_efficiency:.3f}")
+    table.add_row("canary", result.canary_summary)
+    table.add_row("drift", result.drift_summary)
     Console(stderr=False).print(table)
 
 
@@ -101,6 +103,12 @@ def run_cmd(config_path: Path, overrides: tuple[str, ...], as_json: bool, progre
     except PipelineError as err:
         _fail(err)
     print_summary(result, as_json)
+    if result.drift_status == "breach" and cfg.drift.distribution.on_breach == "fail":
+        from pipeline.errors import DriftBreach
+
+        _fail(DriftBreach(f"drift {result.drift_summary} (run {result.run_id}; its rows are "
+                          f"committed as version {result.output_version}; see embed drift "
+                          f"--table {cfg.sink.path})"))
 
 
 @main.command("backfill")
@@ -172,7 +180,6 @@ def backfill_cmd(config_path: Path, overrides: tuple[str, ...], start, end, dry_
 @click.option("--limit", type=int, default=20, show_default=True)
 def runs_cmd(table_path: str, runs_path: str | None, limit: int) -> None:
     """List the latest runs that wrote an output table, with their lineage."""
-    from rich.console import Console
     from rich.table import Table
 
     from pipeline import lineage
@@ -188,14 +195,89 @@ def runs_cmd(table_path: str, runs_path: str | None, limit: int) -> None:
     runs = lineage.latest_runs(spark, path, limit, output_path=table_path)
     out = Table(title=f"runs of {table_path}")
     for col in ("run_id", "status", "started_at", "partition", "read", "embedded",
-                "quarantined", "skipped", "version", "runtime", "error"):
+                "quarantined", "skipped", "version", "source", "model", "runtime", "code",
+                "canary", "drift", "error"):
         out.add_column(col)
     for r in runs.itertuples():
+        versions = json.loads(r.versions) if r.versions else {}
+        source_ref = (f"v{int(r.source_version)}" if r.source_version == r.source_version
+                      and r.source_version is not None else (r.source_files_hash or "")[:12])
+        canary = json.loads(r.canary) if getattr(r, "canary", None) else {}
         out.add_row(r.run_id, r.status, str(r.started_at), r.partition or "",
                     *(("" if v != v or v is None else f"{int(v):,}") for v in (
                         r.rows_read, r.rows_embedded, r.rows_quarantined, r.rows_skipped,
-                        r.output_version)), r.runtime or "", (r.error or "")[:80])
-    Console().print(out)
+                        r.output_version)), source_ref,
+                    f"{r.model} {(r.model_fingerprint or '')[:12]}", r.runtime or "",
+                    str(versions.get("embed-pipeline-git", "-"))[:12],
+                    canary.get("verdict", ""), r.drift_status or "", (r.error or "")[:80])
+    _console().print(out)
+
+
+@main.command("drift")
+@click.option("--table", "table_path", required=True, help="Output table path.")
+@click.option("--run", "run_id", default=None, help="Run id (default: the latest checked run).")
+@click.option("--drift-path", default=None, help="Drift table (default: next to the table).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="HTML report (default: <table parent>/_drift_reports/<run>.html).")
+@click.option("--sample", type=int, default=2000, show_default=True,
+              help="Rows per side to plot.")
+@click.option("--fail-on-breach", is_flag=True, help="Exit 9 when the run's drift breached.")
+def drift_cmd(table_path: str, run_id: str | None, drift_path: str | None, out: Path | None,
+              sample: int, fail_on_breach: bool) -> None:
+    """Print a run's drift checks (canary + distribution) and write an HTML report."""
+    from rich.table import Table
+
+    from pipeline import drift
+    from pipeline.config import SparkConfig
+    from pipeline.errors import DriftBreach, SourceError
+    from pipeline.report import write_report
+    from pipeline.spark import get_session
+
+    table_path = str(Path(table_path).resolve())
+    path = drift.table_path(table_path, drift_path, "_embedding_drift")
+    if not Path(path).is_dir():
+        _fail(SourceError(f"no drift table at {path} (runs record it once they have embedded "
+                          "rows; --drift-path names another)"))
+    spark = get_session(SparkConfig(app_name="embed-drift"))
+    target = out
+    if target is None:
+        target = Path(table_path).parent / "_drift_reports" / f"{run_id or 'latest'}.html"
+    rows, written = write_report(spark, table_path, path, run_id, target, sample=sample)
+    if written is None:
+        _fail(SourceError(f"no drift results for {table_path}"
+                          + (f" run {run_id}" if run_id else "")))
+    run = rows["run_id"].iloc[0]
+    if out is None and not run_id:  # name the file after the run it shows
+        final = written.with_name(f"{run}.html")
+        written.replace(final)
+        written = final
+    status = rows["status"].iloc[0]
+    table = Table(title=f"drift of run {run}: {status}")
+    for col in ("column", "canary", "canary min cos", "centroid dist", "MMD p",
+                "drifted share", "tokens (ref)", "truncated (ref)", "flags"):
+        table.add_column(col)
+    for r in rows.itertuples():
+        table.add_row(r.column, r.canary_verdict or "-", _num(r.canary_min_cosine, ".6f"),
+                      _num(r.centroid_distance, ".4f"), _num(r.mmd_p_value, ".3f"),
+                      _num(r.drifted_share, ".3f"),
+                      f"{_num(r.mean_tokens, '.1f')} ({_num(r.ref_mean_tokens, '.1f')})",
+                      f"{_num(r.truncation_rate, '.3f')} ({_num(r.ref_truncation_rate, '.3f')})",
+                      "; ".join(json.loads(r.flags or "[]")))
+    _console().print(table)
+    click.echo(f"report: {written}")
+    if fail_on_breach and status == "breach":
+        _fail(DriftBreach(f"run {run} drifted: see {written}"))
+
+
+def _console():
+    """A rich console; off a terminal (logs, Airflow, pipes) wide enough not to cut cells."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def _num(value, spec: str) -> str:
+    return "-" if value is None or value != value else format(value, spec)
 
 
 @main.group("cluster")

@@ -35,8 +35,10 @@ OUTPUT_DTYPES = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 CALIBRATED_DTYPES = ("int8", "uint8")
 PACKED_DTYPES = ("binary", "ubinary")
 SINK_MODES = ("incremental", "append", "overwrite")
+LINEAGE_TRANSPORTS = ("none", "console", "file", "http")
 # Columns the sink writes next to the embedding columns; outputs may not reuse them.
-RESERVED_COLUMNS = ("id", "content_hash", "model", "model_fingerprint", "run_id", "embedded_at")
+RESERVED_COLUMNS = ("id", "content_hash", "model", "model_fingerprint", "run_id", "embedded_at",
+                    "n_tokens", "truncated")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Free-form mappings: their keys are passed through (Spark conf keys contain dots).
 _FREEFORM = {("source", "options"), ("spark", "conf")}
@@ -142,12 +144,75 @@ class SparkConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CanaryConfig:
+    """Reference texts embedded with the table's first run and re-embedded by every
+    later run before it writes: per column min cosine against the stored vectors.
+
+    >= same_runtime: same runtime; [min_cosine, same_runtime): the runtime changed
+    (kernel, precision, library) and the run proceeds; < min_cosine: the model or
+    its weights changed and the run fails before writing.
+    """
+
+    enabled: bool = True
+    # A .txt file (one text per line) or .jsonl ({"text": ...} per line); null: the
+    # shipped set (pipeline/data/canary.jsonl).
+    texts: str | None = None
+    same_runtime: float = 0.9999
+    min_cosine: float = 0.999
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistributionConfig:
+    """This run's new vectors against a reference window, per output column."""
+
+    enabled: bool = True
+    # Reference: the last N succeeded runs that embedded rows, or one pinned run id.
+    reference_runs: int = 3
+    baseline_run: str | None = None
+    sample: int = 2000  # rows per side (seeded hash order, so repeatable)
+    mmd_sample: int = 500  # rows per side for the MMD permutation test
+    permutations: int = 200
+    seed: int = 0
+    # A column is flagged when ANY of these trips:
+    # 1 - cos(mean of run, mean of reference) over this AND its permutation p < mmd_alpha
+    max_centroid_distance: float = 0.02
+    mmd_alpha: float = 0.01  # MMD permutation-test p-value below this
+    ks_alpha: float = 0.01  # per-dimension KS test, Benjamini-Hochberg FDR level
+    max_drifted_share: float = 0.1  # share of dimensions whose KS test rejects
+    on_breach: str = field(default="warn", metadata=_choices("warn", "fail"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DriftConfig:
+    # Delta tables next to the output; null: <parent of sink.path>/_embedding_drift
+    # and <parent of sink.path>/_embedding_canary.
+    path: str | None = None
+    canary_path: str | None = None
+    canary: CanaryConfig = field(default_factory=CanaryConfig)
+    distribution: DistributionConfig = field(default_factory=DistributionConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LineageConfig:
+    """OpenLineage run events (START, COMPLETE, FAIL); off by default."""
+
+    transport: str = field(default="none", metadata=_choices(*LINEAGE_TRANSPORTS))
+    path: str | None = None  # file transport: a JSON-lines file, appended to
+    url: str | None = None  # http transport: e.g. http://localhost:5000 (Marquez)
+    endpoint: str = "api/v1/lineage"
+    api_key_env: str | None = None  # http: name of the env var holding a bearer token
+    namespace: str = "embed"  # the job namespace
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     source: SourceConfig
     model: ModelConfig = field(default_factory=ModelConfig)
     outputs: tuple[OutputSpec, ...]
     sink: SinkConfig
     spark: SparkConfig = field(default_factory=SparkConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    lineage: LineageConfig = field(default_factory=LineageConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -239,6 +304,10 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
             cfg.sink, path=resolve(cfg.sink.path),
             quarantine_path=resolve(cfg.sink.quarantine_path),
             runs_path=resolve(cfg.sink.runs_path)),
+        drift=dataclasses.replace(
+            cfg.drift, path=resolve(cfg.drift.path), canary_path=resolve(cfg.drift.canary_path),
+            canary=dataclasses.replace(cfg.drift.canary, texts=resolve(cfg.drift.canary.texts))),
+        lineage=dataclasses.replace(cfg.lineage, path=resolve(cfg.lineage.path)),
     )
 
 
@@ -290,10 +359,46 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.sink.calibration.size <= 0:
         raise ConfigError("sink.calibration.size", "must be a positive integer, "
                           f"got {cfg.sink.calibration.size}")
+    _validate_drift(cfg)
     for key, col in (("source.id_column", cfg.source.id_column),
                      ("source.text_column", cfg.source.text_column)):
         if not col:
             raise ConfigError(key, "must name a column")
+
+
+def _validate_drift(cfg: RunConfig) -> None:
+    c, d = cfg.drift.canary, cfg.drift.distribution
+    for key, value in (("drift.canary.same_runtime", c.same_runtime),
+                       ("drift.canary.min_cosine", c.min_cosine),
+                       ("drift.distribution.mmd_alpha", d.mmd_alpha),
+                       ("drift.distribution.ks_alpha", d.ks_alpha),
+                       ("drift.distribution.max_drifted_share", d.max_drifted_share)):
+        if not 0 <= value <= 1:
+            raise ConfigError(key, f"must be between 0 and 1, got {value}")
+    if c.min_cosine > c.same_runtime:
+        raise ConfigError("drift.canary.min_cosine", f"must be <= drift.canary.same_runtime "
+                          f"({c.same_runtime}), got {c.min_cosine}")
+    if not 0 <= d.max_centroid_distance <= 2:
+        raise ConfigError("drift.distribution.max_centroid_distance",
+                          f"must be between 0 and 2 (1 - cosine), got {d.max_centroid_distance}")
+    for key, value in (("drift.distribution.reference_runs", d.reference_runs),
+                       ("drift.distribution.sample", d.sample),
+                       ("drift.distribution.mmd_sample", d.mmd_sample),
+                       ("drift.distribution.permutations", d.permutations)):
+        if value <= 0:
+            raise ConfigError(key, f"must be a positive integer, got {value}")
+    if 1 / (d.permutations + 1) >= d.mmd_alpha:
+        raise ConfigError("drift.distribution.permutations", f"{d.permutations} permutations "
+                          f"cannot give a p-value below mmd_alpha {d.mmd_alpha}; use at least "
+                          f"{int(1 / d.mmd_alpha)}")
+    if c.texts and "://" not in c.texts and not Path(c.texts).is_file():
+        raise ConfigError("drift.canary.texts", f"file not found: {c.texts}")
+    lin = cfg.lineage
+    if lin.transport == "file" and not lin.path:
+        raise ConfigError("lineage.path", "the file transport needs a path (a JSON-lines file)")
+    if lin.transport == "http" and not lin.url:
+        raise ConfigError("lineage.url", "the http transport needs a url, e.g. "
+                          "http://localhost:5000 for Marquez")
 
 
 def _type_name(tp: Any) -> str:

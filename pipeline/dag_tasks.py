@@ -47,8 +47,43 @@ def check_run(config_path: str, partition: str) -> dict:
     return {"run_id": last["run_id"], "output_version": last["output_version"], **counts}
 
 
-def summary_line(validated: dict, checked: dict) -> str:
-    return (f"embedded {checked['rows_embedded']:,} rows into {validated['output']} "
+def check_drift(config_path: str, run_id: str, fail_on_breach: bool = True, spark=None) -> dict:
+    """The run's drift results (canary + distribution); a breach fails the task.
+
+    Raises :class:`~pipeline.errors.DriftBreach` naming the checks that tripped
+    and the command that draws the report. The rows are committed already; the
+    point is that the publish step does not run.
+    """
+    import json
+
+    from pipeline import drift
+    from pipeline.config import SparkConfig
+    from pipeline.errors import DriftBreach
+    from pipeline.sink import is_delta_table
+    from pipeline.spark import get_session
+
+    cfg = load_config(config_path)
+    path = drift.drift_table(cfg)
+    if not is_delta_table(path):
+        return {"status": "none", "canary": "-", "flags": []}
+    spark = spark or get_session(SparkConfig(master="local[1]", app_name="embed-dag-drift"))
+    rows = drift.latest(spark, path, cfg.sink.path, run_id)
+    if rows.empty:
+        return {"status": "none", "canary": "-", "flags": []}
+    status = str(rows["status"].iloc[0])
+    flags = [f"{r.column}: {f}" for r in rows.itertuples() for f in json.loads(r.flags or "[]")]
+    out = {"status": status, "canary": str(rows["canary_verdict"].iloc[0]), "flags": flags}
+    if status == "breach" and fail_on_breach:
+        raise DriftBreach(f"run {run_id} drifted: {'; '.join(flags)} (report: embed drift "
+                          f"--table {cfg.sink.path} --run {run_id})")
+    return out
+
+
+def summary_line(validated: dict, checked: dict, drifted: dict | None = None) -> str:
+    line = (f"embedded {checked['rows_embedded']:,} rows into {validated['output']} "
             f"({', '.join(validated['columns'])}) with {validated['model']}; "
             f"skipped {checked['rows_skipped']:,}, quarantined {checked['rows_quarantined']:,}; "
             f"run {checked['run_id']}")
+    if drifted:
+        line += f"; canary {drifted['canary']}, drift {drifted['status']}"
+    return line

@@ -57,3 +57,17 @@ class AlreadyCommitted(PipelineError):
     """A backfill partition this run was asked to write is already committed."""
 
     exit_code = 0
+
+
+class CanaryError(PipelineError):
+    """The canary texts embed differently from the table's stored canary: the model
+    or its weights changed. Raised before anything is written."""
+
+    exit_code = 8
+
+
+class DriftBreach(PipelineError):
+    """Distribution drift over the configured thresholds with on_breach: fail.
+    The run's rows are committed (drift is measured on what landed)."""
+
+    exit_code = 9

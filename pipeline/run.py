@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
@@ -23,6 +25,7 @@ from pipeline.encoder.model import fingerprint, inspect_model
 from pipeline.errors import AlreadyCommitted, PipelineError, ReconciliationError
 from pipeline.outputs import Calibration, needs_calibration
 
+log = logging.getLogger(__name__)
 ENCODE_JOB_GROUP = "embed-encode"
 # Rows per encode task: small enough for a moving progress bar and for the two
 # task slots to finish together, large enough for length-sorted batches.
@@ -50,6 +53,14 @@ class RunResult:
     padding_efficiency: float = 1.0
     tokens: int = 0
     stage_seconds: dict = field(default_factory=dict)
+    lineage_run_id: str = ""
+    source_files_hash: str | None = None
+    canary: dict | None = None  # drift.CanaryResult as a dict; None: canary off
+    drift: dict | None = None  # drift.DriftResult as a dict
+    canary_summary: str = "-"
+    drift_status: str = "disabled"
+    drift_summary: str = "-"
+    schemas: dict = field(default_factory=dict, repr=False)  # for lineage events
 
     @property
     def texts_per_second(self) -> float:
@@ -57,6 +68,7 @@ class RunResult:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("schemas")
         d["texts_per_second"] = self.texts_per_second
         return d
 
@@ -128,52 +140,95 @@ def run(cfg: RunConfig, spark=None, progress=None, source_filter: str | None = N
     stages = {"fingerprint": fp_seconds, "spark_start": time.perf_counter() - t}
     udf.check_gpu_request(spark, cfg)
     runs_table = lineage.runs_path(cfg.sink.path, cfg.sink.runs_path)
+    lineage_run_id = lineage.new_lineage_run_id()
+    emitter = lineage.Emitter(cfg, lineage_run_id, job_name(cfg))
+    nominal = _nominal_time(partition)
     base = {
         "run_id": run_id, "started_at": now, "output_path": cfg.sink.path,
         "source_path": cfg.source.path, "model": info.name, "model_fingerprint": model_fp,
         "config_hash": cfg.config_hash(), "mode": cfg.sink.mode, "partition": partition,
         "config_json": json.dumps(cfg.to_dict(), sort_keys=True, default=str),
-        "versions": lineage.software_versions(),
+        "versions": lineage.software_versions(), "lineage_run_id": lineage_run_id,
     }
     lineage.record(spark, runs_table, status="running", **base)
+    emitter.emit("START", info=info, model_fp=model_fp, embed_run_id=run_id,
+                 nominal_time=nominal)
     try:
         result = _run_stages(cfg, spark, info, model_fp, run_id, now, stages, progress,
-                             source_filter, txn)
+                             source_filter, txn, runs_table)
     except Exception as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        error = f"{type(exc).__name__}: {message}"[:4000]
         lineage.record(spark, runs_table, status="failed", ended_at=datetime.now(UTC),
                        seconds=time.perf_counter() - started, stage_seconds=stages,
-                       error=f"{type(exc).__name__}: {message}"[:4000], **base)
+                       error=error, **base)
+        emitter.emit("FAIL", info=info, model_fp=model_fp, embed_run_id=run_id, error=error,
+                     nominal_time=nominal)
         raise
     result.seconds = time.perf_counter() - started
+    result.lineage_run_id = lineage_run_id
     lineage.record(
         spark, runs_table, status="succeeded", ended_at=datetime.now(UTC),
         output_version=result.output_version, source_version=result.source_version,
         runtime=result.runtime, rows_read=result.rows_read, rows_embedded=result.rows_embedded,
         rows_quarantined=result.rows_quarantined, rows_skipped=result.rows_skipped,
-        rows_deleted=result.rows_deleted, seconds=result.seconds, stage_seconds=stages, **base)
+        rows_deleted=result.rows_deleted, seconds=result.seconds, stage_seconds=stages,
+        source_files_hash=result.source_files_hash, canary=result.canary,
+        drift_status=result.drift_status, drift=result.drift, **base)
+    emitter.emit("COMPLETE", info=info, model_fp=model_fp, embed_run_id=run_id, result=result,
+                 schemas=result.schemas, nominal_time=nominal)
     return result
 
 
-def _run_stages(cfg, spark, info, model_fp, run_id, now, stages, progress, source_filter, txn):
+def job_name(cfg: RunConfig) -> str:
+    """The OpenLineage job name: one job per output table."""
+    from pathlib import Path
+
+    return "embed." + Path(cfg.sink.path.rstrip("/")).name
+
+
+def _nominal_time(partition: str | None) -> datetime | None:
+    if not partition:
+        return None
+    try:
+        return datetime.fromisoformat(partition).replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def _run_stages(cfg, spark, info, model_fp, run_id, now, stages, progress, source_filter, txn,
+                runs_table):
     from pyspark.sql import functions as F
 
+    from pipeline import drift, udf
     from pipeline import spark as spark_setup
-    from pipeline import udf
 
     out_path = cfg.sink.path
     identity = sink.table_identity(cfg, info.name, model_fp)
     stored = sink.read_identity(spark, out_path)
-    if cfg.sink.mode != "overwrite":
-        sink.check_compatible(stored, identity, out_path)
     if txn and sink.committed_txn(spark, out_path, txn[0]) >= txn[1]:
         raise AlreadyCommitted(f"{txn[0]} v{txn[1]} is already committed to {out_path}")
+    threads = spark_setup.torch_threads(spark, cfg.spark)
+    warm = udf.warm_workers(spark, cfg, threads)
+    # The canary runs on the executors while the driver reads the source; its
+    # verdict is awaited before anything is written.
+    rebaseline = stored is None or (cfg.sink.mode == "overwrite"
+                                    and not sink.same_identity(stored, identity))
+    canary = None
+    if cfg.drift.canary.enabled:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-canary")
+        canary = pool.submit(drift.run_canary, spark, cfg, threads,
+                             (stored or {}).get("canary_run"), run_id, model_fp, rebaseline)
+        pool.shutdown(wait=False)
+    if cfg.sink.mode != "overwrite":
+        if canary is not None and stored and not sink.same_identity(stored, identity):
+            canary.result()  # a changed model: let the canary say what changed
+        sink.check_compatible(stored, identity, out_path)
 
     # -- source: read once, tag every row, keep the tagged snapshot for all passes
     t = time.perf_counter()
-    threads = spark_setup.torch_threads(spark, cfg.spark)
-    warm = udf.warm_workers(spark, cfg, threads)
     df, source_version = source.read_source(spark, cfg.source)
+    files_hash = source.files_hash(df) if source_version is None else None
     if source_filter:
         df = df.filter(source_filter)
     tagged = source.tag_rows(df, cfg.source).persist()
@@ -212,6 +267,15 @@ def _run_stages(cfg, spark, info, model_fp, run_id, now, stages, progress, sourc
         calibration = calibrate(cfg, valid, stored if cfg.sink.mode != "overwrite" else None)
         if calibration:
             identity = {**identity, "calibration": calibration.to_json()}
+        t_canary = time.perf_counter()
+        canary_result = canary.result() if canary is not None else None
+        stages["canary_wait"] = time.perf_counter() - t_canary
+        if canary_result is not None:
+            identity = {**identity, "canary_run": run_id if canary_result.stored_baseline
+                        else canary_result.baseline_run}
+            if canary_result.stored_baseline and stored is not None \
+                    and cfg.sink.mode != "overwrite":
+                sink.set_identity(spark, out_path, {"canary_run": run_id})
         stats = udf.stats_accumulator(spark.sparkContext)
         encode_fn = udf.make_encode_fn(cfg.model, cfg.outputs, threads, stats, calibration)
         schema = udf.output_schema(df.schema[cfg.source.id_column].dataType, cfg.outputs)
@@ -248,15 +312,24 @@ def _run_stages(cfg, spark, info, model_fp, run_id, now, stages, progress, sourc
                     F.lit(now).cast("timestamp").alias("quarantined_at")),
                 cfg.sink.quarantine, run_id)
         stages["quarantine"] = time.perf_counter() - t
+        schemas = {"source": [(f.name, f.dataType.simpleString()) for f in df.schema.fields],
+                   "output": [(f.name, f.dataType.simpleString())
+                              for f in encoded.schema.fields]}
     finally:
         tagged.unpersist()
         warm.join()
+        if canary is not None and not canary.done():
+            canary.cancel()
 
     rows_embedded = commit.rows_written if commit else 0
     if rows_read != rows_embedded + rows_quarantined + rows_skipped:
         raise ReconciliationError(
             f"rows read {rows_read} != embedded {rows_embedded} + quarantined "
             f"{rows_quarantined} + skipped {rows_skipped} (run {run_id})")
+    t = time.perf_counter()
+    drift_result = measure_drift(spark, cfg, run_id, commit.version if commit else None,
+                                 rows_embedded, runs_table, calibration, canary_result)
+    stages["drift"] = time.perf_counter() - t
     s = stats.value
     return RunResult(
         run_id=run_id, output_path=out_path, quarantine_path=cfg.sink.quarantine,
@@ -267,4 +340,37 @@ def _run_stages(cfg, spark, info, model_fp, run_id, now, stages, progress, sourc
         output_version=commit.version if commit else None, source_version=source_version,
         seconds=0.0, encode_seconds=s["encode_seconds"],
         padding_efficiency=(s["tokens"] / s["padded_tokens"]) if s["padded_tokens"] else 1.0,
-        tokens=s["tokens"], stage_seconds=stages)
+        tokens=s["tokens"], stage_seconds=stages, source_files_hash=files_hash,
+        canary=canary_result.to_dict() if canary_result else None,
+        canary_summary=canary_result.summary() if canary_result else "off",
+        drift=drift_result.to_dict(), drift_status=drift_result.status,
+        drift_summary=drift_result.summary(), schemas=schemas)
+
+
+def measure_drift(spark, cfg, run_id, version, rows_embedded, runs_table, calibration,
+                  canary_result):
+    """Distribution drift of this run's committed rows, recorded in the drift table.
+
+    The rows are committed already: a failure here is reported (status
+    ``error``) and never turns a landed run into a failed one.
+    """
+    from pipeline import drift
+
+    if not cfg.drift.distribution.enabled:
+        result = drift.DriftResult(status="disabled")
+    elif not rows_embedded:
+        result = drift.DriftResult(status="no_rows", message="nothing new to compare")
+    else:
+        try:
+            result = drift.distribution(spark, cfg, run_id, version, runs_table, calibration)
+        except Exception as exc:
+            log.warning("drift check failed: %s", exc)
+            return drift.DriftResult(status="error", message=str(exc).splitlines()[0][:500])
+    if result.status in ("disabled", "no_rows") and canary_result is None:
+        return result
+    try:
+        drift.record(spark, cfg, run_id, version, result, canary_result)
+    except Exception as exc:
+        log.warning("drift results not recorded: %s", exc)
+        result.message = f"not recorded: {str(exc).splitlines()[0][:300]}"
+    return result

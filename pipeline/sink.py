@@ -63,6 +63,11 @@ def read_identity(spark, path: str) -> dict[str, str] | None:
     return {k[len(PROP_PREFIX):]: v for k, v in props.items() if k.startswith(PROP_PREFIX)}
 
 
+def same_identity(stored: dict[str, str], wanted: dict[str, str]) -> bool:
+    """Same model, weights and output layout (ignores calibration and canary ids)."""
+    return all(stored.get(k) == wanted.get(k) for k in IDENTITY_KEYS)
+
+
 def check_compatible(stored: dict[str, str] | None, wanted: dict[str, str], path: str) -> None:
     """Refuse to mix vectors of two models / two output layouts in one table."""
     if stored is None:

@@ -31,6 +31,23 @@ def check_source_path(cfg: SourceConfig) -> None:
                           "set source.format to one of: delta, parquet, csv, json")
 
 
+def files_hash(df) -> str:
+    """Lineage of a file source (no Delta version): sha256 of its sorted file list with
+    each local file's size and modification time."""
+    import hashlib
+    import os
+
+    digest = hashlib.sha256()
+    for name in sorted(df.inputFiles()):
+        digest.update(name.encode())
+        local = name.removeprefix("file:")
+        if os.path.exists(local):
+            st = os.stat(local)
+            digest.update(f":{st.st_size}:{st.st_mtime_ns}".encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
 def read_source(spark, cfg: SourceConfig):
     """Returns (DataFrame, source_version); the version is the Delta version read, if any."""
     from pyspark.errors import AnalysisException

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 
 from pipeline.config import ModelConfig, OutputSpec
-from pipeline.outputs import Calibration, spark_type, to_spark_arrow
+from pipeline.outputs import Calibration, spark_type, to_arrow, to_spark_arrow
 
 log = logging.getLogger(__name__)
 _ENCODERS: dict = {}
@@ -26,12 +26,16 @@ _ENCODERS: dict = {}
 
 def get_encoder(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], gpu: str | None,
                 calibration: Calibration | None = None):
-    key = (model_cfg, outputs, gpu, calibration.key() if calibration else "")
+    """The worker's encoder for this model and outputs: loaded once, reused by the
+    warm-up, the canary and every encode task (int8 ranges are set per call)."""
+    key = (model_cfg, outputs, gpu)
     if key not in _ENCODERS:
         from pipeline.encoder import Encoder
 
-        _ENCODERS[key] = Encoder(model_cfg, outputs, gpu_address=gpu, calibration=calibration)
-    return _ENCODERS[key]
+        _ENCODERS[key] = Encoder(model_cfg, outputs, gpu_address=gpu)
+    encoder = _ENCODERS[key]
+    encoder.calibration = calibration or Calibration()
+    return encoder
 
 
 def task_gpu() -> str | None:
@@ -45,11 +49,17 @@ def task_gpu() -> str | None:
     return gpus.addresses[0] if gpus and gpus.addresses else None
 
 
-def output_schema(id_type, outputs: tuple[OutputSpec, ...]):
+def float_specs(outputs: tuple[OutputSpec, ...]) -> tuple[OutputSpec, ...]:
+    """The same columns before quantization (what the canary compares)."""
+    return tuple(dataclasses.replace(s, dtype="float32") for s in outputs)
+
+
+def output_schema(id_type, outputs: tuple[OutputSpec, ...], raw: bool = False):
     from pyspark.sql.types import BooleanType, IntegerType, StringType, StructField, StructType
 
     fields = [StructField("id", id_type, True), StructField("content_hash", StringType(), True)]
-    fields += [StructField(s.name, spark_type(s), False) for s in outputs]
+    fields += [StructField(s.name, spark_type(s), False)
+               for s in (float_specs(outputs) if raw else outputs)]
     fields += [StructField("n_tokens", IntegerType(), False),
                StructField("truncated", BooleanType(), False)]
     return StructType(fields)
@@ -74,8 +84,13 @@ def _prefetched(batches: Iterator[pa.RecordBatch], encoder):
 
 
 def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], torch_threads: int,
-                   stats_acc=None, calibration: Calibration | None = None):
-    """The function given to ``mapInArrow``; it closes over plain, picklable config."""
+                   stats_acc=None, calibration: Calibration | None = None, raw: bool = False):
+    """The function given to ``mapInArrow``; it closes over plain, picklable config.
+
+    ``raw``: emit every column as float32 before quantization (the canary), from
+    the same cached encoder as the run's own encode tasks.
+    """
+    raw_specs = float_specs(outputs)
 
     def encode_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import torch
@@ -85,9 +100,14 @@ def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], torc
         encoder = get_encoder(model_cfg, outputs, task_gpu(), calibration)
         before = dataclasses.replace(encoder.stats)  # the encoder counts; report this task's share
         for batch, prepared in _prefetched(batches, encoder):
-            result = encoder.encode(prepared)
+            if raw:
+                floats, result = encoder.encode_float(prepared)
+                columns = {s.name: to_arrow(floats[s.name], s) for s in raw_specs}
+            else:
+                result = encoder.encode(prepared)
+                columns = result.columns
             arrays = [batch.column("id"), batch.column("content_hash")]
-            arrays += [to_spark_arrow(result.columns[s.name]) for s in outputs]
+            arrays += [to_spark_arrow(columns[s.name]) for s in outputs]
             arrays += [pa.array(result.n_tokens, pa.int32()), pa.array(result.truncated)]
             names = ["id", "content_hash", *(s.name for s in outputs), "n_tokens", "truncated"]
             yield pa.RecordBatch.from_arrays(arrays, names=names)
@@ -113,20 +133,14 @@ def warm_workers(spark, cfg, torch_threads: int) -> threading.Thread:
     core idles. This runs that start-up concurrently with the driver's source
     read and plan; the encode stage then finds warm, reused workers.
     """
-    from pipeline.outputs import needs_calibration
-
     slots = max(1, spark.sparkContext.defaultParallelism)
-    outputs = cfg.outputs if not needs_calibration(cfg.outputs) else None
-    model_cfg = cfg.model
+    outputs, model_cfg = cfg.outputs, cfg.model
 
     def warm(batches):
         import torch
 
         torch.set_num_threads(torch_threads)
-        if outputs is not None:
-            get_encoder(model_cfg, outputs, task_gpu())
-        else:  # int8 ranges are not known yet: import the heavy modules only
-            import transformers  # noqa: F401
+        get_encoder(model_cfg, outputs, task_gpu())
         yield from batches
 
     def job():

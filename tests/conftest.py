@@ -63,14 +63,20 @@ def demo_source(spark, tmp_path_factory, demo_rows) -> str:
 def write_config(tmp: Path, source: str, sink: str, extra: str = "",
                  outputs: str = "[{name: emb_384, dim: 384}, {name: emb_128, dim: 128},"
                                 " {name: emb_64, dim: 64}]",
-                 fmt: str = "delta") -> Path:
-    """A run config file (YAML) for tests; ``extra`` appends top-level YAML."""
+                 fmt: str = "delta", drift: bool = False) -> Path:
+    """A run config file (YAML) for tests; ``extra`` appends top-level YAML.
+
+    Drift checks are off unless asked for: they have their own tests
+    (test_drift.py, the Airflow DAG), and each costs seconds per run.
+    """
     path = tmp / "run.yaml"
+    checks = "" if drift else \
+        "drift: {canary: {enabled: false}, distribution: {enabled: false}}\n"
     path.write_text(
         f"source: {{path: '{source}', format: {fmt}}}\n"
         f"outputs: {outputs}\n"
         f"sink: {{path: '{sink}'}}\n"
-        f"spark: {{master: 'local[2]'}}\n" + extra)
+        f"spark: {{master: 'local[2]'}}\n" + checks + extra)
     return path
 
 

@@ -65,7 +65,7 @@ def test_standalone_cluster_matches_local_mode(spark, deploy_source, tmp_path):
 
 def test_airflow_dag_imports_and_runs_on_local_spark(spark, deploy_source, tmp_path):
     airflow_home = tmp_path / "airflow"
-    cfg_path = write_config(tmp_path, deploy_source, str(tmp_path / "dag_out"))
+    cfg_path = write_config(tmp_path, deploy_source, str(tmp_path / "dag_out"), drift=True)
     env = _env(
         AIRFLOW_HOME=str(airflow_home),
         AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "airflow_dags"),
@@ -93,15 +93,16 @@ def test_airflow_dag_imports_and_runs_on_local_spark(spark, deploy_source, tmp_p
     assert probe.returncode == 0, probe.stderr[-3000:]
     graph = json.loads(probe.stdout.strip().splitlines()[-1])
     assert graph["errors"] == {}
-    assert graph["edges"] == [["check", "publish"], ["embed", "check"],
-                              ["validate", "check"], ["validate", "embed"],
-                              ["validate", "publish"]]
+    assert graph["edges"] == [["check", "drift"], ["check", "publish"], ["drift", "publish"],
+                              ["embed", "check"], ["validate", "check"], ["validate", "drift"],
+                              ["validate", "embed"], ["validate", "publish"]]
     assert graph["retries"] == 2
 
     airflow("db", "migrate")
     airflow("dags", "reserialize")
     out = airflow("dags", "test", "embed_pipeline", "2026-11-24")
     assert "embedded 80 rows" in out.stdout + out.stderr
+    assert "canary baseline, drift no_reference" in out.stdout + out.stderr
 
     table = spark.read.format("delta").load(str(tmp_path / "dag_out"))
     assert table.count() == 80

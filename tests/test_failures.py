@@ -153,14 +153,18 @@ def test_backfill_dry_run_and_parallel_partitions(spark, tmp_path, demo_rows):
     pdf = pd.DataFrame(demo_rows[:60])[["id", "text"]]
     pdf["month"] = ["2024-0" + str(1 + i % 4) for i in range(60)]
     spark.createDataFrame(pdf).write.format("delta").save(src)
-    cfg = load_config(write_config(tmp_path, src, out, outputs="[{name: emb, dim: 32}]"),
-                      ["source.partition_column=month"])
+    cfg = load_config(write_config(tmp_path, src, out, outputs="[{name: emb, dim: 32}]",
+                                   drift=True), ["source.partition_column=month"])
     fp = fingerprint(inspect_model(cfg.model.name_or_path))
     plans = backfill.plan(spark, cfg, fp, "2024-02", "2024-04")
     assert [(p.value, p.rows, p.committed) for p in plans] == [
         ("2024-02", 15, False), ("2024-03", 15, False), ("2024-04", 15, False)]
     results = backfill.run_backfill(spark, cfg, plans, parallelism=3)
     assert sorted(r.rows_embedded for r in results) == [15, 15, 15]
+    # the canary runs once per backfill (first partition), distribution drift per partition
+    assert [r.canary["verdict"] if r.canary else None for r in results] == [
+        "baseline", None, None]
+    assert results[0].drift_status == "no_reference"
     assert all(p.committed for p in backfill.plan(spark, cfg, fp, "2024-02", "2024-04"))
     assert spark.read.format("delta").load(out).count() == 45
 

@@ -122,11 +122,9 @@ class Encoder:
         hf_logging.disable_progress_bar()  # one bar per worker per load is noise in job logs
         self.cfg = model_cfg
         self.outputs = tuple(outputs)
+        # int8/uint8 ranges; needed by encode() (quantized columns), not by
+        # encode_float(). Settable: a cached encoder serves runs with new ranges.
         self.calibration = calibration or Calibration()
-        missing = [s.name for s in needs_calibration(self.outputs)
-                   if s.name not in self.calibration.ranges]
-        if missing:
-            raise ValueError(f"int8/uint8 columns {missing} need calibration ranges")
         self.info = inspect_model(model_cfg.name_or_path, model_cfg.allow_pickle)
         validate_outputs(self.outputs, self.info.hidden_size, self.info.num_layers)
         device = attention.pick_device(model_cfg.device, gpu_address)
@@ -340,6 +338,10 @@ class Encoder:
 
     def encode(self, texts: Sequence[str] | pa.Array | Prepared) -> EncodeResult:
         """Encode texts; every output column in the caller's row order."""
+        missing = [s.name for s in needs_calibration(self.outputs)
+                   if s.name not in self.calibration.ranges]
+        if missing:
+            raise ValueError(f"int8/uint8 columns {missing} need calibration ranges")
         start = time.perf_counter()
         floats, info = self.encode_float(texts)
         columns = {s.name: to_arrow(quantize(floats[s.name], s, self.calibration), s)

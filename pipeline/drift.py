@@ -1,0 +1,511 @@
+"""Drift: are today's vectors comparable with yesterday's?
+
+Two checks, both per output column:
+
+* **Canary parity**, before anything is written. A fixed set of reference texts
+  (``pipeline/data/canary.jsonl``: 240 texts, 1 to 400 words, stdlib docstrings,
+  code, numbers, ten languages) is embedded with the output table's first run
+  and stored in ``_embedding_canary``. Every later run re-embeds them on the
+  executors that encode its rows and compares row by row (min cosine, max
+  absolute difference): ``>= same_runtime`` means the same runtime; ``>=
+  min_cosine`` means the runtime changed (attention kernel, precision, library
+  version: vectors move by ~1e-5..1e-3) and the run goes on; below that the
+  model or its weights changed, and the run stops before writing anything.
+* **Distribution drift**, after the commit. This run's new vectors against a
+  reference window (the last N runs that embedded rows, or one pinned run):
+  centroid cosine distance, MMD with an RBF kernel and a permutation-test
+  p-value, the share of dimensions whose two-sample KS test rejects after a
+  Benjamini-Hochberg correction, norms, text length and truncation rate.
+  Results go to ``_embedding_drift`` (one row per run and column).
+
+The statistics are numpy/scipy on samples; Spark only reads the samples and
+appends the results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import CanaryConfig, DistributionConfig, OutputSpec, RunConfig
+from pipeline.errors import CanaryError, ConfigError
+
+log = logging.getLogger(__name__)
+
+CANARY_FILE = Path(__file__).parent / "data" / "canary.jsonl"
+CANARY_SCHEMA = (
+    "output_path string, run_id string, canary_id int, text_hash string, `column` string, "
+    "vector array<float>, runtime string, model_fingerprint string, stored_at timestamp")
+DRIFT_SCHEMA = (
+    "run_id string, output_path string, output_version long, `column` string, status string, "
+    "flags string, reference_runs string, n_current long, n_reference long, "
+    "centroid_distance double, centroid_p_value double, mmd2 double, mmd_p_value double, "
+    "drifted_share double, "
+    "norm_mean double, norm_std double, ref_norm_mean double, ref_norm_std double, "
+    "mean_tokens double, ref_mean_tokens double, truncation_rate double, "
+    "ref_truncation_rate double, canary_verdict string, canary_min_cosine double, "
+    "canary_max_abs_diff double, computed_at timestamp")
+VERDICTS = ("baseline", "same_runtime", "runtime_changed", "model_changed")
+
+
+def table_path(sink_path: str, configured: str | None, name: str) -> str:
+    return configured or str(Path(sink_path).parent / name)
+
+
+def canary_table(cfg: RunConfig) -> str:
+    return table_path(cfg.sink.path, cfg.drift.canary_path, "_embedding_canary")
+
+
+def drift_table(cfg: RunConfig) -> str:
+    return table_path(cfg.sink.path, cfg.drift.path, "_embedding_drift")
+
+
+# --------------------------------------------------------------------------- canary
+
+
+def canary_texts(path: str | None = None) -> list[str]:
+    """The canary set: a .jsonl file of {"text": ...} or a .txt file, one text a line."""
+    file = Path(path) if path else CANARY_FILE
+    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if file.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(lines, 1):
+            try:
+                texts.append(str(json.loads(line)["text"]))
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError("drift.canary.texts", f"{file} line {n} is not a JSON "
+                                  'object with a "text" field') from None
+    else:
+        texts = lines
+    if not texts:
+        raise ConfigError("drift.canary.texts", f"{file} holds no texts")
+    return texts
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class ColumnParity:
+    column: str
+    rows: int
+    min_cosine: float
+    mean_cosine: float
+    max_abs_diff: float
+    worst_row: int
+
+
+@dataclass
+class CanaryResult:
+    verdict: str  # one of VERDICTS
+    runtime: str
+    rows: int
+    columns: list[ColumnParity] = field(default_factory=list)
+    baseline_run: str | None = None
+    baseline_runtime: str | None = None
+    baseline_fingerprint: str | None = None
+    stored_baseline: bool = False  # this run's canary is the table's baseline from now on
+
+    @property
+    def min_cosine(self) -> float | None:
+        return min((c.min_cosine for c in self.columns), default=None)
+
+    def column(self, name: str) -> ColumnParity | None:
+        return next((c for c in self.columns if c.column == name), None)
+
+    def summary(self) -> str:
+        if self.verdict == "baseline":
+            return f"baseline stored ({self.rows} texts, {self.runtime})"
+        worst = min(self.columns, key=lambda c: c.min_cosine)
+        text = (f"{self.verdict.replace('_', ' ')}: min cosine {worst.min_cosine:.6f} "
+                f"({worst.column}), max |diff| {max(c.max_abs_diff for c in self.columns):.2e} "
+                f"vs run {self.baseline_run}")
+        if self.baseline_runtime and self.baseline_runtime != self.runtime:
+            text += f"; runtime {self.baseline_runtime} -> {self.runtime}"
+        return text
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare(stored: dict[str, np.ndarray], current: dict[str, np.ndarray]) -> list[ColumnParity]:
+    """Row-by-row parity of two embeddings of the same texts, per shared column."""
+    out = []
+    for name, a in current.items():
+        b = stored.get(name)
+        if b is None or b.shape != a.shape:
+            continue  # a new or resized column: nothing stored to compare with
+        na = np.linalg.norm(a, axis=1)
+        nb = np.linalg.norm(b, axis=1)
+        cos = (a * b).sum(axis=1) / np.maximum(na * nb, 1e-12)
+        out.append(ColumnParity(column=name, rows=len(a), min_cosine=float(cos.min()),
+                                mean_cosine=float(cos.mean()),
+                                max_abs_diff=float(np.abs(a - b).max()),
+                                worst_row=int(cos.argmin())))
+    return out
+
+
+def verdict(columns: list[ColumnParity], cfg: CanaryConfig) -> str:
+    worst = min(c.min_cosine for c in columns)
+    if worst >= cfg.same_runtime:
+        return "same_runtime"
+    if worst >= cfg.min_cosine:
+        return "runtime_changed"
+    return "model_changed"
+
+
+def embed_canary(spark, cfg: RunConfig, threads: int, texts: list[str]):
+    """The canary texts through the run's own encode path (same executors, same
+    cached encoders), as float32 before quantization. Returns ({column: [N, dim]},
+    the runtime that ran)."""
+    import pandas as pd
+    from pyspark.sql.types import LongType
+
+    from pipeline import spark as spark_setup
+    from pipeline import udf
+
+    frame = pd.DataFrame({"id": np.arange(len(texts), dtype=np.int64), "text": texts,
+                          "content_hash": [text_hash(t) for t in texts]})
+    stats = udf.stats_accumulator(spark.sparkContext)
+    fn = udf.make_encode_fn(cfg.model, cfg.outputs, threads, stats, raw=True)
+    names = [s.name for s in cfg.outputs]
+    table = (spark.createDataFrame(frame, "id long, text string, content_hash string")
+             .repartition(spark_setup.task_slots(spark))
+             .mapInArrow(fn, udf.output_schema(LongType(), cfg.outputs, raw=True),
+                         profile=udf.gpu_profile(spark, cfg.spark))
+             .select("id", *names).toArrow().sort_by("id"))
+    vectors = {n: np.stack(table.column(n).to_numpy(zero_copy_only=False)).astype(np.float32)
+               for n in names}
+    return vectors, ", ".join(sorted(stats.value["runtime"])) or "-"
+
+
+def store_canary(spark, path: str, output_path: str, run_id: str, model_fp: str, runtime: str,
+                 texts: list[str], vectors: dict[str, np.ndarray]) -> None:
+    import pandas as pd
+
+    now = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+    hashes = [text_hash(t) for t in texts]
+    frame = pd.DataFrame([
+        {"output_path": output_path, "run_id": run_id, "canary_id": i, "text_hash": hashes[i],
+         "column": name, "vector": vecs[i].tolist(), "runtime": runtime,
+         "model_fingerprint": model_fp, "stored_at": now}
+        for name, vecs in vectors.items() for i in range(len(texts))])
+    (spark.createDataFrame(frame, CANARY_SCHEMA).coalesce(1).write.format("delta")
+     .mode("append").option("userMetadata", run_id).save(path))
+
+
+def load_canary(spark, path: str, output_path: str, run_id: str):
+    """(text hashes, {column: [N, dim]}, runtime, fingerprint) stored by ``run_id``,
+    or None."""
+    from pipeline.sink import is_delta_table
+
+    if not is_delta_table(path):
+        return None
+    pdf = (spark.read.format("delta").load(path)
+           .filter(f"output_path = '{_sql(output_path)}' AND run_id = '{_sql(run_id)}'")
+           .toPandas())
+    if pdf.empty:
+        return None
+    pdf = pdf.sort_values(["column", "canary_id"])
+    vectors = {name: np.stack(group["vector"].to_numpy()).astype(np.float32)
+               for name, group in pdf.groupby("column")}
+    first = pdf[pdf["column"] == pdf["column"].iloc[0]]
+    return (first["text_hash"].tolist(), vectors, str(pdf["runtime"].iloc[0]),
+            str(pdf["model_fingerprint"].iloc[0]))
+
+
+def _sql(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def run_canary(spark, cfg: RunConfig, threads: int, baseline_run: str | None, run_id: str,
+               model_fp: str, rebaseline: bool) -> CanaryResult:
+    """Embed the canary; compare it with the table's stored one, or store it as the baseline.
+
+    ``rebaseline`` (a new table, or an overwrite): the result is stored as the new
+    baseline and never fails the run. Otherwise a ``model_changed`` verdict raises
+    :class:`CanaryError` before anything of the run is written.
+    """
+    texts = canary_texts(cfg.drift.canary.texts)
+    current, runtime = embed_canary(spark, cfg, threads, texts)
+    path = canary_table(cfg)
+    stored = None if not baseline_run else load_canary(spark, path, cfg.sink.path, baseline_run)
+    result = CanaryResult(verdict="baseline", runtime=runtime, rows=len(texts))
+    if stored is not None:
+        hashes, vectors, base_runtime, base_fp = stored
+        index = {h: i for i, h in enumerate(hashes)}
+        pairs = [(i, index[text_hash(t)]) for i, t in enumerate(texts) if text_hash(t) in index]
+        if pairs:
+            mine, theirs = (np.array(x) for x in zip(*pairs, strict=True))
+            columns = compare({k: v[theirs] for k, v in vectors.items()},
+                              {k: v[mine] for k, v in current.items()})
+            if columns:
+                result = CanaryResult(
+                    verdict=verdict(columns, cfg.drift.canary), runtime=runtime, rows=len(pairs),
+                    columns=columns, baseline_run=baseline_run, baseline_runtime=base_runtime,
+                    baseline_fingerprint=base_fp)
+    if result.verdict == "model_changed" and not rebaseline:
+        worst = min(result.columns, key=lambda c: c.min_cosine)
+        what = ("the weights' fingerprint differs too"
+                if result.baseline_fingerprint != model_fp else
+                "the weights' fingerprint is the same: tokenizer, config or model code changed")
+        raise CanaryError(
+            f"canary: the model or its weights changed: min cosine {worst.min_cosine:.4f} on "
+            f"column {worst.column} (text #{worst.worst_row}) is below drift.canary.min_cosine "
+            f"{cfg.drift.canary.min_cosine} against the canary stored by run "
+            f"{result.baseline_run} ({result.baseline_runtime}); this run: {runtime}, {what} "
+            f"({(result.baseline_fingerprint or '-')[:12]} -> {model_fp[:12]}). Nothing was "
+            f"written to {cfg.sink.path}; write to a new sink.path or set sink.mode: overwrite")
+    if rebaseline or result.verdict == "baseline":
+        store_canary(spark, path, cfg.sink.path, run_id, model_fp, runtime, texts, current)
+        result.stored_baseline = True
+    log.info("canary: %s", result.summary())
+    return result
+
+
+# --------------------------------------------------------------------------- distribution
+
+
+def decode(values, spec: dict, calibration=None) -> np.ndarray:
+    """Stored cells of one column -> float32 [N, dim] (int8/uint8 dequantized when the
+    table's ranges are known; binary as +-1 per bit)."""
+    from pipeline.outputs import dequantize, from_stored
+
+    output = OutputSpec(**spec)
+    rows = np.stack([from_stored(v, output) for v in values]) if len(values) else \
+        np.zeros((0, output.dim), np.float32)
+    if output.dtype in ("binary", "ubinary"):
+        bits = np.unpackbits(rows.view(np.uint8) if output.dtype == "ubinary"
+                             else (rows.astype(np.int16) + 128).astype(np.uint8), axis=1)
+        return bits[:, :output.dim].astype(np.float32) * 2 - 1
+    if output.dtype in ("int8", "uint8") and calibration and output.name in calibration.ranges:
+        return dequantize(rows, output, calibration)
+    return rows.astype(np.float32)
+
+
+def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int, rng: np.random.Generator):
+    """Biased MMD^2 with an RBF kernel (median-distance bandwidth) and its
+    permutation-test p-value. All permutations in one matrix product."""
+    z = np.concatenate([x, y]).astype(np.float64)
+    sq = (z * z).sum(axis=1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * z @ z.T, 0)
+    upper = d2[np.triu_indices(len(z), k=1)]
+    bandwidth = float(np.median(upper[upper > 0])) if (upper > 0).any() else 1.0
+    k = np.exp(-d2 / bandwidth)
+    n, m = len(x), len(y)
+    base = np.concatenate([np.full(n, 1.0 / n), np.full(m, -1.0 / m)])
+    w = np.stack([base] + [rng.permutation(base) for _ in range(permutations)], axis=1)
+    stats = ((k @ w) * w).sum(axis=0)
+    observed = float(stats[0])
+    p_value = float((1 + (stats[1:] >= observed).sum()) / (1 + permutations))
+    return observed, p_value
+
+
+def centroid_test(x: np.ndarray, y: np.ndarray, permutations: int, rng: np.random.Generator):
+    """1 - cos(mean x, mean y) and its permutation-test p-value: small samples have
+    distant centroids by chance alone, and the p-value says how likely that is."""
+    z = np.concatenate([x, y]).astype(np.float64)
+    n, m = len(x), len(y)
+
+    def distance(a, b):
+        return 1.0 - (a * b).sum(axis=0) / np.maximum(
+            np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=0), 1e-12)
+
+    member = np.zeros((n + m, permutations + 1))
+    member[:n, 0] = 1
+    for j in range(1, permutations + 1):
+        member[rng.permutation(n + m)[:n], j] = 1
+    in_a = z.T @ member
+    dists = distance(in_a / n, (z.sum(axis=0)[:, None] - in_a) / m)
+    observed = float(dists[0])
+    return observed, float((1 + (dists[1:] >= observed).sum()) / (1 + permutations))
+
+
+def ks_pvalues(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Two-sample KS test of every dimension at once (asymptotic p-values, ties handled):
+    one sort of the pooled sample instead of a Python loop over dimensions."""
+    from scipy import stats
+
+    n, m = len(x), len(y)
+    pooled = np.concatenate([x, y])
+    order = np.argsort(pooled, axis=0, kind="stable")
+    values = np.take_along_axis(pooled, order, axis=0)
+    cdf_gap = np.cumsum(np.where(order < n, 1.0 / n, -1.0 / m), axis=0)
+    # only where a run of tied values ends is the gap between the two CDFs observed
+    ends = np.ones_like(values, dtype=bool)
+    ends[:-1] = values[:-1] != values[1:]
+    d = np.abs(np.where(ends, cdf_gap, 0.0)).max(axis=0)
+    return stats.kstwo.sf(d, np.round(n * m / (n + m)))
+
+
+def drifted_share(x: np.ndarray, y: np.ndarray, alpha: float) -> float:
+    """Share of dimensions whose two-sample KS test rejects at FDR ``alpha``
+    (Benjamini-Hochberg)."""
+    from scipy import stats
+
+    p = np.nan_to_num(np.atleast_1d(ks_pvalues(x, y)), nan=1.0)
+    adjusted = stats.false_discovery_control(p, method="bh")
+    return float((adjusted < alpha).mean())
+
+
+def column_drift(cur: np.ndarray, ref: np.ndarray, cfg: DistributionConfig) -> dict:
+    """Drift statistics of one column and the checks it trips (``flags``)."""
+    rng = np.random.default_rng(cfg.seed)
+    centroid, centroid_p = centroid_test(cur, ref, cfg.permutations, rng)
+    k = cfg.mmd_sample
+    mmd2, p_value = mmd_test(cur[:k], ref[:k], cfg.permutations, rng)
+    share = drifted_share(cur, ref, cfg.ks_alpha)
+    norms_c, norms_r = np.linalg.norm(cur, axis=1), np.linalg.norm(ref, axis=1)
+    flags = []
+    if centroid > cfg.max_centroid_distance and centroid_p < cfg.mmd_alpha:
+        flags.append(f"centroid_distance {centroid:.4f} > {cfg.max_centroid_distance} "
+                     f"(permutation p {centroid_p:.4f})")
+    if p_value < cfg.mmd_alpha:
+        flags.append(f"mmd p-value {p_value:.4f} < {cfg.mmd_alpha}")
+    if share > cfg.max_drifted_share:
+        flags.append(f"drifted_share {share:.3f} > {cfg.max_drifted_share}")
+    return {"centroid_distance": centroid, "centroid_p_value": centroid_p, "mmd2": mmd2,
+            "mmd_p_value": p_value, "drifted_share": share, "norm_mean": float(norms_c.mean()),
+            "norm_std": float(norms_c.std()), "ref_norm_mean": float(norms_r.mean()),
+            "ref_norm_std": float(norms_r.std()), "flags": flags}
+
+
+@dataclass
+class DriftResult:
+    status: str  # ok | breach | no_reference | no_rows | disabled | error
+    reference_runs: list[str] = field(default_factory=list)
+    columns: dict[str, dict] = field(default_factory=dict)
+    message: str = ""
+
+    @property
+    def flags(self) -> list[str]:
+        return [f"{name}: {f}" for name, c in self.columns.items() for f in c.get("flags", [])]
+
+    def summary(self) -> str:
+        if self.status == "breach":
+            return "breach: " + "; ".join(self.flags)
+        if self.status == "ok":
+            worst = max(self.columns.values(), key=lambda c: c["centroid_distance"])
+            return (f"ok vs {len(self.reference_runs)} reference run(s) (max centroid distance "
+                    f"{worst['centroid_distance']:.4f}, min MMD p "
+                    f"{min(c['mmd_p_value'] for c in self.columns.values()):.3f})")
+        return self.status + (f": {self.message}" if self.message else "")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def reference_runs(spark, runs_path: str, output_path: str, run_id: str,
+                   cfg: DistributionConfig) -> list[str]:
+    """The pinned baseline run, or the last N succeeded runs that embedded rows."""
+    from pipeline import lineage
+    from pipeline.sink import is_delta_table
+
+    if cfg.baseline_run:
+        return [] if cfg.baseline_run == run_id else [cfg.baseline_run]
+    if not is_delta_table(runs_path):
+        return []
+    runs = lineage.latest_runs(spark, runs_path, limit=1000, output_path=output_path)
+    runs = runs[(runs["status"] == "succeeded") & (runs["rows_embedded"].fillna(0) > 0)
+                & (runs["run_id"] != run_id)]
+    return runs["run_id"].head(cfg.reference_runs).tolist()
+
+
+def sample_rows(spark, output_path: str, version: int | None, run_id: str, refs: list[str],
+                columns: list[str], size: int, seed: int):
+    """Seeded, repeatable samples (pandas) of the rows written by this run and by the
+    reference runs: at most ``size`` each, in one pass over the table."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    reader = spark.read.format("delta")
+    if version is not None:
+        reader = reader.option("versionAsOf", version)
+    side = F.when(F.col("run_id") == run_id, F.lit("current")).otherwise(F.lit("reference"))
+    order = F.sha2(F.concat(F.lit(f"{seed}:"), F.col("content_hash")), 256)
+    rows = (reader.load(output_path).filter(F.col("run_id").isin([run_id, *refs]))
+            .withColumn("_side", side)
+            .withColumn("_n", F.row_number().over(Window.partitionBy("_side").orderBy(order)))
+            .filter(F.col("_n") <= size).orderBy("_side", "_n")
+            .select("_side", *columns, "n_tokens", "truncated").toPandas())
+    return (rows[rows["_side"] == "current"].reset_index(drop=True),
+            rows[rows["_side"] == "reference"].reset_index(drop=True))
+
+
+def distribution(spark, cfg: RunConfig, run_id: str, version: int | None, runs_path: str,
+                 calibration=None) -> DriftResult:
+    """This run's new vectors vs the reference window, per column."""
+    from pipeline.outputs import describe
+
+    d = cfg.drift.distribution
+    refs = reference_runs(spark, runs_path, cfg.sink.path, run_id, d)
+    if not refs:
+        return DriftResult(status="no_reference", message="no earlier run to compare with")
+    specs = describe(cfg.outputs)
+    names = [s["name"] for s in specs]
+    cur, ref = sample_rows(spark, cfg.sink.path, version, run_id, refs, names, d.sample, d.seed)
+    if len(cur) < 2 or len(ref) < 2:
+        return DriftResult(status="no_reference", reference_runs=refs,
+                           message=f"too few rows to compare ({len(cur)} vs {len(ref)})")
+    columns = {}
+    for spec in specs:
+        a = decode(cur[spec["name"]].to_numpy(), spec, calibration)
+        b = decode(ref[spec["name"]].to_numpy(), spec, calibration)
+        stats = column_drift(a, b, d)
+        stats.update(n_current=len(a), n_reference=len(b),
+                     mean_tokens=float(cur["n_tokens"].mean()),
+                     ref_mean_tokens=float(ref["n_tokens"].mean()),
+                     truncation_rate=float(cur["truncated"].mean()),
+                     ref_truncation_rate=float(ref["truncated"].mean()))
+        columns[spec["name"]] = stats
+    status = "breach" if any(c["flags"] for c in columns.values()) else "ok"
+    return DriftResult(status=status, reference_runs=refs, columns=columns)
+
+
+def record(spark, cfg: RunConfig, run_id: str, version: int | None, result: DriftResult,
+           canary: CanaryResult | None) -> None:
+    """Append one row per output column to the drift table."""
+    from pyspark.sql.types import _parse_datatype_string
+
+    schema = _parse_datatype_string(DRIFT_SCHEMA)
+    now = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+    rows = []
+    for spec in cfg.outputs:
+        stats = result.columns.get(spec.name, {})
+        parity = canary.column(spec.name) if canary else None
+        row = {name: stats.get(name) for name in schema.fieldNames()}
+        row.update(run_id=run_id, output_path=cfg.sink.path, output_version=version,
+                   column=spec.name, status=result.status,
+                   flags=json.dumps(stats.get("flags", [])),
+                   reference_runs=json.dumps(result.reference_runs),
+                   canary_verdict=canary.verdict if canary else None,
+                   canary_min_cosine=parity.min_cosine if parity else None,
+                   canary_max_abs_diff=parity.max_abs_diff if parity else None,
+                   computed_at=now)
+        for key in ("n_current", "n_reference"):
+            row[key] = int(row[key]) if row[key] is not None else None
+        rows.append(row)
+    (spark.createDataFrame(rows, schema).coalesce(1).write.format("delta").mode("append")
+     .option("userMetadata", run_id).save(drift_table(cfg)))
+
+
+def latest(spark, path: str, output_path: str | None = None, run_id: str | None = None):
+    """Drift rows of one run (default: the latest run with rows), as pandas."""
+    from pyspark.sql import functions as F
+
+    df = spark.read.format("delta").load(path)
+    if output_path:
+        df = df.filter(F.col("output_path") == output_path)
+    if not run_id:
+        last = df.orderBy(F.col("computed_at").desc()).select("run_id").limit(1).collect()
+        if not last:
+            return df.limit(0).toPandas()
+        run_id = last[0]["run_id"]
+    return df.filter(F.col("run_id") == run_id).toPandas()

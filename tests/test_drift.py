@@ -1,0 +1,234 @@
+"""Lineage and drift on real Spark + Delta with the real model: canary parity
+(same runtime, bf16, another model), distribution drift (a random split of the
+same data vs shuffled tokens), OpenLineage events from the file transport, the
+runs table, and the HTML report."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import uuid
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from pipeline import drift
+from pipeline.config import load_config
+from pipeline.errors import CanaryError
+from pipeline.run import run
+from tests.conftest import write_config
+
+SPLIT = 300  # rows per side of the random split
+
+
+def _append(spark, path: str, rows: list[dict], mode: str = "append") -> None:
+    frame = pd.DataFrame(rows)[["id", "text"]]
+    spark.createDataFrame(frame, "id long, text string").coalesce(1).write.format("delta") \
+        .mode(mode).save(path)
+
+
+def _shuffled(rows: list[dict], offset: int) -> list[dict]:
+    """Same words, random order: the data-drift injection."""
+    out = []
+    for r in rows:
+        words = r["text"].split()
+        random.Random(r["id"]).shuffle(words)
+        out.append({"id": offset + r["id"], "text": " ".join(words)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def random_model(model_dir, tmp_path_factory):
+    """MiniLM's shape, tokenizer and files with random weights: another model."""
+    import torch
+    from transformers import AutoConfig, BertModel
+
+    path = tmp_path_factory.mktemp("random-minilm")
+    for item in model_dir.iterdir():
+        if item.name != "model.safetensors":
+            (shutil.copytree if item.is_dir() else shutil.copy)(item, path / item.name)
+    torch.manual_seed(0)
+    BertModel(AutoConfig.from_pretrained(model_dir)).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def runs(spark, tmp_path_factory, random_model):
+    """Five runs on one table: A, + B (same data), + shuffled tokens, + rows in bf16,
+    then a different model. Returns the config, results and the failure."""
+    from pipeline.demo import demo_rows
+
+    tmp = tmp_path_factory.mktemp("drift")
+    rows = demo_rows(2 * SPLIT + 50)
+    random.Random(7).shuffle(rows)
+    a, b, extra = rows[:SPLIT], rows[SPLIT:2 * SPLIT], rows[2 * SPLIT:]
+    source = str(tmp / "src")
+    _append(spark, source, a, mode="overwrite")
+    events = tmp / "lineage" / "events.jsonl"
+    cfg_path = write_config(
+        tmp, source, str(tmp / "out" / "emb"),
+        outputs="[{name: emb_384, dim: 384}, {name: emb_64, dim: 64, dtype: int8}]",
+        extra=f"lineage: {{transport: file, path: '{events}'}}\n", drift=True)
+    cfg = load_config(cfg_path)
+    results = {"baseline": run(cfg, spark=spark)}
+    _append(spark, source, b)
+    results["split"] = run(cfg, spark=spark)
+    _append(spark, source, _shuffled(rows[:200], offset=100_000))
+    results["shuffled"] = run(cfg, spark=spark)
+    _append(spark, source, [{**r, "id": 200_000 + r["id"]} for r in extra])
+    results["bf16"] = run(load_config(cfg_path, ["model.precision=bf16"]), spark=spark)
+    _append(spark, source, [{"id": 300_000 + r["id"], "text": r["text"]} for r in extra])
+    version_before = spark.sql(f"DESCRIBE HISTORY delta.`{cfg.sink.path}`").first()["version"]
+    with pytest.raises(CanaryError) as failure:
+        run(load_config(cfg_path, [f"model.name_or_path={random_model}"]), spark=spark)
+    version_after = spark.sql(f"DESCRIBE HISTORY delta.`{cfg.sink.path}`").first()["version"]
+    return {"cfg": cfg, "results": results, "failure": failure.value, "events": events,
+            "versions": (version_before, version_after)}
+
+
+def test_second_run_same_runtime_and_no_drift_on_a_random_split(runs):
+    first, split = runs["results"]["baseline"], runs["results"]["split"]
+    assert first.canary["verdict"] == "baseline" and first.drift_status == "no_reference"
+    assert split.rows_embedded == SPLIT
+    assert split.canary["verdict"] == "same_runtime"
+    assert min(c["min_cosine"] for c in split.canary["columns"]) >= 0.9999
+    assert split.drift_status == "ok", split.drift_summary
+    assert split.drift["reference_runs"] == [first.run_id]
+
+
+def test_shuffled_tokens_are_flagged(runs):
+    shuffled = runs["results"]["shuffled"]
+    assert shuffled.canary["verdict"] == "same_runtime"
+    assert shuffled.drift_status == "breach"
+    for name, stats in shuffled.drift["columns"].items():
+        assert stats["flags"], name
+        assert stats["mmd_p_value"] < 0.01, name
+
+
+def test_bf16_run_is_runtime_changed_and_proceeds(runs):
+    bf16 = runs["results"]["bf16"]
+    assert "bf16" in bf16.runtime
+    assert bf16.canary["verdict"] == "runtime_changed", bf16.canary_summary
+    assert 0.999 <= min(c["min_cosine"] for c in bf16.canary["columns"]) < 0.9999
+    assert bf16.rows_embedded == 50
+
+
+def test_another_model_fails_the_canary_and_writes_nothing(spark, runs):
+    message = str(runs["failure"])
+    assert "model or its weights changed" in message and "Nothing was written" in message
+    before, after = runs["versions"]
+    assert before == after
+    out = spark.read.format("delta").load(runs["cfg"].sink.path)
+    assert out.count() == 2 * SPLIT + 200 + 50
+
+
+def test_runs_table_records_lineage_and_the_failure(spark, runs):
+    from pipeline import lineage
+
+    cfg, results = runs["cfg"], runs["results"]
+    table = lineage.latest_runs(spark, lineage.runs_path(cfg.sink.path, None), limit=10)
+    by_id = {r.run_id: r for r in table.itertuples()}
+    for result in results.values():
+        row = by_id[result.run_id]
+        assert row.status == "succeeded" and row.lineage_run_id == result.lineage_run_id
+        assert json.loads(row.canary)["verdict"] == result.canary["verdict"]
+        assert row.drift_status == result.drift_status
+        assert json.loads(row.versions)["embed-pipeline-git"] != ""
+    failed = table[table["status"] == "failed"]
+    assert len(failed) == 1 and failed["error"].iloc[0].startswith("CanaryError: canary:")
+
+
+def test_openlineage_events_are_valid(runs):
+    from openlineage.client.uuid import generate_new_uuid  # noqa: F401  (client installed)
+
+    events = [json.loads(line) for line in runs["events"].read_text().splitlines()]
+    assert [e["eventType"] for e in events] == ["START", "COMPLETE"] * 4 + ["START", "FAIL"]
+    results = list(runs["results"].values())
+    for i, event in enumerate(events):
+        assert {"eventTime", "producer", "schemaURL", "run", "job", "inputs", "outputs"} \
+            <= event.keys()
+        uuid.UUID(event["run"]["runId"])
+        assert event["job"] == {**event["job"], "namespace": "embed", "name": "embed.emb"}
+        assert event["inputs"][0]["namespace"] == "file"
+        assert event["outputs"][0]["name"] == runs["cfg"].sink.path
+        facet = event["run"]["facets"]["embedding"]
+        assert facet["_schemaURL"].startswith("https://") and facet["_producer"]
+        assert [o["dim"] for o in facet["outputs"]] == [384, 64]
+        if event["eventType"] == "COMPLETE":
+            result = results[i // 2]
+            assert event["run"]["runId"] == result.lineage_run_id
+            assert facet["embedRunId"] == result.run_id and facet["runtime"] == result.runtime
+            out = event["outputs"][0]["facets"]
+            assert out["outputStatistics"]["rowCount"] == result.rows_embedded
+            assert {f["name"] for f in out["schema"]["fields"]} >= {"id", "emb_384", "emb_64"}
+            assert event["inputs"][0]["facets"]["version"]["datasetVersion"] == str(
+                result.source_version)
+    assert "model or its weights changed" in events[-1]["run"]["facets"]["errorMessage"][
+        "message"]
+
+
+def test_drift_command_prints_and_writes_a_report(runs, tmp_path):
+    from pipeline.cli import main
+
+    cfg, shuffled = runs["cfg"], runs["results"]["shuffled"]
+    out = tmp_path / "report.html"
+    result = CliRunner().invoke(main, ["drift", "--table", cfg.sink.path, "--run",
+                                       shuffled.run_id, "--out", str(out), "--fail-on-breach"])
+    assert result.exit_code == 9, result.output
+    assert "breach" in result.output and "emb_384" in result.output
+    html = out.read_text()
+    assert html.count("data:image/png;base64,") == 3 * 2  # 3 plots x 2 columns
+    assert shuffled.run_id in html
+    ok = CliRunner().invoke(main, ["drift", "--table", cfg.sink.path, "--run",
+                                   runs["results"]["split"].run_id, "--out", str(out),
+                                   "--fail-on-breach"])
+    assert ok.exit_code == 0, ok.output
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_statistics_flag_a_shift_and_not_a_same_distribution_sample():
+    from pipeline.config import DistributionConfig
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(2, 800, 64))
+    same = drift.column_drift(x, y, DistributionConfig())
+    assert same["flags"] == [] and same["mmd_p_value"] > 0.05
+    y[:, :16] += 0.4
+    shifted = drift.column_drift(x, y, DistributionConfig())
+    assert shifted["mmd_p_value"] < 0.01 and 0.2 <= shifted["drifted_share"] <= 0.3
+    assert len(shifted["flags"]) == 3
+
+
+def test_ks_pvalues_equal_scipy_with_ties():
+    from scipy import stats
+
+    rng = np.random.default_rng(1)
+    x, y = np.round(rng.normal(size=(300, 8)) * 2), np.round(rng.normal(size=(200, 8)) * 2)
+    expected = stats.ks_2samp(x, y, axis=0, method="asymp").pvalue
+    assert np.allclose(drift.ks_pvalues(x, y), expected, atol=1e-12)
+
+
+def test_canary_set_is_varied():
+    texts = drift.canary_texts()
+    assert 200 <= len(texts) <= 400 and len(set(texts)) == len(texts)
+    lengths = sorted(len(t.split()) for t in texts)
+    assert lengths[0] <= 2 and lengths[-1] >= 300
+
+
+def test_dag_drift_task_fails_on_a_breach_only(spark, runs, tmp_path):
+    from pipeline.dag_tasks import check_drift
+    from pipeline.errors import DriftBreach
+
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(json.dumps(runs["cfg"].to_dict()))  # JSON is YAML
+    ok = check_drift(str(cfg_path), runs["results"]["split"].run_id, spark=spark)
+    assert ok["status"] == "ok" and ok["canary"] == "same_runtime" and ok["flags"] == []
+    shuffled = runs["results"]["shuffled"].run_id
+    with pytest.raises(DriftBreach, match=f"run {shuffled} drifted: emb_384: "):
+        check_drift(str(cfg_path), shuffled, spark=spark)
+    assert check_drift(str(cfg_path), shuffled, fail_on_breach=False, spark=spark)["flags"]
