@@ -253,6 +253,11 @@ def _run_stages(cfg, spark, info, model_fp, run_id, now, stages, progress, sourc
         blind = bool(txn) and cfg.sink.mode != "overwrite" and (
             existing is None or rows_todo == 0
             or todo.join(existing.select("id"), "id", "left_semi").limit(1).count() == 0)
+        if blind and existing is not None:
+            # Cut the plan's read of the output table (the anti-join): a write whose
+            # data reads its target is no blind append to Delta, and two partitions
+            # appending at once would conflict. The rows to embed are fixed here.
+            todo = todo.localCheckpoint(eager=True)
         deleted_ids = None
         if existing is not None and cfg.sink.deletes == "delete" and not source_filter:
             deleted_ids = existing.select("id").join(valid.select("id"), "id", "left_anti")

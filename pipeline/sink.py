@@ -195,7 +195,13 @@ def write(spark, df, path: str, mode: str, run_id: str,
         writer = df.write.format("delta").mode("append").option("userMetadata", run_id)
         if txn:
             writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])
-        writer.save(path)
+        try:
+            writer.save(path)
+        except Exception as exc:
+            conflict = _concurrent(exc, path)
+            if conflict:
+                raise conflict from None
+            raise
         return last_commit(spark, path, run_id)
     try:
         with _MERGE_LOCK, _session_conf(spark, _commit_conf(run_id, txn)):

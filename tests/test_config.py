@@ -116,3 +116,36 @@ def test_missing_source_and_model_are_one_line_errors_before_spark(tmp_path):
                                 model={"name_or_path": name}))
         with pytest.raises(ModelError, match=pattern):
             preflight(cfg)
+
+
+@pytest.mark.parametrize(("section", "pattern"), [
+    ({"drift": {"canary": {"min_cosine": 0.99999}}},
+     r"drift\.canary\.min_cosine.*<= drift\.canary\.same_runtime"),
+    ({"drift": {"canary": {"same_runtime": 1.5}}}, r"drift\.canary\.same_runtime.*between 0"),
+    ({"drift": {"distribution": {"permutations": 50, "mmd_alpha": 0.001}}},
+     r"drift\.distribution\.permutations.*at least 1000"),
+    ({"drift": {"distribution": {"on_breach": "stop"}}}, r"on_breach.*warn, fail"),
+    ({"drift": {"canary": {"texts": "nope.txt"}}}, r"drift\.canary\.texts.*not found"),
+    ({"lineage": {"transport": "file"}}, r"lineage\.path.*file transport"),
+    ({"lineage": {"transport": "http"}}, r"lineage\.url.*Marquez"),
+    ({"lineage": {"transport": "kafka"}}, r"lineage\.transport.*none, console, file, http"),
+])
+def test_drift_and_lineage_validation(section, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        parse_config(_cfg(**section))
+
+
+def test_drift_and_lineage_paths_resolve_against_the_config(tmp_path):
+    (tmp_path / "canary.txt").write_text("one\ntwo\n")
+    (tmp_path / "c.yaml").write_text(
+        "source: {path: src}\noutputs: [{name: e, dim: 8}]\nsink: {path: out}\n"
+        "drift: {canary: {texts: canary.txt}}\n"
+        "lineage: {transport: file, path: ol/events.jsonl}\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.drift.canary.texts == str(tmp_path / "canary.txt")
+    assert cfg.lineage.path == str(tmp_path / "ol" / "events.jsonl")
+    from pipeline.drift import canary_table, canary_texts, drift_table
+
+    assert canary_texts(cfg.drift.canary.texts) == ["one", "two"]
+    assert drift_table(cfg) == str(tmp_path / "_embedding_drift")
+    assert canary_table(cfg) == str(tmp_path / "_embedding_canary")

@@ -165,6 +165,9 @@ def test_backfill_dry_run_and_parallel_partitions(spark, tmp_path, demo_rows):
     assert [r.canary["verdict"] if r.canary else None for r in results] == [
         "baseline", None, None]
     assert results[0].drift_status == "no_reference"
+    # partitions after the first (table existing) are still blind appends: no conflicts
+    writes = spark.sql(f"DESCRIBE HISTORY delta.`{out}`").filter("operation = 'WRITE'").collect()
+    assert len(writes) == 3 and all(w["isBlindAppend"] for w in writes)
     assert all(p.committed for p in backfill.plan(spark, cfg, fp, "2024-02", "2024-04"))
     assert spark.read.format("delta").load(out).count() == 45
 

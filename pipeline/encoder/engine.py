@@ -266,8 +266,12 @@ class Encoder:
         """One padded batch -> {(layer, pooling): pooled [B, H] float32 (numpy)}."""
         torch = self._torch
         device = self.runtime.device
-        input_ids = torch.from_numpy(ids).to(device, non_blocking=True)
-        attn = torch.from_numpy(mask).to(device, non_blocking=True)
+        host_ids, host_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+        if str(device).startswith("cuda"):
+            # page-locked host memory: the copies run asynchronously on the stream
+            host_ids, host_mask = host_ids.pin_memory(), host_mask.pin_memory()
+        input_ids = host_ids.to(device, non_blocking=True)
+        attn = host_mask.to(device, non_blocking=True)
         kwargs = {}
         if self.left_pad:
             # Left padding shifts real tokens right: positions must come from the
