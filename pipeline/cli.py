@@ -201,7 +201,8 @@ def runs_cmd(table_path: str, runs_path: str | None, limit: int) -> None:
     for r in runs.itertuples():
         versions = json.loads(r.versions) if r.versions else {}
         source_ref = (f"v{int(r.source_version)}" if r.source_version == r.source_version
-                      and r.source_version is not None else (r.source_files_hash or "")[:12])
+                      and r.source_version is not None
+                      else (getattr(r, "source_files_hash", None) or "")[:12])
         canary = json.loads(r.canary) if getattr(r, "canary", None) else {}
         out.add_row(r.run_id, r.status, str(r.started_at), r.partition or "",
                     *(("" if v != v or v is None else f"{int(v):,}") for v in (
@@ -209,7 +210,8 @@ def runs_cmd(table_path: str, runs_path: str | None, limit: int) -> None:
                         r.output_version)), source_ref,
                     f"{r.model} {(r.model_fingerprint or '')[:12]}", r.runtime or "",
                     str(versions.get("embed-pipeline-git", "-"))[:12],
-                    canary.get("verdict", ""), r.drift_status or "", (r.error or "")[:80])
+                    canary.get("verdict", ""), getattr(r, "drift_status", None) or "",
+                    (r.error or "")[:80])
     _console().print(out)
 
 
