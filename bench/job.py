@@ -65,7 +65,8 @@ def main() -> None:
         cores = os.cpu_count() or 1
 
         cfg = load_config(ROOT / "conf" / "demo.yaml", [
-            f"source.path={work / 'source'}", f"sink.path={work / 'out'}", *args.overrides])
+            f"source.path={work / 'source'}", f"sink.path={work / 'out'}",
+            f"lineage.path={work / 'openlineage.jsonl'}", *args.overrides])
         spark = get_session(cfg.spark)
         from pipeline.demo import write_demo_table
 
