@@ -241,18 +241,11 @@ def drift_cmd(table_path: str, run_id: str | None, drift_path: str | None, out: 
         _fail(SourceError(f"no drift table at {path} (runs record it once they have embedded "
                           "rows; --drift-path names another)"))
     spark = get_session(SparkConfig(app_name="embed-drift"))
-    target = out
-    if target is None:
-        target = Path(table_path).parent / "_drift_reports" / f"{run_id or 'latest'}.html"
-    rows, written = write_report(spark, table_path, path, run_id, target, sample=sample)
+    rows, written = write_report(spark, table_path, path, run_id, out, sample=sample)
     if written is None:
         _fail(SourceError(f"no drift results for {table_path}"
                           + (f" run {run_id}" if run_id else "")))
     run = rows["run_id"].iloc[0]
-    if out is None and not run_id:  # name the file after the run it shows
-        final = written.with_name(f"{run}.html")
-        written.replace(final)
-        written = final
     status = rows["status"].iloc[0]
     table = Table(title=f"drift of run {run}: {status}")
     for col in ("column", "canary", "canary min cos", "centroid dist", "MMD p",

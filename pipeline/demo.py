@@ -66,3 +66,35 @@ def write_demo_table(spark, path: str, limit: int | None = None, repeat: int = 1
      .coalesce(1).write.format("delta").mode("overwrite").option("overwriteSchema", "true")
      .save(path))
     return len(frame)
+
+
+def shuffled_words(rows: list[dict], id_offset: int) -> list[dict]:
+    """The same texts with their words in a seeded random order, under new ids: the
+    data-drift injection of the drift tests and bench/drift.py."""
+    import random
+
+    out = []
+    for r in rows:
+        words = r["text"].split()
+        random.Random(r["id"]).shuffle(words)
+        out.append({"id": id_offset + r["id"], "text": " ".join(words)})
+    return out
+
+
+def random_weights_model(model_dir, dest, seed: int = 0) -> str:
+    """A copy of a BERT-family model directory (tokenizer, config, pooling files) with
+    random weights of the same shape: 'another model' for the canary."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    model_dir, dest = Path(model_dir), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in model_dir.iterdir():
+        if item.name != "model.safetensors":
+            (shutil.copytree if item.is_dir() else shutil.copy)(item, dest / item.name)
+    torch.manual_seed(seed)
+    AutoModel.from_config(AutoConfig.from_pretrained(model_dir)).save_pretrained(dest)
+    return str(dest)

@@ -204,12 +204,14 @@ def store_canary(spark, path: str, output_path: str, run_id: str, model_fp: str,
 def load_canary(spark, path: str, output_path: str, run_id: str):
     """(text hashes, {column: [N, dim]}, runtime, fingerprint) stored by ``run_id``,
     or None."""
+    from pyspark.sql import functions as F
+
     from pipeline.sink import is_delta_table
 
     if not is_delta_table(path):
         return None
     pdf = (spark.read.format("delta").load(path)
-           .filter(f"output_path = '{_sql(output_path)}' AND run_id = '{_sql(run_id)}'")
+           .filter((F.col("output_path") == output_path) & (F.col("run_id") == run_id))
            .toPandas())
     if pdf.empty:
         return None
@@ -219,10 +221,6 @@ def load_canary(spark, path: str, output_path: str, run_id: str):
     first = pdf[pdf["column"] == pdf["column"].iloc[0]]
     return (first["text_hash"].tolist(), vectors, str(pdf["runtime"].iloc[0]),
             str(pdf["model_fingerprint"].iloc[0]))
-
-
-def _sql(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def run_canary(spark, cfg: RunConfig, threads: int, baseline_run: str | None, run_id: str,
@@ -489,8 +487,6 @@ def record(spark, cfg: RunConfig, run_id: str, version: int | None, result: Drif
                    canary_min_cosine=parity.min_cosine if parity else None,
                    canary_max_abs_diff=parity.max_abs_diff if parity else None,
                    computed_at=now)
-        for key in ("n_current", "n_reference"):
-            row[key] = int(row[key]) if row[key] is not None else None
         rows.append(row)
     (spark.createDataFrame(rows, schema).coalesce(1).write.format("delta").mode("append")
      .option("userMetadata", run_id).save(drift_table(cfg)))

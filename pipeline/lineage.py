@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import platform
 import subprocess
 from datetime import UTC, datetime
@@ -164,8 +165,6 @@ class Emitter:
             transport.update(log_file_path=lin.path, append=True)
         elif lin.transport == "http":
             transport.update(url=lin.url, endpoint=lin.endpoint)
-            import os
-
             if lin.api_key_env and os.environ.get(lin.api_key_env):
                 transport["auth"] = {"type": "api_key", "apiKey": os.environ[lin.api_key_env]}
         self.client = OpenLineageClient(config={"transport": transport})

@@ -79,9 +79,10 @@ def _fmt(value) -> str:
     return html.escape(str(value))
 
 
-def write_report(spark, table_path: str, drift_path: str, run_id: str | None, out: Path,
-                 sample: int = 2000, seed: int = 0):
-    """Build the HTML report of one run's drift; returns (drift rows as pandas, path)."""
+def write_report(spark, table_path: str, drift_path: str, run_id: str | None,
+                 out: Path | None = None, sample: int = 2000, seed: int = 0):
+    """Build the HTML report of one run's drift (default: the latest run; file:
+    <table parent>/_drift_reports/<run>.html); returns (drift rows as pandas, path)."""
     from pipeline.outputs import Calibration
     from pipeline.sink import read_identity
 
@@ -89,6 +90,7 @@ def write_report(spark, table_path: str, drift_path: str, run_id: str | None, ou
     if rows.empty:
         return rows, None
     run_id = rows["run_id"].iloc[0]
+    out = out or Path(table_path).parent / "_drift_reports" / f"{run_id}.html"
     refs = json.loads(rows["reference_runs"].iloc[0] or "[]")
     version = rows["output_version"].iloc[0]
     version = None if version != version else int(version)

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-from pipeline import lineage, sink, source
+from pipeline import drift, lineage, sink, source
 from pipeline.config import RunConfig
 from pipeline.encoder.engine import validate_outputs
 from pipeline.encoder.model import fingerprint, inspect_model
@@ -55,21 +55,31 @@ class RunResult:
     stage_seconds: dict = field(default_factory=dict)
     lineage_run_id: str = ""
     source_files_hash: str | None = None
-    canary: dict | None = None  # drift.CanaryResult as a dict; None: canary off
-    drift: dict | None = None  # drift.DriftResult as a dict
-    canary_summary: str = "-"
-    drift_status: str = "disabled"
-    drift_summary: str = "-"
+    canary: drift.CanaryResult | None = None  # None: canary off
+    drift: drift.DriftResult | None = None
     schemas: dict = field(default_factory=dict, repr=False)  # for lineage events
 
     @property
     def texts_per_second(self) -> float:
         return self.rows_embedded / self.seconds if self.seconds else 0.0
 
+    @property
+    def canary_summary(self) -> str:
+        return self.canary.summary() if self.canary else "off"
+
+    @property
+    def drift_status(self) -> str:
+        return self.drift.status if self.drift else "disabled"
+
+    @property
+    def drift_summary(self) -> str:
+        return self.drift.summary() if self.drift else "disabled"
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("schemas")
-        d["texts_per_second"] = self.texts_per_second
+        d.update(texts_per_second=self.texts_per_second, canary_summary=self.canary_summary,
+                 drift_status=self.drift_status, drift_summary=self.drift_summary)
         return d
 
 
@@ -173,8 +183,9 @@ def run(cfg: RunConfig, spark=None, progress=None, source_filter: str | None = N
         runtime=result.runtime, rows_read=result.rows_read, rows_embedded=result.rows_embedded,
         rows_quarantined=result.rows_quarantined, rows_skipped=result.rows_skipped,
         rows_deleted=result.rows_deleted, seconds=result.seconds, stage_seconds=stages,
-        source_files_hash=result.source_files_hash, canary=result.canary,
-        drift_status=result.drift_status, drift=result.drift, **base)
+        source_files_hash=result.source_files_hash,
+        canary=result.canary.to_dict() if result.canary else None,
+        drift_status=result.drift_status, drift=result.drift.to_dict(), **base)
     emitter.emit("COMPLETE", info=info, model_fp=model_fp, embed_run_id=run_id, result=result,
                  schemas=result.schemas, nominal_time=nominal)
     return result
@@ -200,8 +211,8 @@ def _run_stages(cfg, spark, info, model_fp, run_id, now, stages, progress, sourc
                 runs_table):
     from pyspark.sql import functions as F
 
-    from pipeline import drift, udf
     from pipeline import spark as spark_setup
+    from pipeline import udf
 
     out_path = cfg.sink.path
     identity = sink.table_identity(cfg, info.name, model_fp)
@@ -212,17 +223,22 @@ def _run_stages(cfg, spark, info, model_fp, run_id, now, stages, progress, sourc
     warm = udf.warm_workers(spark, cfg, threads)
     # The canary runs on the executors while the driver reads the source; its
     # verdict is awaited before anything is written.
-    rebaseline = stored is None or (cfg.sink.mode == "overwrite"
-                                    and not sink.same_identity(stored, identity))
+    changed = stored is not None and not sink.same_identity(stored, identity)
+    rebaseline = stored is None or (cfg.sink.mode == "overwrite" and changed)
+    baseline_run = (stored or {}).get("canary_run")
+    # Another model on a table with a canary: the canary says what changed.
+    ask_canary = (cfg.drift.canary.enabled and cfg.sink.mode != "overwrite" and changed
+                  and bool(baseline_run))
+    if cfg.sink.mode != "overwrite" and not ask_canary:
+        sink.check_compatible(stored, identity, out_path)
     canary = None
     if cfg.drift.canary.enabled:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-canary")
-        canary = pool.submit(drift.run_canary, spark, cfg, threads,
-                             (stored or {}).get("canary_run"), run_id, model_fp, rebaseline)
+        canary = pool.submit(drift.run_canary, spark, cfg, threads, baseline_run, run_id,
+                             model_fp, rebaseline)
         pool.shutdown(wait=False)
-    if cfg.sink.mode != "overwrite":
-        if canary is not None and stored and not sink.same_identity(stored, identity):
-            canary.result()  # a changed model: let the canary say what changed
+    if ask_canary:
+        canary.result()  # raises CanaryError when the vectors moved
         sink.check_compatible(stored, identity, out_path)
 
     # -- source: read once, tag every row, keep the tagged snapshot for all passes
@@ -346,10 +362,7 @@ def _run_stages(cfg, spark, info, model_fp, run_id, now, stages, progress, sourc
         seconds=0.0, encode_seconds=s["encode_seconds"],
         padding_efficiency=(s["tokens"] / s["padded_tokens"]) if s["padded_tokens"] else 1.0,
         tokens=s["tokens"], stage_seconds=stages, source_files_hash=files_hash,
-        canary=canary_result.to_dict() if canary_result else None,
-        canary_summary=canary_result.summary() if canary_result else "off",
-        drift=drift_result.to_dict(), drift_status=drift_result.status,
-        drift_summary=drift_result.summary(), schemas=schemas)
+        canary=canary_result, drift=drift_result, schemas=schemas)
 
 
 def measure_drift(spark, cfg, run_id, version, rows_embedded, runs_table, calibration,
@@ -359,8 +372,6 @@ def measure_drift(spark, cfg, run_id, version, rows_embedded, runs_table, calibr
     The rows are committed already: a failure here is reported (status
     ``error``) and never turns a landed run into a failed one.
     """
-    from pipeline import drift
-
     if not cfg.drift.distribution.enabled:
         result = drift.DriftResult(status="disabled")
     elif not rows_embedded:

@@ -180,6 +180,18 @@ def _concurrent(exc: Exception, path: str) -> ConcurrentRunError | None:
     return None
 
 
+@contextlib.contextmanager
+def _conflicts_reported(path: str):
+    """Delta's concurrent-commit exceptions -> one ConcurrentRunError line."""
+    try:
+        yield
+    except Exception as exc:
+        conflict = _concurrent(exc, path)
+        if conflict:
+            raise conflict from None
+        raise
+
+
 def write(spark, df, path: str, mode: str, run_id: str,
           txn: tuple[str, int] | None = None, blind: bool = False) -> Commit:
     """ONE Delta commit tagged with the run id (and, for backfills, a txn app id/version).
@@ -195,34 +207,23 @@ def write(spark, df, path: str, mode: str, run_id: str,
         writer = df.write.format("delta").mode("append").option("userMetadata", run_id)
         if txn:
             writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])
-        try:
+        with _conflicts_reported(path):
             writer.save(path)
-        except Exception as exc:
-            conflict = _concurrent(exc, path)
-            if conflict:
-                raise conflict from None
-            raise
         return last_commit(spark, path, run_id)
-    try:
-        with _MERGE_LOCK, _session_conf(spark, _commit_conf(run_id, txn)):
-            if mode == "overwrite":
-                df.write.format("delta").mode("overwrite").option("overwriteSchema", "true") \
-                    .save(path)
-            else:
-                # The source holds a Python UDF: materialise it so MERGE's passes over
-                # the source never encode a row twice.
-                spark.conf.set("spark.databricks.delta.merge.materializeSource", "all")
-                on = "t.id = s.id" if mode == "incremental" else \
-                    "t.id = s.id AND t.content_hash = s.content_hash"
-                merge = DeltaTable.forPath(spark, path).alias("t").merge(df.alias("s"), on)
-                if mode == "incremental":
-                    merge = merge.whenMatchedUpdateAll()
-                merge.whenNotMatchedInsertAll().execute()
-    except Exception as exc:
-        conflict = _concurrent(exc, path)
-        if conflict:
-            raise conflict from None
-        raise
+    with _conflicts_reported(path), _MERGE_LOCK, _session_conf(spark, _commit_conf(run_id, txn)):
+        if mode == "overwrite":
+            df.write.format("delta").mode("overwrite").option("overwriteSchema", "true") \
+                .save(path)
+        else:
+            # The source holds a Python UDF: materialise it so MERGE's passes over
+            # the source never encode a row twice.
+            spark.conf.set("spark.databricks.delta.merge.materializeSource", "all")
+            on = "t.id = s.id" if mode == "incremental" else \
+                "t.id = s.id AND t.content_hash = s.content_hash"
+            merge = DeltaTable.forPath(spark, path).alias("t").merge(df.alias("s"), on)
+            if mode == "incremental":
+                merge = merge.whenMatchedUpdateAll()
+            merge.whenNotMatchedInsertAll().execute()
     return last_commit(spark, path, run_id)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import uuid
 
 import numpy as np
@@ -30,36 +29,19 @@ def _append(spark, path: str, rows: list[dict], mode: str = "append") -> None:
         .mode(mode).save(path)
 
 
-def _shuffled(rows: list[dict], offset: int) -> list[dict]:
-    """Same words, random order: the data-drift injection."""
-    out = []
-    for r in rows:
-        words = r["text"].split()
-        random.Random(r["id"]).shuffle(words)
-        out.append({"id": offset + r["id"], "text": " ".join(words)})
-    return out
-
-
 @pytest.fixture(scope="module")
 def random_model(model_dir, tmp_path_factory):
     """MiniLM's shape, tokenizer and files with random weights: another model."""
-    import torch
-    from transformers import AutoConfig, BertModel
+    from pipeline.demo import random_weights_model
 
-    path = tmp_path_factory.mktemp("random-minilm")
-    for item in model_dir.iterdir():
-        if item.name != "model.safetensors":
-            (shutil.copytree if item.is_dir() else shutil.copy)(item, path / item.name)
-    torch.manual_seed(0)
-    BertModel(AutoConfig.from_pretrained(model_dir)).save_pretrained(path)
-    return str(path)
+    return random_weights_model(model_dir, tmp_path_factory.mktemp("random-minilm"))
 
 
 @pytest.fixture(scope="module")
 def runs(spark, tmp_path_factory, random_model):
     """Five runs on one table: A, + B (same data), + shuffled tokens, + rows in bf16,
     then a different model. Returns the config, results and the failure."""
-    from pipeline.demo import demo_rows
+    from pipeline.demo import demo_rows, shuffled_words
 
     tmp = tmp_path_factory.mktemp("drift")
     rows = demo_rows(2 * SPLIT + 50)
@@ -76,7 +58,7 @@ def runs(spark, tmp_path_factory, random_model):
     results = {"baseline": run(cfg, spark=spark)}
     _append(spark, source, b)
     results["split"] = run(cfg, spark=spark)
-    _append(spark, source, _shuffled(rows[:200], offset=100_000))
+    _append(spark, source, shuffled_words(rows[:200], id_offset=100_000))
     results["shuffled"] = run(cfg, spark=spark)
     _append(spark, source, [{**r, "id": 200_000 + r["id"]} for r in extra])
     results["bf16"] = run(load_config(cfg_path, ["model.precision=bf16"]), spark=spark)
@@ -91,19 +73,19 @@ def runs(spark, tmp_path_factory, random_model):
 
 def test_second_run_same_runtime_and_no_drift_on_a_random_split(runs):
     first, split = runs["results"]["baseline"], runs["results"]["split"]
-    assert first.canary["verdict"] == "baseline" and first.drift_status == "no_reference"
+    assert first.canary.verdict == "baseline" and first.drift_status == "no_reference"
     assert split.rows_embedded == SPLIT
-    assert split.canary["verdict"] == "same_runtime"
-    assert min(c["min_cosine"] for c in split.canary["columns"]) >= 0.9999
+    assert split.canary.verdict == "same_runtime"
+    assert min(c.min_cosine for c in split.canary.columns) >= 0.9999
     assert split.drift_status == "ok", split.drift_summary
-    assert split.drift["reference_runs"] == [first.run_id]
+    assert split.drift.reference_runs == [first.run_id]
 
 
 def test_shuffled_tokens_are_flagged(runs):
     shuffled = runs["results"]["shuffled"]
-    assert shuffled.canary["verdict"] == "same_runtime"
+    assert shuffled.canary.verdict == "same_runtime"
     assert shuffled.drift_status == "breach"
-    for name, stats in shuffled.drift["columns"].items():
+    for name, stats in shuffled.drift.columns.items():
         assert stats["flags"], name
         assert stats["mmd_p_value"] < 0.01, name
 
@@ -111,8 +93,8 @@ def test_shuffled_tokens_are_flagged(runs):
 def test_bf16_run_is_runtime_changed_and_proceeds(runs):
     bf16 = runs["results"]["bf16"]
     assert "bf16" in bf16.runtime
-    assert bf16.canary["verdict"] == "runtime_changed", bf16.canary_summary
-    assert 0.999 <= min(c["min_cosine"] for c in bf16.canary["columns"]) < 0.9999
+    assert bf16.canary.verdict == "runtime_changed", bf16.canary_summary
+    assert 0.999 <= min(c.min_cosine for c in bf16.canary.columns) < 0.9999
     assert bf16.rows_embedded == 50
 
 
@@ -134,7 +116,7 @@ def test_runs_table_records_lineage_and_the_failure(spark, runs):
     for result in results.values():
         row = by_id[result.run_id]
         assert row.status == "succeeded" and row.lineage_run_id == result.lineage_run_id
-        assert json.loads(row.canary)["verdict"] == result.canary["verdict"]
+        assert json.loads(row.canary)["verdict"] == result.canary.verdict
         assert row.drift_status == result.drift_status
         assert json.loads(row.versions)["embed-pipeline-git"] != ""
     failed = table[table["status"] == "failed"]

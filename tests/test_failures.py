@@ -162,7 +162,7 @@ def test_backfill_dry_run_and_parallel_partitions(spark, tmp_path, demo_rows):
     results = backfill.run_backfill(spark, cfg, plans, parallelism=3)
     assert sorted(r.rows_embedded for r in results) == [15, 15, 15]
     # the canary runs once per backfill (first partition), distribution drift per partition
-    assert [r.canary["verdict"] if r.canary else None for r in results] == [
+    assert [r.canary.verdict if r.canary else None for r in results] == [
         "baseline", None, None]
     assert results[0].drift_status == "no_reference"
     # partitions after the first (table existing) are still blind appends: no conflicts
