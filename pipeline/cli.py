@@ -229,14 +229,14 @@ def drift_cmd(table_path: str, run_id: str | None, drift_path: str | None, out: 
     """Print a run's drift checks (canary + distribution) and write an HTML report."""
     from rich.table import Table
 
-    from pipeline import drift
+    from pipeline import lineage
     from pipeline.config import SparkConfig
     from pipeline.errors import DriftBreach, SourceError
     from pipeline.report import write_report
     from pipeline.spark import get_session
 
     table_path = str(Path(table_path).resolve())
-    path = drift.table_path(table_path, drift_path, "_embedding_drift")
+    path = lineage.sibling_table(table_path, drift_path, "_embedding_drift")
     if not Path(path).is_dir():
         _fail(SourceError(f"no drift table at {path} (runs record it once they have embedded "
                           "rows; --drift-path names another)"))

@@ -35,6 +35,7 @@ import numpy as np
 
 from pipeline.config import CanaryConfig, DistributionConfig, OutputSpec, RunConfig
 from pipeline.errors import CanaryError, ConfigError
+from pipeline.lineage import sibling_table
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +55,12 @@ DRIFT_SCHEMA = (
 VERDICTS = ("baseline", "same_runtime", "runtime_changed", "model_changed")
 
 
-def table_path(sink_path: str, configured: str | None, name: str) -> str:
-    return configured or str(Path(sink_path).parent / name)
-
-
 def canary_table(cfg: RunConfig) -> str:
-    return table_path(cfg.sink.path, cfg.drift.canary_path, "_embedding_canary")
+    return sibling_table(cfg.sink.path, cfg.drift.canary_path, "_embedding_canary")
 
 
 def drift_table(cfg: RunConfig) -> str:
-    return table_path(cfg.sink.path, cfg.drift.path, "_embedding_drift")
+    return sibling_table(cfg.sink.path, cfg.drift.path, "_embedding_drift")
 
 
 # --------------------------------------------------------------------------- canary

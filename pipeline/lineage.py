@@ -39,7 +39,12 @@ RUNS_SCHEMA = (
 
 
 def runs_path(sink_path: str, configured: str | None) -> str:
-    return configured or str(Path(sink_path).parent / "_embedding_runs")
+    return sibling_table(sink_path, configured, "_embedding_runs")
+
+
+def sibling_table(sink_path: str, configured: str | None, name: str) -> str:
+    """A bookkeeping table next to the output: the configured path, else <parent>/<name>."""
+    return configured or str(Path(sink_path).parent / name)
 
 
 def software_versions() -> dict[str, str]:
