@@ -15,6 +15,7 @@ import math
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
@@ -221,34 +222,36 @@ def _run_stages(cfg, spark, info, model_fp, run_id, now, stages, progress, sourc
         raise AlreadyCommitted(f"{txn[0]} v{txn[1]} is already committed to {out_path}")
     threads = spark_setup.torch_threads(spark, cfg.spark)
     warm = udf.warm_workers(spark, cfg, threads)
-    # The canary runs on the executors while the driver reads the source; its
-    # verdict is awaited before anything is written.
-    changed = stored is not None and not sink.same_identity(stored, identity)
-    rebaseline = stored is None or (cfg.sink.mode == "overwrite" and changed)
-    baseline_run = (stored or {}).get("canary_run")
-    # Another model on a table with a canary: the canary says what changed.
-    ask_canary = (cfg.drift.canary.enabled and cfg.sink.mode != "overwrite" and changed
-                  and bool(baseline_run))
-    if cfg.sink.mode != "overwrite" and not ask_canary:
-        sink.check_compatible(stored, identity, out_path)
-    canary = None
-    if cfg.drift.canary.enabled:
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-canary")
-        canary = pool.submit(drift.run_canary, spark, cfg, threads, baseline_run, run_id,
-                             model_fp, rebaseline)
-        pool.shutdown(wait=False)
-    if ask_canary:
-        canary.result()  # raises CanaryError when the vectors moved
-        sink.check_compatible(stored, identity, out_path)
-
-    # -- source: read once, tag every row, keep the tagged snapshot for all passes
-    t = time.perf_counter()
-    df, source_version = source.read_source(spark, cfg.source)
-    files_hash = source.files_hash(df) if source_version is None else None
-    if source_filter:
-        df = df.filter(source_filter)
-    tagged = source.tag_rows(df, cfg.source).persist()
+    canary = tagged = None
+    # One cleanup for every way out: a run that fails early (bad column) must not
+    # exit while its background Spark jobs (warm-up, canary) still run.
     try:
+        # The canary runs on the executors while the driver reads the source; its
+        # verdict is awaited before anything is written.
+        changed = stored is not None and not sink.same_identity(stored, identity)
+        rebaseline = stored is None or (cfg.sink.mode == "overwrite" and changed)
+        baseline_run = (stored or {}).get("canary_run")
+        # Another model on a table with a canary: the canary says what changed.
+        ask_canary = (cfg.drift.canary.enabled and cfg.sink.mode != "overwrite" and changed
+                      and bool(baseline_run))
+        if cfg.sink.mode != "overwrite" and not ask_canary:
+            sink.check_compatible(stored, identity, out_path)
+        if cfg.drift.canary.enabled:
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-canary")
+            canary = pool.submit(drift.run_canary, spark, cfg, threads, baseline_run, run_id,
+                                 model_fp, rebaseline)
+            pool.shutdown(wait=False)
+        if ask_canary:
+            canary.result()  # raises CanaryError when the vectors moved
+            sink.check_compatible(stored, identity, out_path)
+
+        # -- source: read once, tag every row, keep the tagged snapshot for all passes
+        t = time.perf_counter()
+        df, source_version = source.read_source(spark, cfg.source)
+        files_hash = source.files_hash(df) if source_version is None else None
+        if source_filter:
+            df = df.filter(source_filter)
+        tagged = source.tag_rows(df, cfg.source).persist()
         rows_read = tagged.count()
         valid = tagged.filter(F.col("reason").isNull()).select("id", "text", "content_hash")
         quarantined = tagged.filter(F.col("reason").isNotNull())
@@ -337,10 +340,11 @@ def _run_stages(cfg, spark, info, model_fp, run_id, now, stages, progress, sourc
                    "output": [(f.name, f.dataType.simpleString())
                               for f in encoded.schema.fields]}
     finally:
-        tagged.unpersist()
+        if tagged is not None:
+            tagged.unpersist()
         warm.join()
-        if canary is not None and not canary.done():
-            canary.cancel()
+        if canary is not None:
+            futures_wait([canary])
 
     rows_embedded = commit.rows_written if commit else 0
     if rows_read != rows_embedded + rows_quarantined + rows_skipped:
