@@ -29,7 +29,7 @@ from pipeline.errors import ConfigError
 SOURCE_FORMATS = ("delta", "parquet", "csv", "json")
 POOLINGS = ("mean", "cls", "last_token")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
-ATTENTIONS = ("auto", "flash", "sdpa", "eager")
+ATTENTIONS = ("auto", "flash", "varlen", "sdpa", "eager")
 DEVICES = ("auto", "cpu", "cuda")
 OUTPUT_DTYPES = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 CALIBRATED_DTYPES = ("int8", "uint8")

@@ -65,24 +65,6 @@ def output_schema(id_type, outputs: tuple[OutputSpec, ...], raw: bool = False):
     return StructType(fields)
 
 
-def _prefetched(batches: Iterator[pa.RecordBatch], encoder):
-    """Yield (batch, prepared batch) with the NEXT batch tokenized in a thread while
-    the caller runs the model on the current one (overlap of CPU and model work)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    batches = iter(batches)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as pool:
-        current = next(batches, None)
-        future = pool.submit(encoder.prepare, current.column("text")) if current else None
-        while current is not None:
-            following = next(batches, None)
-            prepared = future.result()
-            if following is not None:
-                future = pool.submit(encoder.prepare, following.column("text"))
-            yield current, prepared
-            current = following
-
-
 def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], torch_threads: int,
                    stats_acc=None, calibration: Calibration | None = None, raw: bool = False):
     """The function given to ``mapInArrow``; it closes over plain, picklable config.
@@ -99,7 +81,7 @@ def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], torc
             torch.set_num_threads(torch_threads)
         encoder = get_encoder(model_cfg, outputs, task_gpu(), calibration)
         before = dataclasses.replace(encoder.stats)  # the encoder counts; report this task's share
-        for batch, prepared in _prefetched(batches, encoder):
+        for batch, prepared in encoder.prefetched(batches, lambda b: b.column("text")):
             if raw:
                 floats, result = encoder.encode_float(prepared)
                 columns = {s.name: to_arrow(floats[s.name], s) for s in raw_specs}

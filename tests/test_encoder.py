@@ -13,6 +13,7 @@ from pipeline.config import ModelConfig, OutputSpec
 from pipeline.encoder import Encoder
 from pipeline.encoder.batching import pad_batch, padding_efficiency, plan_batches
 from pipeline.encoder.model import pool
+from pipeline.encoder.varlen import pack_batch
 from tests.conftest import cosine_rows
 
 OUTPUTS = (OutputSpec(name="emb_384", dim=384), OutputSpec(name="emb_128", dim=128),
@@ -41,8 +42,9 @@ def test_parity_with_sentence_transformers_every_column(encoder, demo_rows, st_r
         cos = cosine_rows(ours, ref)
         assert cos.min() >= 0.9999, (spec.name, cos.min())
         np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
-    assert encoder.runtime.attention in ("sdpa", "eager")
-    assert 0.5 < result.padding_efficiency <= 1.0
+    # auto on a CPU: the packed varlen path, which no linear layer pads
+    assert encoder.runtime.attention == "varlen" and encoder.packed
+    assert result.padding_efficiency == 1.0
 
 
 def test_rows_come_back_in_caller_order(encoder, demo_rows):
@@ -63,6 +65,7 @@ def test_empty_batch_and_null_text(encoder):
 # (config key, value, rows, min cosine vs sentence-transformers fp32): every attention
 # backend that runs here at the fp32 threshold, the half precisions at theirs.
 PARITY_CASES = [("attention", "eager", 64, 0.9999), ("attention", "sdpa", 64, 0.9999),
+                ("attention", "varlen", 64, 0.9999),
                 ("precision", "bf16", 32, 0.999), ("precision", "fp16", 32, 0.999)]
 
 
@@ -106,6 +109,32 @@ def test_pad_batch_left_and_right(rows):
             assert pads == [0] * (ids.shape[1] - len(rows[src]))
 
 
+@given(st.lists(st.lists(st.integers(1, 999), min_size=1, max_size=12), min_size=1, max_size=20),
+       st.randoms(use_true_random=False))
+def test_pack_batch_concatenates_rows_with_restarting_positions(rows, rnd):
+    lengths = np.array([len(r) for r in rows])
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    flat = np.array([t for r in rows for t in r])
+    idx = np.array(rnd.sample(range(len(rows)), k=rnd.randint(1, len(rows))))
+    ids, positions, cu = pack_batch(flat, offsets, lengths, idx)
+    assert cu[0] == 0 and cu[-1] == len(ids) == lengths[idx].sum()
+    for j, src in enumerate(idx):
+        assert ids[cu[j]:cu[j + 1]].tolist() == rows[src]
+        assert positions[cu[j]:cu[j + 1]].tolist() == list(range(len(rows[src])))
+
+
+def test_fast_tokenize_gives_the_wrappers_ids_and_keeps_truncating(encoder, demo_rows):
+    texts = [r["text"] for r in demo_rows[:200]] + ["word " * 2000, "", "ünï 🙂"]
+    flat, offsets, lengths = encoder.tokenize(texts)
+    ref = encoder.tokenizer(texts, truncation=True, max_length=encoder.cfg.max_length)
+    assert [flat[o:o + n].tolist() for o, n in zip(offsets, lengths, strict=True)] == \
+        ref["input_ids"]
+    # the wrapper, called untruncated in between (as long-text chunking does),
+    # re-sets the shared backend: the next tokenize still truncates
+    encoder.tokenizer(texts[-3:], truncation=False)
+    assert encoder.tokenize(texts[-3:])[2][0] == encoder.cfg.max_length
+
+
 def test_last_token_pooling_left_and_right_padding_agree():
     torch.manual_seed(0)
     lengths = [5, 2, 7]
@@ -130,15 +159,13 @@ def test_last_token_pooling_left_and_right_padding_agree():
 
 
 def test_prefetch_overlaps_tokenizing_and_keeps_batch_order(encoder, demo_rows):
-    from pipeline.udf import _prefetched
-
     texts = [r["text"] for r in demo_rows[:30]]
     batches = [pa.RecordBatch.from_arrays([pa.array(texts[i:i + 10])], names=["text"])
                for i in range(0, 30, 10)]
     seen = []
-    for batch, prepared in _prefetched(batches, encoder):
+    for batch, prepared in encoder.prefetched(batches, lambda b: b.column("text")):
         assert prepared.n_rows == batch.num_rows
         seen.append(_matrix(encoder.encode(prepared).columns["emb_64"]))
     direct = _matrix(encoder.encode(texts).columns["emb_64"])
     assert cosine_rows(np.concatenate(seen), direct).min() >= 0.9999
-    assert list(_prefetched(iter([]), encoder)) == []
+    assert list(encoder.prefetched(iter([]))) == []

@@ -180,6 +180,49 @@ def test_last_token_pooling_same_for_left_and_right_padding(tiny_decoder_dirs, d
     assert cosine_rows(alone, out["left"]["e"][:3]).min() >= 0.9999
 
 
+def test_packed_varlen_decoder_matches_padded_eager(tiny_decoder_dirs, demo_rows):
+    """Causal attention with grouped KV heads, packed: rows must not see each other
+    (nor their own future tokens), positions restart per row, early exit included."""
+    texts = [r["text"][:300] for r in demo_rows[:40]]
+    specs = (OutputSpec(name="e", dim=64), OutputSpec(name="mid", dim=32, layer=2))
+    for path in tiny_decoder_dirs.values():
+        out = {}
+        for backend in ("varlen", "eager"):
+            enc = Encoder(ModelConfig(name_or_path=path, pooling="last_token",
+                                      attention=backend), specs)
+            assert enc.runtime.attention == backend and enc.packed == (backend == "varlen")
+            out[backend] = enc.encode_float(texts)[0]
+        for name in ("e", "mid"):
+            assert cosine_rows(out["varlen"][name], out["eager"][name]).min() >= 0.9999, name
+
+
+def test_packed_backend_that_mixes_rows_is_refused_at_load(model_dir):
+    """The load-time probe compares packed with padded rows: an attention kernel that
+    ignores the row boundaries (here: plain SDPA over the whole packed sequence) is
+    refused, auto falls back to padded SDPA, and an explicit varlen is an error."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import AttentionInterface
+
+    from pipeline.encoder import varlen
+    from pipeline.errors import ModelError
+
+    def mixes_rows(module, query, key, value, attention_mask, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("cu_seq", "max_len"))}
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    varlen.register()
+    good = AttentionInterface._global_mapping[varlen.NAME]
+    AttentionInterface.register(varlen.NAME, mixes_rows)
+    try:
+        enc = Encoder(ModelConfig(), (OutputSpec(name="e", dim=64),))
+        assert enc.runtime.attention == "sdpa" and not enc.packed
+        with pytest.raises(ModelError, match="varlen: packed rows differ"):
+            Encoder(ModelConfig(attention="varlen"), (OutputSpec(name="e", dim=64),))
+    finally:
+        AttentionInterface.register(varlen.NAME, good)
+    assert Encoder(ModelConfig(), (OutputSpec(name="e", dim=64),)).runtime.attention == "varlen"
+
+
 def test_pickle_only_weights_are_refused(tmp_path, model_dir):
     import shutil
 

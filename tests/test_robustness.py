@@ -45,26 +45,26 @@ def test_fuzzed_text_through_the_core(encoder):
     assert (result.n_tokens <= 128).all() and result.truncated.any()
 
 
-def test_injected_out_of_memory_splits_the_batch_and_keeps_every_row(encoder, demo_rows):
+@pytest.mark.parametrize("backend", ["varlen", "sdpa"])  # packed and padded batches
+def test_injected_out_of_memory_splits_the_batch_and_keeps_every_row(backend, demo_rows):
+    encoder = Encoder(ModelConfig(max_length=128, token_budget=1024, max_batch_rows=16,
+                                  attention=backend), SPECS)
     texts = [r["text"] for r in demo_rows[:40]]
     expected = np.asarray(encoder.encode(texts).columns["e"].values).reshape(40, 64)
-    real_forward = encoder.forward
+    real_run = encoder._run
     calls = {"n": 0}
 
-    def failing_once(ids, mask):  # the allocator fails on the first, biggest batch
+    def failing_once(model, pooler, **inputs):  # the allocator fails on the first batch
         calls["n"] += 1
         if calls["n"] == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_forward(ids, mask)
+        return real_run(model, pooler, **inputs)
 
-    encoder.forward = failing_once
-    try:
-        splits_before = encoder.stats.oom_splits
-        got = np.asarray(encoder.encode(texts).columns["e"].values).reshape(40, 64)
-    finally:
-        del encoder.forward
-    assert encoder.stats.oom_splits == splits_before + 1
+    encoder._run = failing_once
+    got = np.asarray(encoder.encode(texts).columns["e"].values).reshape(40, 64)
+    assert encoder.stats.oom_splits == 1
     assert encoder.token_budget == 512
+    assert calls["n"] > 2  # the failed batch ran again as two halves
     assert cosine_rows(got, expected).min() >= 0.9999
 
 

@@ -1,8 +1,11 @@
 """Pick the device, precision and attention backend, and load the model with them.
 
-Backends, best first: flash-attn (the ``gpu`` extra, CUDA only) -> torch SDPA ->
-eager. ``auto`` takes the first that imports and loads; an explicit choice that
-cannot run is an error, not a silent fallback. What actually ran is reported.
+Backends, best first: flash-attn (the ``gpu`` extra, CUDA only) -> varlen (torch's
+own varlen kernel on CUDA, a gathered SDPA elsewhere) -> torch SDPA -> eager.
+``flash`` and ``varlen`` run packed (unpadded) batches, see ``varlen.py``.
+``auto`` takes the first that imports, loads and passes the caller's check (the
+engine checks that a packed forward matches a padded one); an explicit choice
+that cannot run is an error, not a silent fallback. What actually ran is reported.
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 
+from pipeline.encoder import varlen
 from pipeline.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
-_HF_NAMES = {"flash": "flash_attention_2", "sdpa": "sdpa", "eager": "eager"}
+_HF_NAMES = {"flash": "flash_attention_2", "varlen": varlen.NAME, "sdpa": "sdpa",
+             "eager": "eager"}
+PACKED = frozenset({"flash", "varlen"})  # backends that take unpadded (packed) batches
 
 
 @dataclass(frozen=True)
@@ -68,23 +74,28 @@ def flash_available(device: str) -> bool:
 
 def candidate_backends(requested: str, device: str) -> list[str]:
     if requested == "auto":
-        order = ["flash", "sdpa", "eager"]
+        order = ["flash", "varlen", "sdpa", "eager"]
         return [b for b in order if b != "flash" or flash_available(device)]
     if requested == "flash" and not flash_available(device):
         raise ConfigError("model.attention", "flash needs a CUDA device and the flash-attn "
                           "package (pip install 'embed-pipeline[gpu]'); allowed values: "
-                          "auto, flash, sdpa, eager")
+                          "auto, flash, varlen, sdpa, eager")
     return [requested]
 
 
 def load_model(path, requested_attention: str, precision: str, device: str,
-               trust_remote_code: bool = False):
-    """Load AutoModel with the first backend that works; returns (model, attention)."""
+               trust_remote_code: bool = False, check=None):
+    """Load AutoModel with the first backend that works; returns (model, attention).
+
+    ``check(model, backend)`` may refuse a loaded backend by returning a reason.
+    """
     from transformers import AutoModel
 
     dtype = torch_dtype(precision)
     errors = []
     for backend in candidate_backends(requested_attention, device):
+        if backend == "varlen":
+            varlen.register()
         try:
             model = AutoModel.from_pretrained(
                 str(path), dtype=dtype, attn_implementation=_HF_NAMES[backend],
@@ -94,5 +105,11 @@ def load_model(path, requested_attention: str, precision: str, device: str,
             log.info("attention backend %s unavailable: %s", backend, exc)
             continue
         model.eval().to(device)
+        reason = check(model, backend) if check else None
+        if reason:
+            errors.append(f"{backend}: {reason}")
+            log.warning("attention backend %s refused: %s", backend, reason)
+            del model
+            continue
         return model, backend
     raise ModelError(f"no attention backend could load {path}: " + "; ".join(errors))

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,8 @@ import pyarrow as pa
 from pipeline.config import ModelConfig, OutputSpec
 from pipeline.encoder import attention
 from pipeline.encoder.batching import pad_batch, padding_efficiency, plan_batches
-from pipeline.encoder.model import inspect_model, pool
+from pipeline.encoder.model import inspect_model, pool, pool_packed
+from pipeline.encoder.varlen import pack_batch
 from pipeline.errors import ConfigError
 from pipeline.outputs import Calibration, cut, needs_calibration, quantize, to_arrow
 
@@ -129,21 +131,29 @@ class Encoder:
         validate_outputs(self.outputs, self.info.hidden_size, self.info.num_layers)
         device = attention.pick_device(model_cfg.device, gpu_address)
         precision = attention.pick_precision(model_cfg.precision, device)
+        if device.startswith("cuda"):
+            # The GPU waits on the tokenizer: let it use the otherwise idle cores.
+            # (On CPU the cores belong to torch: Python workers x threads <= cores.)
+            os.environ["TOKENIZERS_PARALLELISM"] = "true"
         self.tokenizer = AutoTokenizer.from_pretrained(
             str(self.info.path), local_files_only=True,
             trust_remote_code=model_cfg.trust_remote_code)
-        self.model, backend = attention.load_model(
-            self.info.path, model_cfg.attention, precision, device,
-            trust_remote_code=model_cfg.trust_remote_code)
-        self.runtime = attention.Runtime(device=device, precision=precision, attention=backend)
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:  # decoder tokenizers often have none; the mask hides it anyway
             pad_id = self.tokenizer.eos_token_id or 0
         self.pad_id = int(pad_id)
         self.left_pad = getattr(self.tokenizer, "padding_side", "right") == "left"
+        self._torch = torch
+        self._device = device
+        self._captured: dict[int, object] = {}
+        self.groups = [(self.info.num_layers, self.cfg.pooling)]  # until _setup_layers
+        self.model, backend = attention.load_model(
+            self.info.path, model_cfg.attention, precision, device,
+            trust_remote_code=model_cfg.trust_remote_code, check=self._check_packed)
+        self.runtime = attention.Runtime(device=device, precision=precision, attention=backend)
+        self.packed = backend in attention.PACKED
         self.stats = EncoderStats()
         self.token_budget = model_cfg.token_budget
-        self._torch = torch
         self._setup_layers()
 
     def _setup_layers(self) -> None:
@@ -163,7 +173,6 @@ class Encoder:
         self.exit_layer = max(inner) if inner and max(layer for layer, _ in self.groups) < L \
             else None
         self.layers_run = self.exit_layer or L
-        self._captured: dict[int, object] = {}
         if not inner:
             return
         blocks = find_layers(self.model, L)
@@ -190,16 +199,13 @@ class Encoder:
         prompt = self.cfg.prompt
         if prompt:
             texts = [prompt + t for t in texts]
-        kwargs = dict(truncation=True, max_length=self.cfg.max_length, padding=False,
-                      return_attention_mask=False, return_token_type_ids=False)
         try:
-            enc = self.tokenizer(list(texts), **kwargs)
-        except TypeError:
+            ids = self._token_ids(list(texts))
+        except (TypeError, UnicodeError):
             # Lone surrogates (possible in Python str, never in UTF-8 data) are not
             # text the Rust tokenizer takes: replace them, as a UTF-8 decoder would.
-            texts = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]
-            enc = self.tokenizer(texts, **kwargs)
-        ids = enc["input_ids"]
+            ids = self._token_ids([t.encode("utf-8", "replace").decode("utf-8")
+                                   for t in texts])
         lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=len(ids))
         offsets = np.zeros(len(ids), dtype=np.int64)
         if len(ids) > 1:
@@ -207,6 +213,46 @@ class Encoder:
         flat = (np.fromiter((t for r in ids for t in r), dtype=np.int64, count=int(lengths.sum()))
                 if len(ids) else np.zeros(0, dtype=np.int64))
         return flat, offsets, lengths
+
+    def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids per text, truncated to max_length, special tokens added.
+
+        A fast tokenizer's Rust backend is called directly (``encode_batch_fast``:
+        no offsets, no Python wrapper; ~1.5x the wrapper's speed, same ids); the
+        wrapper serves tokenizers without one.
+        """
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if backend is None or not hasattr(backend, "encode_batch_fast"):
+            return self.tokenizer(texts, truncation=True, max_length=self.cfg.max_length,
+                                  padding=False, return_attention_mask=False,
+                                  return_token_type_ids=False)["input_ids"]
+        # The wrapper re-sets these on each of its own calls; so do we.
+        backend.no_padding()
+        backend.enable_truncation(self.cfg.max_length,
+                                  direction=getattr(self.tokenizer, "truncation_side", "right"))
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
+
+    def prefetched(self, items: Iterable, texts_of: Callable = lambda item: item) -> Iterator:
+        """Yield (item, prepared) with the NEXT item tokenized in a thread while the
+        caller runs the model on the current one (CPU and model work overlap).
+
+        ``texts_of(item)`` gives an item's texts (a Spark adapter passes Arrow
+        record batches and their text column). The fast tokenizer releases the GIL.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        items = iter(items)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as pool:
+            current = next(items, None)
+            future = pool.submit(self.prepare, texts_of(current)) if current is not None \
+                else None
+            while current is not None:
+                following = next(items, None)
+                prepared = future.result()
+                if following is not None:
+                    future = pool.submit(self.prepare, texts_of(following))
+                yield current, prepared
+                current = following
 
     @functools.cached_property
     def _special_tokens(self) -> tuple[list[int], list[int]]:
@@ -262,30 +308,76 @@ class Encoder:
                 np.asarray(unit_owner), np.asarray(unit_weight, dtype=np.float32), total,
                 cut_off)
 
-    def forward(self, ids: np.ndarray, mask: np.ndarray) -> dict[tuple[int, str], np.ndarray]:
-        """One padded batch -> {(layer, pooling): pooled [B, H] float32 (numpy)}."""
+    def _to_device(self, *arrays: np.ndarray):
         torch = self._torch
-        device = self.runtime.device
-        host_ids, host_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+        device = self._device
+        tensors = [torch.from_numpy(a) for a in arrays]
         if str(device).startswith("cuda"):
             # page-locked host memory: the copies run asynchronously on the stream
-            host_ids, host_mask = host_ids.pin_memory(), host_mask.pin_memory()
-        input_ids = host_ids.to(device, non_blocking=True)
-        attn = host_mask.to(device, non_blocking=True)
+            tensors = [t.pin_memory() for t in tensors]
+        return [t.to(device, non_blocking=True) for t in tensors]
+
+    def _run(self, model, pooler, **inputs) -> dict[tuple[int, str], np.ndarray]:
+        """Forward (stopping at the early-exit layer) -> pooled float32 per (layer, pooling)."""
+        self._captured.clear()
+        with self._torch.inference_mode():
+            try:
+                out = model(**inputs)
+                self._captured[self.info.num_layers] = out.last_hidden_state
+            except _EarlyExit:
+                pass
+            return {(layer, mode): pooler(self._captured[layer], mode).cpu().numpy()
+                    for layer, mode in self.groups}
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray,
+                model=None) -> dict[tuple[int, str], np.ndarray]:
+        """One padded batch -> {(layer, pooling): pooled [B, H] float32 (numpy)}."""
+        input_ids, attn = self._to_device(ids, mask)
         kwargs = {}
         if self.left_pad:
             # Left padding shifts real tokens right: positions must come from the
             # mask, or the same text gets other position embeddings than unpadded.
             kwargs["position_ids"] = (attn.cumsum(1) - 1).clamp(min=0)
-        self._captured.clear()
-        with torch.inference_mode():
-            try:
-                out = self.model(input_ids=input_ids, attention_mask=attn, **kwargs)
-                self._captured[self.info.num_layers] = out.last_hidden_state
-            except _EarlyExit:
-                pass
-            return {(layer, mode): pool(self._captured[layer], attn, mode).cpu().numpy()
-                    for layer, mode in self.groups}
+        return self._run(model or self.model, lambda h, mode: pool(h, attn, mode),
+                         input_ids=input_ids, attention_mask=attn, **kwargs)
+
+    def forward_packed(self, ids: np.ndarray, positions: np.ndarray, cu: np.ndarray,
+                       model=None) -> dict[tuple[int, str], np.ndarray]:
+        """One packed batch (no padding; rows delimited by ``cu``) -> as :meth:`forward`."""
+        input_ids, position_ids, cu_dev = self._to_device(ids[None], positions[None], cu)
+        longest = int(np.diff(cu).max()) if len(cu) > 1 else 0
+        return self._run(model or self.model, lambda h, mode: pool_packed(h[0], cu_dev, mode),
+                         input_ids=input_ids, position_ids=position_ids,
+                         cu_seq_lens_q=cu_dev, cu_seq_lens_k=cu_dev,
+                         max_length_q=longest, max_length_k=longest)
+
+    def _check_packed(self, model, backend: str) -> str | None:
+        """A packed backend must give what a padded batch gives, on this model, here.
+
+        Run once at load on a few texts of unlike lengths: a model whose layers
+        drop the packing arguments (or mis-position packed rows) is refused, and
+        ``auto`` moves on to the padded backends.
+        """
+        if backend not in attention.PACKED:
+            return None
+        probe = ["a", "The quick brown fox jumps over the lazy dog. " * 6,
+                 "Return the sum of a and b.", "Ünïcödé, 数字 and emoji 🙂 " * 3]
+        flat, offsets, lengths = self.tokenize(probe)
+        idx = np.arange(len(probe))
+        try:
+            packed = self.forward_packed(*pack_batch(flat, offsets, lengths, idx), model=model)
+            padded = self.forward(*pad_batch(flat, offsets, lengths, idx, self.pad_id,
+                                             self.left_pad), model=model)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not this backend"
+            return f"packed forward failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        floor = 0.9999 if next(model.parameters()).dtype == self._torch.float32 else 0.999
+        for group, a in packed.items():
+            b = padded[group]
+            cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+            if not np.all(cos >= floor):
+                return (f"packed rows differ from padded ones (min cosine {cos.min():.6f} < "
+                        f"{floor}); the model does not keep packed rows apart")
+        return None
 
     def prepare(self, texts: Sequence[str] | pa.Array) -> Prepared:
         """CPU stage: tokenize (and chunk) a batch. Thread-safe to run ahead of
@@ -312,9 +404,12 @@ class Encoder:
         pending = list(reversed(batches))
         while pending:
             idx = pending.pop()
-            ids, mask = pad_batch(flat, offsets, lengths, idx, self.pad_id, self.left_pad)
             try:
-                out = self.forward(ids, mask)
+                if self.packed:
+                    out = self.forward_packed(*pack_batch(flat, offsets, lengths, idx))
+                else:
+                    out = self.forward(*pad_batch(flat, offsets, lengths, idx, self.pad_id,
+                                                  self.left_pad))
             except Exception as exc:
                 if not is_out_of_memory(exc) or len(idx) == 1:
                     raise
@@ -323,7 +418,8 @@ class Encoder:
                 self.stats.oom_splits += 1
                 self.token_budget = max(self.cfg.max_length, self.token_budget // 2)
                 log.warning("out of memory on a batch of %d rows x %d tokens: splitting it, "
-                            "token budget now %d", len(idx), ids.shape[1], self.token_budget)
+                            "token budget now %d", len(idx), int(lengths[idx].max()),
+                            self.token_budget)
                 self._free_cache()
                 half = len(idx) // 2
                 pending += [idx[half:], idx[:half]]
@@ -350,7 +446,8 @@ class Encoder:
         floats, info = self.encode_float(texts)
         columns = {s.name: to_arrow(quantize(floats[s.name], s, self.calibration), s)
                    for s in self.outputs}
-        efficiency = padding_efficiency(info.unit_lengths, info.batches)
+        # Packed batches: no linear layer sees a padded token.
+        efficiency = 1.0 if self.packed else padding_efficiency(info.unit_lengths, info.batches)
         elapsed = time.perf_counter() - start
         self._account(info.unit_lengths, info.batches, elapsed)
         return EncodeResult(columns=columns, n_tokens=info.n_tokens, truncated=info.truncated,
@@ -360,6 +457,7 @@ class Encoder:
         s = self.stats
         s.rows += len(lengths)
         s.tokens += int(lengths.sum())
-        s.padded_tokens += sum(int(lengths[i].max()) * len(i) for i in batches)
+        s.padded_tokens += (int(lengths.sum()) if self.packed else
+                            sum(int(lengths[i].max()) * len(i) for i in batches))
         s.batches += len(batches)
         s.seconds += seconds

@@ -125,3 +125,21 @@ def pool(hidden, attention_mask, mode: str):
         last = seq_len - 1 - torch.flip(attention_mask, dims=[1]).argmax(dim=1)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     raise ValueError(f"unknown pooling {mode!r}")
+
+
+def pool_packed(hidden, cu, mode: str):
+    """Pool packed token states [N, H] (rows delimited by ``cu``, [B+1]) to [B, H] float32."""
+    import torch
+
+    hidden = hidden.float()
+    starts, ends = cu[:-1].long(), cu[1:].long()
+    if mode == "mean":
+        lens = ends - starts
+        rows = torch.repeat_interleave(torch.arange(len(lens), device=hidden.device), lens)
+        sums = hidden.new_zeros(len(lens), hidden.shape[1]).index_add_(0, rows, hidden)
+        return sums / lens.clamp(min=1).unsqueeze(1).to(hidden.dtype)
+    if mode == "cls":
+        return hidden[starts]
+    if mode == "last_token":
+        return hidden[ends - 1]
+    raise ValueError(f"unknown pooling {mode!r}")
