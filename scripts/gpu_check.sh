@@ -12,7 +12,7 @@ export EMBED_GPU_MODEL=${EMBED_GPU_MODEL:-$PWD/.gpu/minilm} HF_HUB_OFFLINE=1 PYT
 PY=${PYTHON:-python3}
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee "$out/versions.txt"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/test_gpu.log"
+"$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$out/test_gpu.log"
 "$PY" bench/encode.py --model "$EMBED_GPU_MODEL" --precision auto --attention auto,sdpa \
     --repeat 5 2>"$out/minilm.err" | tee "$out/minilm.json"
 "$PY" bench/encode.py --model "$EMBED_GPU_MODEL" --random-model bert-large --precision bf16 \

@@ -19,7 +19,8 @@ from pipeline.config import ModelConfig, OutputSpec
 from pipeline.encoder import Encoder
 from tests.conftest import cosine_rows
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 SPECS = (OutputSpec(name="full", dim=384), OutputSpec(name="mid", dim=128, layer=3))
 
