@@ -132,9 +132,13 @@ class Encoder:
         device = attention.pick_device(model_cfg.device, gpu_address)
         precision = attention.pick_precision(model_cfg.precision, device)
         if device.startswith("cuda"):
-            # The GPU waits on the tokenizer: let it use the otherwise idle cores.
-            # (On CPU the cores belong to torch: Python workers x threads <= cores.)
+            # The GPU waits on the tokenizer: let it use the otherwise idle cores,
+            # as many as this worker's share (torch's thread count, which the Spark
+            # adapter sets to cores / concurrent tasks), so that several GPU workers
+            # on one node do not each start a thread per core. (On CPU the cores
+            # belong to torch: Python workers x threads <= cores.)
             os.environ["TOKENIZERS_PARALLELISM"] = "true"
+            os.environ.setdefault("RAYON_NUM_THREADS", str(torch.get_num_threads()))
         self.tokenizer = AutoTokenizer.from_pretrained(
             str(self.info.path), local_files_only=True,
             trust_remote_code=model_cfg.trust_remote_code)
