@@ -316,11 +316,15 @@ def _run_stages(cfg, spark, info, model_fp, run_id, now, stages, progress, sourc
             sink.set_identity(spark, out_path, identity)
         commit = None
         if rows_todo or cfg.sink.mode == "overwrite":
+            # The commit names the runtime the workers loaded (the warm-up is done
+            # by now, or the encode would wait for the same workers anyway).
+            warm.join()
+            loaded = warm.runtimes or ({canary_result.runtime} if canary_result else set())
             spark.sparkContext.setJobGroup(ENCODE_JOB_GROUP, f"embed run {run_id}")
             with (progress(spark, f"embedding {rows_todo:,} rows") if progress
                   else contextlib.nullcontext()):
                 commit = sink.write(spark, encoded, out_path, cfg.sink.mode, run_id, txn,
-                                    blind=blind)
+                                    blind=blind, runtime=", ".join(sorted(loaded)) or None)
         elif txn:  # nothing to embed: still mark the partition done, exactly once
             sink.mark_txn(spark, out_path, run_id, txn)
         rows_deleted = sink.delete_ids(spark, out_path, deleted_ids, run_id) \

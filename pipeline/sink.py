@@ -118,12 +118,22 @@ def existing_keys(spark, path: str):
     return spark.read.format("delta").load(path).select("id", "content_hash")
 
 
+def commit_tag(run_id: str, runtime: str | None = None) -> str:
+    """An output-table commit's ``userMetadata``: the run id and, for a commit of
+    embeddings, the runtime that made them (device/precision/attention)."""
+    tag = {"run_id": run_id, **({"runtime": runtime} if runtime else {})}
+    return json.dumps(tag, separators=(",", ":"))
+
+
 def _run_commit(spark, path: str, run_id: str):
     """This run's latest commit (by userMetadata: other runs may have committed since)."""
     from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
 
+    meta = F.col("userMetadata")
+    mine = (F.get_json_object(meta, "$.run_id") == run_id) | (meta == run_id)  # or pre-JSON
     rows = (DeltaTable.forPath(spark, path).history(50)
-            .filter(f"userMetadata = '{run_id}'").orderBy("version", ascending=False)
+            .filter(mine).orderBy("version", ascending=False)
             .limit(1).collect())
     if not rows:
         raise RuntimeError(f"run {run_id} finds no commit of its own in {path}")
@@ -163,8 +173,9 @@ def _session_conf(spark, conf: dict[str, str]):
             spark.conf.unset(key)
 
 
-def _commit_conf(run_id: str, txn: tuple[str, int] | None) -> dict[str, str]:
-    conf = {"spark.databricks.delta.commitInfo.userMetadata": run_id}
+def _commit_conf(run_id: str, txn: tuple[str, int] | None,
+                 runtime: str | None = None) -> dict[str, str]:
+    conf = {"spark.databricks.delta.commitInfo.userMetadata": commit_tag(run_id, runtime)}
     if txn:
         conf["spark.databricks.delta.write.txnAppId"] = txn[0]
         conf["spark.databricks.delta.write.txnVersion"] = str(txn[1])
@@ -193,8 +204,10 @@ def _conflicts_reported(path: str):
 
 
 def write(spark, df, path: str, mode: str, run_id: str,
-          txn: tuple[str, int] | None = None, blind: bool = False) -> Commit:
-    """ONE Delta commit tagged with the run id (and, for backfills, a txn app id/version).
+          txn: tuple[str, int] | None = None, blind: bool = False,
+          runtime: str | None = None) -> Commit:
+    """ONE Delta commit tagged with the run id and runtime (and, for backfills, a txn
+    app id/version).
 
     incremental: MERGE on id (insert new ids, replace changed texts);
     append: insert-only MERGE on (id, content_hash); overwrite: replace the table.
@@ -204,13 +217,15 @@ def write(spark, df, path: str, mode: str, run_id: str,
     from delta.tables import DeltaTable
 
     if blind:  # backfill partitions of new rows only: writer options, no session state
-        writer = df.write.format("delta").mode("append").option("userMetadata", run_id)
+        writer = df.write.format("delta").mode("append").option(
+            "userMetadata", commit_tag(run_id, runtime))
         if txn:
             writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])
         with _conflicts_reported(path):
             writer.save(path)
         return last_commit(spark, path, run_id)
-    with _conflicts_reported(path), _MERGE_LOCK, _session_conf(spark, _commit_conf(run_id, txn)):
+    with _conflicts_reported(path), _MERGE_LOCK, \
+            _session_conf(spark, _commit_conf(run_id, txn, runtime)):
         if mode == "overwrite":
             df.write.format("delta").mode("overwrite").option("overwriteSchema", "true") \
                 .save(path)

@@ -98,7 +98,7 @@ def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], torc
             stats_acc.add({"rows": now.rows - before.rows, "tokens": now.tokens - before.tokens,
                            "padded_tokens": now.padded_tokens - before.padded_tokens,
                            "encode_seconds": now.seconds - before.seconds,
-                           "runtime": {f"{rt.device}/{rt.precision}/{rt.attention}"}})
+                           "runtime": {runtime_label(rt)}})
 
     return encode_batches
 
@@ -107,13 +107,27 @@ def _zero_stats() -> dict:
     return {"rows": 0, "tokens": 0, "padded_tokens": 0, "encode_seconds": 0.0, "runtime": set()}
 
 
-def warm_workers(spark, cfg, torch_threads: int) -> threading.Thread:
+def runtime_label(runtime) -> str:
+    """device/precision/attention, as runs, commits and canaries record it."""
+    return f"{runtime.device}/{runtime.precision}/{runtime.attention}"
+
+
+class WarmUp(threading.Thread):
+    """The warm-up job's thread; ``runtimes`` holds what the workers loaded."""
+
+    def __init__(self, job):
+        super().__init__(target=job, name="embed-warm-workers", daemon=True)
+        self.runtimes: set[str] = set()
+
+
+def warm_workers(spark, cfg, torch_threads: int) -> WarmUp:
     """Start every task slot's Python worker and load the model, in the background.
 
     Spark starts Python workers lazily, at the first Python task: each then
     imports torch and transformers and loads the model (seconds) while its
     core idles. This runs that start-up concurrently with the driver's source
-    read and plan; the encode stage then finds warm, reused workers.
+    read and plan; the encode stage then finds warm, reused workers. Each
+    worker reports the runtime it loaded (device/precision/attention).
     """
     slots = max(1, spark.sparkContext.defaultParallelism)
     outputs, model_cfg = cfg.outputs, cfg.model
@@ -122,17 +136,20 @@ def warm_workers(spark, cfg, torch_threads: int) -> threading.Thread:
         import torch
 
         torch.set_num_threads(torch_threads)
-        get_encoder(model_cfg, outputs, task_gpu())
-        yield from batches
+        encoder = get_encoder(model_cfg, outputs, task_gpu())
+        for _ in batches:
+            pass
+        yield pa.RecordBatch.from_pydict({"runtime": [runtime_label(encoder.runtime)]})
 
     def job():
         try:
-            (spark.range(slots, numPartitions=slots).mapInArrow(warm, "id long")
-             .collect())
+            rows = (spark.range(slots, numPartitions=slots).mapInArrow(warm, "runtime string")
+                    .collect())
+            thread.runtimes = {r.runtime for r in rows}
         except Exception as exc:  # a failed warm-up only costs time, never the run
             log.warning("worker warm-up failed: %s", exc)
 
-    thread = threading.Thread(target=job, name="embed-warm-workers", daemon=True)
+    thread = WarmUp(job)
     thread.start()
     return thread
 

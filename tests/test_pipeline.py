@@ -48,7 +48,10 @@ def test_table_carries_lineage_and_identity(spark, first_run):
     assert props["embed.model_fingerprint"] == result.model_fingerprint
     assert [o["dim"] for o in json.loads(props["embed.outputs"])] == [384, 128, 64]
     last = table.history(1).collect()[0]
-    assert last["userMetadata"] == result.run_id and last["version"] == result.output_version
+    # the commit names the run and the runtime that made its vectors
+    assert json.loads(last["userMetadata"]) == {"run_id": result.run_id,
+                                                "runtime": result.runtime}
+    assert last["version"] == result.output_version
     dtypes = dict(df.dtypes)
     assert dtypes["emb_64"] == "array<float>"
 
