@@ -110,6 +110,10 @@ def load_model(path, requested_attention: str, precision: str, device: str,
             errors.append(f"{backend}: {reason}")
             log.warning("attention backend %s refused: %s", backend, reason)
             del model
+            if device.startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()  # the next candidate loads into this memory
             continue
         return model, backend
     raise ModelError(f"no attention backend could load {path}: " + "; ".join(errors))
