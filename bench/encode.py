@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.reference import st_encode_seconds, sync  # noqa: E402
+
 # Dense bf16 peaks (TFLOP/s) for MFU; unknown GPUs report no MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
 # Randomly initialised BERT shapes (the tokenizer comes from --model).
@@ -63,13 +65,6 @@ def random_model(shape: str, tokenizer_from: str, dest: Path) -> str:
     BertModel(config).eval().save_pretrained(dest, safe_serialization=True)
     tok.save_pretrained(dest)
     return str(dest)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
 
 
 def run_engine(texts, model, precision, attention, token_budget, max_rows, layers, chunk):
@@ -130,20 +125,7 @@ def run_engine(texts, model, precision, attention, token_budget, max_rows, layer
 
 
 def run_st(texts, model_dir, batch_size, bf16: bool, device: str, max_length: int) -> dict:
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    # the dtype is explicit: a directory saved in fp16 would otherwise load in fp16
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    model = SentenceTransformer(str(model_dir), device=device, model_kwargs={"dtype": dtype})
-    # the engine's truncation (a bare directory would give ST the model's 512)
-    model.max_seq_length = max_length
-    model.encode(texts[:256], batch_size=batch_size)
-    sync(device)
-    start = time.perf_counter()
-    model.encode(texts, batch_size=batch_size)
-    sync(device)
-    seconds = time.perf_counter() - start
+    seconds = st_encode_seconds(texts, model_dir, batch_size, bf16, device, max_length)
     return {"texts_per_s": round(len(texts) / seconds, 1), "seconds": round(seconds, 3),
             "setting": f"{'bf16' if bf16 else 'fp32'} batch {batch_size}"}
 

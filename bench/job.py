@@ -26,19 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def bench_sentence_transformers(texts, model_dir, batch_size, precision, threads) -> float:
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    torch.set_num_threads(threads)
-    model = SentenceTransformer(str(model_dir), device="cpu")
-    if precision == "bf16":
-        model = model.to(torch.bfloat16)
-    model.encode(texts[:64], batch_size=batch_size)  # warm-up, as the job's first batch is
-    start = time.perf_counter()
-    model.encode(texts, batch_size=batch_size)
-    return time.perf_counter() - start
+from bench.reference import st_encode_seconds  # noqa: E402
 
 
 def main() -> None:
@@ -78,8 +66,12 @@ def main() -> None:
         job_s = time.perf_counter() - start
         get_session(cfg.spark).stop()
 
-        st_s = bench_sentence_transformers(texts, resolve_model_dir(cfg.model.name_or_path),
-                                           args.st_batch_size, args.st_precision, cores)
+        import torch
+
+        torch.set_num_threads(cores)
+        st_s = st_encode_seconds(texts, resolve_model_dir(cfg.model.name_or_path),
+                                 args.st_batch_size, args.st_precision == "bf16", "cpu",
+                                 cfg.model.max_length)
         report = {
             "texts": len(texts),
             "job_seconds": round(job_s, 2),

@@ -1,0 +1,34 @@
+"""The reference every benchmark runs beside the pipeline: sentence-transformers'
+``encode`` on the same texts, in the same process run."""
+
+from __future__ import annotations
+
+import time
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def st_encode_seconds(texts, model_dir, batch_size: int, bf16: bool, device: str,
+                      max_length: int | None = None) -> float:
+    """Seconds for ``SentenceTransformer.encode(texts)``, model load and a 64-text
+    warm-up excluded. The dtype is explicit (a directory saved in fp16 would
+    otherwise load in fp16); ``max_length``: truncate where the engine does (a bare
+    model directory would give ST the model's 512)."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model = SentenceTransformer(str(model_dir), device=device, model_kwargs={"dtype": dtype})
+    if max_length:
+        model.max_seq_length = max_length
+    model.encode(texts[:64], batch_size=batch_size)
+    sync(device)
+    start = time.perf_counter()
+    model.encode(texts, batch_size=batch_size)
+    sync(device)
+    return time.perf_counter() - start
