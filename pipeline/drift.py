@@ -36,6 +36,7 @@ import numpy as np
 from pipeline.config import CanaryConfig, DistributionConfig, OutputSpec, RunConfig
 from pipeline.errors import CanaryError, ConfigError
 from pipeline.lineage import sibling_table
+from pipeline.outputs import row_cosines
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +140,7 @@ def compare(stored: dict[str, np.ndarray], current: dict[str, np.ndarray]) -> li
         b = stored.get(name)
         if b is None or b.shape != a.shape:
             continue  # a new or resized column: nothing stored to compare with
-        na = np.linalg.norm(a, axis=1)
-        nb = np.linalg.norm(b, axis=1)
-        cos = (a * b).sum(axis=1) / np.maximum(na * nb, 1e-12)
+        cos = row_cosines(a, b)
         out.append(ColumnParity(column=name, rows=len(a), min_cosine=float(cos.min()),
                                 mean_cosine=float(cos.mean()),
                                 max_abs_diff=float(np.abs(a - b).max()),

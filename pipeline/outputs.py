@@ -59,6 +59,12 @@ class Calibration:
         return self.to_json()
 
 
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each row of ``a`` with the same row of ``b`` (parity checks)."""
+    norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return (a * b).sum(axis=1) / norms
+
+
 def needs_calibration(specs) -> list[OutputSpec]:
     return [s for s in specs if s.dtype in CALIBRATED_DTYPES]
 

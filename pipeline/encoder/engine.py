@@ -22,7 +22,7 @@ from pipeline.encoder.batching import pad_batch, padding_efficiency, plan_batche
 from pipeline.encoder.model import inspect_model, pool, pool_packed
 from pipeline.encoder.varlen import pack_batch
 from pipeline.errors import ConfigError
-from pipeline.outputs import Calibration, cut, needs_calibration, quantize, to_arrow
+from pipeline.outputs import Calibration, cut, needs_calibration, quantize, row_cosines, to_arrow
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +155,14 @@ class Encoder:
             self.info.path, model_cfg.attention, precision, device,
             trust_remote_code=model_cfg.trust_remote_code, check=self._check_packed)
         self.runtime = attention.Runtime(device=device, precision=precision, attention=backend)
-        self.packed = backend in attention.PACKED
         self.stats = EncoderStats()
         self.token_budget = model_cfg.token_budget
         self._setup_layers()
+
+    @property
+    def packed(self) -> bool:
+        """Batches run unpadded (rows concatenated, cu_seqlens): flash or varlen."""
+        return self.runtime.attention in attention.PACKED
 
     def _setup_layers(self) -> None:
         """Hooks that capture intermediate layers and stop at the deepest one needed.
@@ -376,8 +380,7 @@ class Encoder:
             return f"packed forward failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
         floor = 0.9999 if next(model.parameters()).dtype == self._torch.float32 else 0.999
         for group, a in packed.items():
-            b = padded[group]
-            cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+            cos = row_cosines(a, padded[group])
             if not np.all(cos >= floor):
                 return (f"packed rows differ from padded ones (min cosine {cos.min():.6f} < "
                         f"{floor}); the model does not keep packed rows apart")
