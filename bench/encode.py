@@ -11,6 +11,7 @@ batch 32; on CUDA also its best setting, bf16 batch 512).
     python bench/encode.py --layers 3               # every column at layer 3 (early exit)
     python bench/encode.py --compare-layers 3       # full depth vs layer 3, same texts
     python bench/encode.py --attention varlen,sdpa  # packed vs padded batches, same texts
+    python bench/encode.py --corpus canary --attention varlen,sdpa   # mixed lengths
     python bench/encode.py --random-model bert-large --precision bf16 --no-st   # MFU
 
 Prints texts/s, tokens/s, padding efficiency, backend, precision, a profile
@@ -87,6 +88,10 @@ def run_engine(texts, model, precision, attention, token_budget, max_rows, layer
     for c in chunks:  # the tokenizer alone, for the profile
         encoder.prepare(c)
     tokenize_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for c in chunks:  # the same through the tokenizer's Python wrapper, for comparison
+        encoder.tokenizer(c.to_pylist(), truncation=True, max_length=cfg.max_length)
+    wrapper_s = time.perf_counter() - start
     before = dict(vars(encoder.stats))
     start = time.perf_counter()
     tokens = 0
@@ -108,6 +113,7 @@ def run_engine(texts, model, precision, attention, token_budget, max_rows, layer
         # profile: the model's share runs on the caller's thread, the tokenizer's
         # overlaps it; the larger one bounds the run
         "tokenize_alone_s": round(tokenize_s, 3),
+        "tokenize_via_wrapper_s": round(wrapper_s, 3),
         "model_s": round(stats["seconds"], 3),
         "bound_by": "tokenizer" if tokenize_s > stats["seconds"] else "model",
     }
@@ -132,6 +138,9 @@ def run_st(texts, model_dir, batch_size, bf16: bool, device: str, max_length: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", default="demo", choices=("demo", "canary"),
+                        help="demo: the stdlib docstrings; canary: the 240 shipped canary "
+                             "texts (1 to 400+ words, code, many languages)")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--model", default=None, help="package or directory (default: MiniLM)")
@@ -167,9 +176,14 @@ def main() -> None:
         model = random_model(args.random_model, model, Path(scratch.name))
     budget = args.token_budget or (65536 if cuda else defaults.token_budget)
     max_rows = args.max_rows or (1024 if cuda else defaults.max_batch_rows)
-    texts = [r["text"] for r in demo_rows(args.limit)] * args.repeat
-    report = {"texts": len(texts), "model": args.random_model or model, "token_budget": budget,
-              "max_batch_rows": max_rows, "chunk": args.chunk}
+    if args.corpus == "canary":
+        from pipeline.drift import canary_texts
+
+        texts = canary_texts()[:args.limit] * args.repeat
+    else:
+        texts = [r["text"] for r in demo_rows(args.limit)] * args.repeat
+    report = {"texts": len(texts), "corpus": args.corpus, "model": args.random_model or model,
+              "token_budget": budget, "max_batch_rows": max_rows, "chunk": args.chunk}
     engine = dict(texts=texts, model=model, precision=args.precision, token_budget=budget,
                   max_rows=max_rows, chunk=args.chunk)
     backends = args.attention.split(",")
