@@ -229,7 +229,7 @@ def drift_cmd(table_path: str, run_id: str | None, drift_path: str | None, out: 
     """Print a run's drift checks (canary + distribution) and write an HTML report."""
     from rich.table import Table
 
-    from pipeline import lineage
+    from pipeline import drift, lineage
     from pipeline.config import SparkConfig
     from pipeline.errors import DriftBreach, SourceError
     from pipeline.report import write_report
@@ -261,7 +261,8 @@ def drift_cmd(table_path: str, run_id: str | None, drift_path: str | None, out: 
     _console().print(table)
     click.echo(f"report: {written}")
     if fail_on_breach and status == "breach":
-        _fail(DriftBreach(f"run {run} drifted: see {written}"))
+        _fail(DriftBreach(f"run {run} drifted: {'; '.join(drift.stored_flags(rows))} "
+                          f"(see {written})"))
 
 
 def _console():

@@ -54,8 +54,6 @@ def check_drift(config_path: str, run_id: str, fail_on_breach: bool = True, spar
     and the command that draws the report. The rows are committed already; the
     point is that the publish step does not run.
     """
-    import json
-
     from pipeline import drift
     from pipeline.config import SparkConfig
     from pipeline.errors import DriftBreach
@@ -71,7 +69,7 @@ def check_drift(config_path: str, run_id: str, fail_on_breach: bool = True, spar
     if rows.empty:
         return {"status": "none", "canary": "-", "flags": []}
     status = str(rows["status"].iloc[0])
-    flags = [f"{r.column}: {f}" for r in rows.itertuples() for f in json.loads(r.flags or "[]")]
+    flags = drift.stored_flags(rows)
     out = {"status": status, "canary": str(rows["canary_verdict"].iloc[0]), "flags": flags}
     if status == "breach" and fail_on_breach:
         raise DriftBreach(f"run {run_id} drifted: {'; '.join(flags)} (report: embed drift "

@@ -488,6 +488,11 @@ def record(spark, cfg: RunConfig, run_id: str, version: int | None, result: Drif
      .option("userMetadata", run_id).save(drift_table(cfg)))
 
 
+def stored_flags(rows) -> list[str]:
+    """"column: check" for every check the stored drift rows (``latest``) tripped."""
+    return [f"{r.column}: {f}" for r in rows.itertuples() for f in json.loads(r.flags or "[]")]
+
+
 def latest(spark, path: str, output_path: str | None = None, run_id: str | None = None):
     """Drift rows of one run (default: the latest run with rows), as pandas."""
     from pyspark.sql import functions as F

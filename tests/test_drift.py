@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import uuid
 
 import numpy as np
@@ -161,6 +162,9 @@ def test_drift_command_prints_and_writes_a_report(runs, tmp_path):
                                        shuffled.run_id, "--out", str(out), "--fail-on-breach"])
     assert result.exit_code == 9, result.output
     assert "breach" in result.output and "emb_384" in result.output
+    # the error line names the checks that tripped, as the DAG's drift task does
+    assert re.search(r"drifted: [^\n]*emb_\d+: (centroid_distance|mmd|drifted_share)",
+                     result.output), result.output
     html = out.read_text()
     assert html.count("data:image/png;base64,") == 3 * 2  # 3 plots x 2 columns
     assert shuffled.run_id in html
