@@ -110,6 +110,8 @@ def run_engine(texts, model, precision, attention, token_budget, max_rows, layer
         "device": encoder.runtime.device,
         "layers_run": encoder.layers_run,
         "forward_batches": stats["batches"],
+        "token_budget": encoder.token_budget,
+        "max_batch_rows": encoder.max_batch_rows,
         # profile: the model's share runs on the caller's thread, the tokenizer's
         # overlaps it; the larger one bounds the run
         "tokenize_alone_s": round(tokenize_s, 3),
@@ -150,8 +152,10 @@ def main() -> None:
     parser.add_argument("--attention", default="auto",
                         help="auto|flash|varlen|sdpa|eager; a comma list runs each in turn "
                              "(the first is 'engine', the others 'engine_<backend>')")
-    parser.add_argument("--token-budget", type=int, default=None)
-    parser.add_argument("--max-rows", type=int, default=None)
+    parser.add_argument("--token-budget", type=int, default=None,
+                        help="default: the engine's for the device (AUTO_BATCH)")
+    parser.add_argument("--max-rows", type=int, default=None,
+                        help="default: the engine's for the device (AUTO_BATCH)")
     parser.add_argument("--chunk", type=int, default=4096, help="rows per Arrow batch")
     parser.add_argument("--layers", type=int, default=None, help="pool this layer (early exit)")
     parser.add_argument("--compare-layers", type=int, default=None,
@@ -174,8 +178,7 @@ def main() -> None:
     scratch = tempfile.TemporaryDirectory(prefix="bench-model-")
     if args.random_model:
         model = random_model(args.random_model, model, Path(scratch.name))
-    budget = args.token_budget or (65536 if cuda else defaults.token_budget)
-    max_rows = args.max_rows or (1024 if cuda else defaults.max_batch_rows)
+    budget, max_rows = args.token_budget, args.max_rows  # None: the engine's AUTO_BATCH
     if args.corpus == "canary":
         from pipeline.drift import canary_texts
 
@@ -183,7 +186,7 @@ def main() -> None:
     else:
         texts = [r["text"] for r in demo_rows(args.limit)] * args.repeat
     report = {"texts": len(texts), "corpus": args.corpus, "model": args.random_model or model,
-              "token_budget": budget, "max_batch_rows": max_rows, "chunk": args.chunk}
+              "chunk": args.chunk}
     engine = dict(texts=texts, model=model, precision=args.precision, token_budget=budget,
                   max_rows=max_rows, chunk=args.chunk)
     backends = args.attention.split(",")

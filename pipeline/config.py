@@ -68,10 +68,11 @@ class ModelConfig:
     attention: str = field(default="auto", metadata=_choices(*ATTENTIONS))
     device: str = field(default="auto", metadata=_choices(*DEVICES))
     # Padded tokens per forward pass (rows x longest row), not rows: a batch of
-    # short texts gets many rows, a batch of long ones few. The defaults suit a
-    # CPU (measured: bench/encode.py); GPUs want budgets 10-100x larger.
-    token_budget: int = 4096
-    max_batch_rows: int = 64
+    # short texts gets many rows, a batch of long ones few. null: by device, see
+    # pipeline.encoder.engine.AUTO_BATCH (CPU 4096 tokens / 64 rows, measured with
+    # bench/encode.py; CUDA 16x more, so each batch's kernel launches are amortized).
+    token_budget: int | None = None
+    max_batch_rows: int | None = None
     prompt: str = ""
     # Texts over max_length tokens: cut them (and flag the row), or split them into
     # max_length windows overlapping by chunk_overlap tokens and take the
@@ -313,8 +314,7 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
 
 def _validate(cfg: RunConfig) -> None:
     m = cfg.model
-    for key, value in (("model.max_length", m.max_length), ("model.token_budget", m.token_budget),
-                       ("model.max_batch_rows", m.max_batch_rows),
+    for key, value in (("model.max_length", m.max_length),
                        ("spark.arrow_batch_rows", cfg.spark.arrow_batch_rows)):
         if value <= 0:
             raise ConfigError(key, f"must be a positive integer, got {value}")
@@ -323,17 +323,19 @@ def _validate(cfg: RunConfig) -> None:
                           f"{m.max_length // 2}), got {m.chunk_overlap}")
     if m.max_chunks <= 0:
         raise ConfigError("model.max_chunks", f"must be a positive integer, got {m.max_chunks}")
-    if m.token_budget < m.max_length:
-        raise ConfigError("model.token_budget",
-                          f"must be >= model.max_length ({m.max_length}) so one full-length "
-                          f"row fits a batch, got {m.token_budget}")
     if cfg.spark.gpus_per_task is not None and cfg.spark.gpus_per_task <= 0:
         raise ConfigError("spark.gpus_per_task", "must be a positive number or null, "
                           f"got {cfg.spark.gpus_per_task}")
-    for key, value in (("spark.partitions", cfg.spark.partitions),
+    for key, value in (("model.token_budget", m.token_budget),
+                       ("model.max_batch_rows", m.max_batch_rows),
+                       ("spark.partitions", cfg.spark.partitions),
                        ("spark.torch_threads", cfg.spark.torch_threads)):
         if value is not None and value <= 0:
             raise ConfigError(key, f"must be a positive integer or null, got {value}")
+    if m.token_budget is not None and m.token_budget < m.max_length:
+        raise ConfigError("model.token_budget",
+                          f"must be >= model.max_length ({m.max_length}) so one full-length "
+                          f"row fits a batch, got {m.token_budget}")
     if not cfg.outputs:
         raise ConfigError("outputs", "at least one output column is required")
     seen: set[str] = set()

@@ -126,11 +126,14 @@ def test_missing_source_and_model_are_one_line_errors_before_spark(tmp_path):
      r"drift\.distribution\.permutations.*at least 1000"),
     ({"drift": {"distribution": {"on_breach": "stop"}}}, r"on_breach.*warn, fail"),
     ({"drift": {"canary": {"texts": "nope.txt"}}}, r"drift\.canary\.texts.*not found"),
+    ({"model": {"token_budget": 0}}, r"model\.token_budget.*positive integer or null"),
+    ({"model": {"token_budget": 100}}, r"model\.token_budget.*>= model\.max_length \(256\)"),
+    ({"model": {"max_batch_rows": -1}}, r"model\.max_batch_rows.*positive integer or null"),
     ({"lineage": {"transport": "file"}}, r"lineage\.path.*file transport"),
     ({"lineage": {"transport": "http"}}, r"lineage\.url.*Marquez"),
     ({"lineage": {"transport": "kafka"}}, r"lineage\.transport.*none, console, file, http"),
 ])
-def test_drift_and_lineage_validation(section, pattern):
+def test_model_drift_and_lineage_validation(section, pattern):
     with pytest.raises(ConfigError, match=pattern):
         parse_config(_cfg(**section))
 

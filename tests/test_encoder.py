@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from pipeline.config import ModelConfig, OutputSpec
 from pipeline.encoder import Encoder
 from pipeline.encoder.batching import pad_batch, padding_efficiency, plan_batches
+from pipeline.encoder.engine import AUTO_BATCH, batch_limits
 from pipeline.encoder.model import pool
 from pipeline.encoder.varlen import pack_batch
 from tests.conftest import cosine_rows
@@ -45,6 +46,15 @@ def test_parity_with_sentence_transformers_every_column(encoder, demo_rows, st_r
     # auto on a CPU: the packed varlen path, which no linear layer pads
     assert encoder.runtime.attention == "varlen" and encoder.packed
     assert result.padding_efficiency == 1.0
+    # batch limits left null: the CPU's
+    assert (encoder.token_budget, encoder.max_batch_rows) == AUTO_BATCH["cpu"]
+
+
+def test_batch_limits_by_device_and_config():
+    assert batch_limits(ModelConfig(), "cuda:1") == AUTO_BATCH["cuda"]
+    # never below one full-length row
+    assert batch_limits(ModelConfig(max_length=8192), "cpu") == (8192, AUTO_BATCH["cpu"][1])
+    assert batch_limits(ModelConfig(token_budget=512, max_batch_rows=8), "cuda:0") == (512, 8)
 
 
 def test_rows_come_back_in_caller_order(encoder, demo_rows):

@@ -17,6 +17,7 @@ import torch
 
 from pipeline.config import ModelConfig, OutputSpec
 from pipeline.encoder import Encoder
+from pipeline.encoder.engine import AUTO_BATCH
 from tests.conftest import cosine_rows
 
 pytestmark = [pytest.mark.gpu,
@@ -66,6 +67,7 @@ def test_auto_on_cuda_runs_packed_in_half_precision(gpu_model, texts):
     assert enc.runtime.precision in ("bf16", "fp16")
     assert enc.runtime.attention in ("flash", "varlen")
     assert enc.encode(texts).padding_efficiency == 1.0
+    assert (enc.token_budget, enc.max_batch_rows) == AUTO_BATCH["cuda"]
 
 
 def test_spark_gpu_address_selects_that_device(gpu_model):

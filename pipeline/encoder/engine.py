@@ -27,6 +27,20 @@ from pipeline.outputs import Calibration, cut, needs_calibration, quantize, row_
 
 log = logging.getLogger(__name__)
 
+# model.token_budget / max_batch_rows when the config leaves them null, by device.
+# CPU: measured with bench/encode.py (larger batches gain nothing on 2 cores).
+# CUDA: a small model's forward is ~100 kernel launches whatever the batch, so
+# a batch must carry ~1000 rows for the GPU, not the launches, to set the pace;
+# a batch that does not fit is split by the out-of-memory retry.
+AUTO_BATCH = {"cpu": (4096, 64), "cuda": (65536, 1024)}
+
+
+def batch_limits(model_cfg: ModelConfig, device: str) -> tuple[int, int]:
+    """(token budget, row cap) for this device: the config's, or AUTO_BATCH's."""
+    budget, rows = AUTO_BATCH["cuda" if device.startswith("cuda") else "cpu"]
+    return (max(model_cfg.max_length, model_cfg.token_budget or budget),
+            model_cfg.max_batch_rows or rows)
+
 
 @dataclass
 class EncodeResult:
@@ -157,7 +171,7 @@ class Encoder:
             trust_remote_code=model_cfg.trust_remote_code, check=self._check_packed)
         self.runtime = attention.Runtime(device=device, precision=precision, attention=backend)
         self.stats = EncoderStats()
-        self.token_budget = model_cfg.token_budget
+        self.token_budget, self.max_batch_rows = batch_limits(model_cfg, device)
         self._setup_layers()
 
     @property
@@ -408,7 +422,7 @@ class Encoder:
         n_rows, flat, offsets, lengths = prep.n_rows, prep.flat, prep.offsets, prep.lengths
         owner, weights, total, cut_off = prep.owner, prep.weights, prep.total, prep.cut_off
         n = len(lengths)
-        batches = plan_batches(lengths, self.token_budget, self.cfg.max_batch_rows)
+        batches = plan_batches(lengths, self.token_budget, self.max_batch_rows)
         pooled = {g: np.empty((n, self.info.hidden_size), dtype=np.float32) for g in self.groups}
         pending = list(reversed(batches))
         while pending:
