@@ -33,13 +33,15 @@ def plan_batches(lengths: np.ndarray, token_budget: int, max_rows: int) -> list[
     return batches
 
 
+def padded_tokens(lengths: np.ndarray, batches: list[np.ndarray]) -> int:
+    """Tokens the padded batches hold: each batch's rows x its longest row."""
+    return sum(int(lengths[idx].max()) * len(idx) for idx in batches if len(idx))
+
+
 def padding_efficiency(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
     """Real tokens / padded tokens over all batches (1.0 = no padding)."""
-    real = padded = 0
-    for idx in batches:
-        batch_len = lengths[idx]
-        real += int(batch_len.sum())
-        padded += int(batch_len.max()) * len(idx)
+    real = sum(int(lengths[idx].sum()) for idx in batches)
+    padded = padded_tokens(lengths, batches)
     return real / padded if padded else 1.0
 
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from pipeline.config import ModelConfig, OutputSpec
 from pipeline.encoder import attention
-from pipeline.encoder.batching import pad_batch, padding_efficiency, plan_batches
+from pipeline.encoder.batching import pad_batch, padded_tokens, plan_batches
 from pipeline.encoder.model import inspect_model, pool, pool_packed
 from pipeline.encoder.varlen import pack_batch
 from pipeline.errors import ConfigError
@@ -470,18 +470,17 @@ class Encoder:
         floats, info = self.encode_float(texts)
         columns = {s.name: to_arrow(quantize(floats[s.name], s, self.calibration), s)
                    for s in self.outputs}
+        lengths = info.unit_lengths
+        real = int(lengths.sum())
         # Packed batches: no linear layer sees a padded token.
-        efficiency = 1.0 if self.packed else padding_efficiency(info.unit_lengths, info.batches)
+        padded = real if self.packed else padded_tokens(lengths, info.batches)
         elapsed = time.perf_counter() - start
-        self._account(info.unit_lengths, info.batches, elapsed)
-        return EncodeResult(columns=columns, n_tokens=info.n_tokens, truncated=info.truncated,
-                            padding_efficiency=efficiency, seconds=elapsed)
-
-    def _account(self, lengths: np.ndarray, batches: list[np.ndarray], seconds: float) -> None:
         s = self.stats
         s.rows += len(lengths)
-        s.tokens += int(lengths.sum())
-        s.padded_tokens += (int(lengths.sum()) if self.packed else
-                            sum(int(lengths[i].max()) * len(i) for i in batches))
-        s.batches += len(batches)
-        s.seconds += seconds
+        s.tokens += real
+        s.padded_tokens += padded
+        s.batches += len(info.batches)
+        s.seconds += elapsed
+        return EncodeResult(columns=columns, n_tokens=info.n_tokens, truncated=info.truncated,
+                            padding_efficiency=real / padded if padded else 1.0,
+                            seconds=elapsed)
