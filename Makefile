@@ -12,5 +12,8 @@ test:
 bench:
 	scripts/bootstrap.sh && .venv/bin/python bench/job.py
 
+# ruff, then mypy (config in pyproject.toml); builds .venv first where there is none.
 lint:
-	.venv/bin/ruff check pipeline jobs bench tests airflow_dags
+	scripts/bootstrap.sh
+	.venv/bin/ruff check pipeline jobs bench tests airflow_dags scripts
+	.venv/bin/mypy

@@ -84,9 +84,11 @@ def embed_pipeline():
         print(line)
         return line
 
-    checked = check(validated)
+    # TaskFlow calls take XComArgs where the task bodies get dicts; Airflow's typing
+    # cannot say so without its (unshipped) mypy plugin: apache/airflow#39514.
+    checked = check(validated)  # type: ignore[arg-type]
     validated >> embed >> checked
-    publish(validated, checked, drift(validated, checked))
+    publish(validated, checked, drift(validated, checked))  # type: ignore[arg-type]
 
 
 embed_pipeline()

@@ -13,6 +13,7 @@ writing). Prints one line per run and column:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import shutil
 import sys
@@ -80,7 +81,8 @@ def main() -> None:
                 continue
             for name in ("emb_384", "emb_64"):
                 parity = result.canary.column(name)
-                stats = result.drift.columns.get(name, {})
+                column = result.drift.columns.get(name)
+                stats = dataclasses.asdict(column) if column else {}
                 centroid = (f"{stats['centroid_distance']:.4f} ({stats['centroid_p_value']:.3f})"
                             if stats else "-")
                 print(f"{label:18} {result.rows_embedded:>5} {result.runtime:14} "

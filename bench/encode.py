@@ -22,6 +22,7 @@ on CUDA, the model FLOP utilisation (MFU) against the GPU's bf16 dense peak.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -92,14 +93,14 @@ def run_engine(texts, model, precision, attention, token_budget, max_rows, layer
     for c in chunks:  # the same through the tokenizer's Python wrapper, for comparison
         encoder.tokenizer(c.to_pylist(), truncation=True, max_length=cfg.max_length)
     wrapper_s = time.perf_counter() - start
-    before = dict(vars(encoder.stats))
+    before = encoder.stats
     start = time.perf_counter()
     tokens = 0
     for _, prepared in encoder.prefetched(chunks):
         tokens += int(encoder.encode(prepared).n_tokens.sum())
     sync(encoder.runtime.device)
     seconds = time.perf_counter() - start
-    stats = {k: v - before[k] for k, v in vars(encoder.stats).items()}
+    stats = dataclasses.asdict(encoder.stats - before)
     report = {
         "texts_per_s": round(len(texts) / seconds, 1),
         "tokens_per_s": round(tokens / seconds, 1),

@@ -12,48 +12,89 @@ One app id per partition, not one per backfill with ordinal versions: Delta
 skips a write whose txnVersion is <= the stored one, so ordinals break as soon
 as partitions commit out of order (``--parallelism``) or a later backfill goes
 back in time. Per-partition ids have neither problem.
+
+:class:`Partition` is the one place that knows a partition's filter and txn id:
+``embed backfill``, ``embed run --partition`` and the Airflow DAG all use it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pipeline import sink, source
 from pipeline.config import RunConfig
-from pipeline.errors import AlreadyCommitted, ConfigError
+from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from pipeline.run import RunResult
+
+TXN_VERSION = 1
 
 
-@dataclass
-class PartitionPlan:
+@dataclass(frozen=True)
+class Partition:
+    """One value of ``source.partition_column``, committed exactly once."""
+
+    column: str
     value: str
-    app_id: str
+    app_id: str  # the Delta txnAppId of this partition's commit
+
+    @property
+    def filter(self) -> str:
+        """The SQL filter that selects this partition's source rows."""
+        escaped = self.value.replace("\\", "\\\\").replace("'", "\\'")
+        return f"CAST(`{self.column}` AS STRING) = '{escaped}'"
+
+    @property
+    def txn(self) -> tuple[str, int]:
+        return self.app_id, TXN_VERSION
+
+    def is_committed(self, spark: SparkSession, output_path: str) -> bool:
+        return sink.committed_txn(spark, output_path, self.app_id) >= TXN_VERSION
+
+
+@dataclass(frozen=True)
+class PartitionPlan:
+    partition: Partition
     rows: int
     committed: bool
 
+    @property
+    def value(self) -> str:
+        return self.partition.value
 
-def app_id_for(cfg: RunConfig, model_fingerprint: str, value: str, salt: str = "") -> str:
+
+def partition_column(cfg: RunConfig) -> str:
+    column = cfg.source.partition_column
+    if not column:
+        raise ConfigError("source.partition_column", "a partition run or backfill needs the "
+                          "source column to split by (e.g. a date); set "
+                          "source.partition_column")
+    return column
+
+
+def partition(cfg: RunConfig, model_fingerprint: str, value: str, salt: str = "") -> Partition:
+    """The partition ``value`` of this config's source, with its stable txn app id."""
+    column = partition_column(cfg)
     key = "|".join([cfg.sink.path, model_fingerprint, sink.table_identity(
-        cfg, "", model_fingerprint)["outputs"], cfg.source.partition_column or "", salt])
-    return f"embed-backfill-{hashlib.sha256(key.encode()).hexdigest()[:16]}-{value}"
+        cfg, "", model_fingerprint)["outputs"], column, salt])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Partition(column=column, value=value, app_id=f"embed-backfill-{digest}-{value}")
 
 
-def partition_filter(column: str, value: str) -> str:
-    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
-    return f"CAST(`{column}` AS STRING) = '{escaped}'"
-
-
-def plan(spark, cfg: RunConfig, model_fingerprint: str, start: str | None, end: str | None,
-         salt: str = "") -> list[PartitionPlan]:
+def plan(spark: SparkSession, cfg: RunConfig, model_fingerprint: str, start: str | None,
+         end: str | None, salt: str = "") -> list[PartitionPlan]:
     """The partitions in [start, end] (compared as strings) and whether each is done."""
     from pyspark.sql import functions as F
 
-    column = cfg.source.partition_column
-    if not column:
-        raise ConfigError("source.partition_column", "a backfill needs the source column to "
-                          "split by (e.g. a date); set source.partition_column")
+    column = partition_column(cfg)
     df, _ = source.read_source(spark, cfg.source)
     if column not in df.columns:
         raise ConfigError("source.partition_column", f"column {column!r} is not in the source; "
@@ -67,38 +108,49 @@ def plan(spark, cfg: RunConfig, model_fingerprint: str, start: str | None, end: 
               .orderBy("value").collect())
     plans = []
     for row in counts:
-        app_id = app_id_for(cfg, model_fingerprint, row["value"], salt)
-        done = sink.committed_txn(spark, cfg.sink.path, app_id) >= 1
-        plans.append(PartitionPlan(value=row["value"], app_id=app_id, rows=row["count"],
-                                   committed=done))
+        p = partition(cfg, model_fingerprint, row["value"], salt)
+        plans.append(PartitionPlan(partition=p, rows=row["count"],
+                                   committed=p.is_committed(spark, cfg.sink.path)))
     return plans
 
 
-def run_backfill(spark, cfg: RunConfig, plans: list[PartitionPlan], parallelism: int = 1,
-                 on_done=None) -> list:
-    """Run the pending partitions; returns their RunResults (committed ones skipped)."""
+def without_canary(cfg: RunConfig) -> RunConfig:
+    return dataclasses.replace(cfg, drift=dataclasses.replace(
+        cfg.drift, canary=dataclasses.replace(cfg.drift.canary, enabled=False)))
+
+
+def run_backfill(spark: SparkSession, cfg: RunConfig, plans: list[PartitionPlan],
+                 parallelism: int = 1,
+                 on_done: Callable[[PartitionPlan, RunResult], None] | None = None,
+                 ) -> list[RunResult]:
+    """Run the pending partitions; returns their RunResults (committed ones skipped).
+
+    A partition that fails (a drift breach with ``on_breach: fail`` included)
+    stops the backfill: partitions not started are not run; its error is raised.
+    """
     from pipeline.run import run
 
-    pending = [p for p in plans if not p.committed]
-
-    def one(p: PartitionPlan):
-        try:
-            result = run(cfg, spark=spark, source_filter=partition_filter(
-                cfg.source.partition_column, p.value), txn=(p.app_id, 1), partition=p.value)
-        except AlreadyCommitted:
-            result = None
+    def one(p: PartitionPlan, config: RunConfig) -> RunResult:
+        result = run(config, spark=spark, partition=p.partition)
         if on_done:
             on_done(p, result)
         return result
 
+    pending = [p for p in plans if not p.committed]
     if not pending:
         return []
     # The canary checks the runtime, which all partitions share: the first
     # partition runs it, the others skip it.
-    first = one(pending[0])
-    cfg = dataclasses.replace(cfg, drift=dataclasses.replace(
-        cfg.drift, canary=dataclasses.replace(cfg.drift.canary, enabled=False)))
+    results = [one(pending[0], cfg)]
+    rest, rest_cfg = pending[1:], without_canary(cfg)
     if parallelism <= 1:
-        return [first] + [one(p) for p in pending[1:]]
+        return results + [one(p, rest_cfg) for p in rest]
     with ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="backfill") as pool:
-        return [first, *pool.map(one, pending[1:])]
+        futures: list[Future[RunResult]] = [pool.submit(one, p, rest_cfg) for p in rest]
+        try:
+            results += [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    return results

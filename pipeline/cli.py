@@ -1,7 +1,11 @@
 """``embed``: the click command line. Thin: parse, call pipeline.run, print.
 
-Exit codes: 0 ok; 1 other pipeline error; 2 bad config / usage; 3 source;
-4 model; 5 sink conflict; 6 reconciliation.
+Exit codes: 0 ok (a partition already committed is a recorded skip, also 0);
+1 other pipeline error; 2 bad config / usage; 3 source; 4 model; 5 output table
+made by another model or spec; 6 row counts do not reconcile; 7 another run
+committed to the table while this one was writing; 8 the canary says the model
+changed (nothing written); 9 drift breach with ``on_breach: fail`` (rows
+committed).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import PipelineError
 
 
 def _fail(err: PipelineError) -> None:
@@ -72,9 +76,11 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 def run_cmd(config_path: Path, overrides: tuple[str, ...], as_json: bool, progress: bool,
             partition: str | None) -> None:
     """Embed the configured source table into its Delta output table."""
+    from pipeline import backfill
     from pipeline.config import load_config
-    from pipeline.errors import AlreadyCommitted
-    from pipeline.run import run
+    from pipeline.encoder.model import fingerprint
+    from pipeline.errors import DriftBreach
+    from pipeline.run import preflight, run
 
     try:
         cfg = load_config(config_path, overrides)
@@ -83,32 +89,19 @@ def run_cmd(config_path: Path, overrides: tuple[str, ...], as_json: bool, progre
             from pipeline.progress import spark_task_progress
 
             reporter = spark_task_progress
-        kwargs = {}
-        if partition:
-            from pipeline import backfill
-            from pipeline.encoder.model import fingerprint
-            from pipeline.run import preflight
-
-            if not cfg.source.partition_column:
-                raise ConfigError("source.partition_column",
-                                  "--partition needs the source column to filter on")
-            app_id = backfill.app_id_for(cfg, fingerprint(preflight(cfg)), partition)
-            kwargs = {"source_filter": backfill.partition_filter(
-                cfg.source.partition_column, partition), "txn": (app_id, 1),
-                "partition": partition}
-        result = run(cfg, progress=reporter, **kwargs)
-    except AlreadyCommitted as done:
-        click.echo(f"nothing to do: {done}")
-        return
+        part = backfill.partition(cfg, fingerprint(preflight(cfg)), partition) \
+            if partition else None
+        result = run(cfg, progress=reporter, partition=part)
+    except DriftBreach as breach:  # the rows are committed: show them, then exit 9
+        if breach.result is not None:
+            print_summary(breach.result, as_json)
+        _fail(breach)
     except PipelineError as err:
         _fail(err)
+    if result.status == "skipped" and not as_json:
+        click.echo(f"nothing to do: {result.message} (run {result.run_id}, recorded as skipped)")
+        return
     print_summary(result, as_json)
-    if result.drift_status == "breach" and cfg.drift.distribution.on_breach == "fail":
-        from pipeline.errors import DriftBreach
-
-        _fail(DriftBreach(f"drift {result.drift_summary} (run {result.run_id}; its rows are "
-                          f"committed as version {result.output_version}; see embed drift "
-                          f"--table {cfg.sink.path})"))
 
 
 @main.command("backfill")
@@ -125,12 +118,9 @@ def run_cmd(config_path: Path, overrides: tuple[str, ...], as_json: bool, progre
 def backfill_cmd(config_path: Path, overrides: tuple[str, ...], start, end, dry_run: bool,
                  parallelism: int, resume: bool) -> None:
     """Embed source partitions in [--from, --to], each committed exactly once."""
-    import time
     import uuid
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-    from rich.table import Table
 
     from pipeline import backfill
     from pipeline.config import load_config
@@ -145,31 +135,51 @@ def backfill_cmd(config_path: Path, overrides: tuple[str, ...], start, end, dry_
         spark = get_session(cfg.spark)
         salt = "" if resume else uuid.uuid4().hex
         plans = backfill.plan(spark, cfg, fingerprint(info), start, end, salt)
-        table = Table(title=f"backfill of {cfg.sink.path} by {cfg.source.partition_column}")
-        for col in ("partition", "rows", "status"):
-            table.add_column(col)
-        for p in plans:
-            table.add_row(p.value, f"{p.rows:,}", "committed (skip)" if p.committed else "to do")
-        console.print(table)
-        todo = [p for p in plans if not p.committed]
-        console.print(f"{len(plans)} partitions, {len(todo)} to do, "
-                      f"{len(plans) - len(todo)} already committed")
-        if dry_run or not todo:
-            return
-        started = time.perf_counter()
-        with Progress(TextColumn("[bold]backfill"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.description}"), console=console) as progress:
-            bar = progress.add_task("", total=len(todo))
-
-            def done(p, result):
-                note = (f"{p.value}: {result.rows_embedded:,} embedded, "
-                        f"{result.rows_skipped:,} skipped" if result else f"{p.value}: skipped")
-                progress.update(bar, advance=1, description=note)
-
-            results = backfill.run_backfill(spark, cfg, plans, parallelism, on_done=done)
+        _print_plan(console, cfg, plans)
+        if not dry_run:
+            _run_partitions(console, spark, cfg, plans, parallelism)
     except PipelineError as err:
         _fail(err)
-    embedded = sum(r.rows_embedded for r in results if r)
+
+
+def _print_plan(console, cfg, plans) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"backfill of {cfg.sink.path} by {cfg.source.partition_column}")
+    for col in ("partition", "rows", "status"):
+        table.add_column(col)
+    for p in plans:
+        table.add_row(p.value, f"{p.rows:,}", "committed (skip)" if p.committed else "to do")
+    console.print(table)
+    todo = sum(not p.committed for p in plans)
+    console.print(f"{len(plans)} partitions, {todo} to do, {len(plans) - todo} already committed")
+
+
+def _run_partitions(console, spark, cfg, plans, parallelism: int) -> None:
+    """The pending partitions with a progress bar; a failure (drift breach included)
+    stops the backfill with its exit code."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from pipeline import backfill
+
+    todo = [p for p in plans if not p.committed]
+    if not todo:
+        return
+    started = time.perf_counter()
+    with Progress(TextColumn("[bold]backfill"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.description}"), console=console) as progress:
+        bar = progress.add_task("", total=len(todo))
+
+        def done(p, result):
+            note = (f"{p.value}: {result.rows_embedded:,} embedded, "
+                    f"{result.rows_skipped:,} skipped" if result.status == "succeeded"
+                    else f"{p.value}: already committed")
+            progress.update(bar, advance=1, description=note)
+
+        results = backfill.run_backfill(spark, cfg, plans, parallelism, on_done=done)
+    embedded = sum(r.rows_embedded for r in results)
     console.print(f"backfill done: {len(todo)} partitions, {embedded:,} rows embedded in "
                   f"{time.perf_counter() - started:.1f} s")
 
@@ -196,7 +206,7 @@ def runs_cmd(table_path: str, runs_path: str | None, limit: int) -> None:
     out = Table(title=f"runs of {table_path}")
     for col in ("run_id", "status", "started_at", "partition", "read", "embedded",
                 "quarantined", "skipped", "version", "source", "model", "runtime", "code",
-                "canary", "drift", "error"):
+                "canary", "drift", "error / note"):
         out.add_column(col)
     for r in runs.itertuples():
         versions = json.loads(r.versions) if r.versions else {}
@@ -211,7 +221,7 @@ def runs_cmd(table_path: str, runs_path: str | None, limit: int) -> None:
                     f"{r.model} {(r.model_fingerprint or '')[:12]}", r.runtime or "",
                     str(versions.get("embed-pipeline-git", "-"))[:12],
                     canary.get("verdict", ""), getattr(r, "drift_status", None) or "",
-                    (r.error or "")[:80])
+                    (r.error or getattr(r, "message", None) or "")[:80])
     _console().print(out)
 
 

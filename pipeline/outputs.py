@@ -55,9 +55,6 @@ class Calibration:
     def __bool__(self) -> bool:
         return bool(self.ranges)
 
-    def key(self) -> str:
-        return self.to_json()
-
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine of each row of ``a`` with the same row of ``b`` (parity checks)."""
@@ -119,16 +116,22 @@ def to_arrow(values: np.ndarray, spec: OutputSpec) -> pa.Array:
     width = row_bytes(spec)
     data = np.ascontiguousarray(values).view(np.uint8).reshape(-1)
     offsets = np.arange(0, (n + 1) * width, width, dtype=np.int32)
-    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets),
-                                                  pa.py_buffer(data)])
+    return pa.Array.from_buffers(pa.binary(), n, [None, _buffer(offsets), _buffer(data)])
+
+
+def _buffer(values: np.ndarray) -> pa.Buffer:
+    """A contiguous numpy array's bytes as an Arrow buffer (pa.array wraps it, no copy)."""
+    buffer = pa.array(values.reshape(-1)).buffers()[1]
+    assert buffer is not None
+    return buffer
 
 
 def to_spark_arrow(column: pa.Array) -> pa.Array:
     """Spark's ArrayType travels as an Arrow list: rewrap fixed-size lists (no copy)."""
-    if not pa.types.is_fixed_size_list(column.type):
+    if not isinstance(column, pa.FixedSizeListArray):
         return column
     n, dim = len(column), column.type.list_size
-    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
+    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32), type=pa.int32())
     return pa.ListArray.from_arrays(offsets, column.values)
 
 
@@ -149,9 +152,9 @@ def from_stored(value, spec: OutputSpec) -> np.ndarray:
     if spec.dtype == "int8":
         return np.asarray(value, dtype=np.int8)
     raw = np.frombuffer(bytes(value), dtype=np.uint8)
-    return {"float16": lambda: raw.view("<f2").astype(np.float32),
-            "uint8": lambda: raw, "ubinary": lambda: raw,
-            "binary": lambda: raw.view(np.int8)}[spec.dtype]()
+    if spec.dtype == "float16":
+        return raw.view("<f2").astype(np.float32)
+    return raw.view(np.int8) if spec.dtype == "binary" else raw
 
 
 def describe(specs) -> list[dict]:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 
 @contextlib.contextmanager
-def spark_task_progress(spark, label: str, job_group: str = "embed-encode", poll: float = 0.5):
+def spark_task_progress(spark: SparkSession, label: str, job_group: str = "embed-encode",
+                        poll: float = 0.5):
     """Show completed / total tasks of the running job group until the block exits."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

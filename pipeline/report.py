@@ -13,10 +13,14 @@ import html
 import io
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline import drift
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 
 def _png(fig) -> str:
@@ -51,7 +55,7 @@ def column_plots(name: str, cur: np.ndarray, ref: np.ndarray) -> list[tuple[str,
     norms_c, norms_r = np.linalg.norm(cur, axis=1), np.linalg.norm(ref, axis=1)
     lo, hi = min(norms_c.min(), norms_r.min()), max(norms_c.max(), norms_r.max())
     pad = max(1e-3, (hi - lo) * 0.05)  # normalized columns: all norms ~1
-    bins = np.linspace(lo - pad, hi + pad, 40)
+    bins = np.linspace(lo - pad, hi + pad, 40).tolist()
     ax.hist(norms_r, bins=bins, alpha=0.6, density=True, label=f"reference ({len(ref)})")
     ax.hist(norms_c, bins=bins, alpha=0.6, density=True, label=f"this run ({len(cur)})")
     ax.set_title(f"{name}: vector norms")
@@ -63,8 +67,9 @@ def column_plots(name: str, cur: np.ndarray, ref: np.ndarray) -> list[tuple[str,
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     xy = centred @ vt[:2].T
     fig, ax = plt.subplots(figsize=(4.5, 3.6))
-    ax.scatter(*xy[:len(ref)].T, s=5, alpha=0.4, label="reference")
-    ax.scatter(*xy[len(ref):].T, s=5, alpha=0.4, label="this run")
+    n = len(ref)
+    ax.scatter(xy[:n, 0], xy[:n, 1], s=5, alpha=0.4, label="reference")
+    ax.scatter(xy[n:, 0], xy[n:, 1], s=5, alpha=0.4, label="this run")
     ax.set_title(f"{name}: PCA of both samples")
     ax.legend(fontsize=8, markerscale=3)
     plots.append(("2-D projection (PCA fitted on both samples)", _png(fig)))
@@ -79,7 +84,7 @@ def _fmt(value) -> str:
     return html.escape(str(value))
 
 
-def write_report(spark, table_path: str, drift_path: str, run_id: str | None,
+def write_report(spark: SparkSession, table_path: str, drift_path: str, run_id: str | None,
                  out: Path | None = None, sample: int = 2000, seed: int = 0):
     """Build the HTML report of one run's drift (default: the latest run; file:
     <table parent>/_drift_reports/<run>.html); returns (drift rows as pandas, path)."""
@@ -113,7 +118,8 @@ def write_report(spark, table_path: str, drift_path: str, run_id: str | None,
         flag_html = ("<p class='bad'>" + "<br>".join(html.escape(f) for f in flags) + "</p>"
                      if flags else "<p class='ok'>no check tripped</p>")
         images = ""
-        if cur is not None and len(cur) > 1 and len(ref) > 1 and row.column in specs:
+        if cur is not None and ref is not None and len(cur) > 1 and len(ref) > 1 \
+                and row.column in specs:
             a = drift.decode(cur[row.column].to_numpy(), specs[row.column], calibration)
             b = drift.decode(ref[row.column].to_numpy(), specs[row.column], calibration)
             images = "".join(f"<figure><img src='data:image/png;base64,{png}'>"

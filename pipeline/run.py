@@ -1,39 +1,58 @@
-"""The one module that wires the stages together: source -> plan -> encode -> sink.
+"""The one module that wires the stages together, in the order they run:
 
-Every entry point (``embed run``, ``spark-submit jobs/embed.py``, Airflow) calls
-:func:`run`. Checks that need no Spark (config, model, source path, output dims)
-run before the JVM starts, so a bad config fails in a second with one line.
+    preflight ─> read + validate ─> plan ─> calibrate ─> [canary verdict]
+      ─> encode + commit ─> quarantine ─> reconcile ─> drift ─> record
+
+Every entry point (``embed run``, ``embed backfill``, ``spark-submit
+jobs/embed.py``, Airflow) calls :func:`run`. Checks that need no Spark (config,
+model, source path, output dims) run before the JVM starts. Each stage takes
+what earlier stages returned and returns a small frozen dataclass; the rules
+that depend only on config and table state (blind append or MERGE, rebaseline,
+canary first, calibration source, deletes) are decided once, in
+:class:`~pipeline.write_plan.WritePlan`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
 import math
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from pipeline import drift, lineage, sink, source
 from pipeline.config import RunConfig
 from pipeline.encoder.engine import validate_outputs
-from pipeline.encoder.model import fingerprint, inspect_model
+from pipeline.encoder.model import ModelInfo, fingerprint, inspect_model
 from pipeline.errors import AlreadyCommitted, PipelineError, ReconciliationError
 from pipeline.outputs import Calibration, needs_calibration
+from pipeline.write_plan import CommitKind, WritePlan
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.types import StructType
+
+    from pipeline.backfill import Partition
+    from pipeline.udf import WarmUp
 
 log = logging.getLogger(__name__)
 ENCODE_JOB_GROUP = "embed-encode"
 # Rows per encode task: small enough for a moving progress bar and for the two
 # task slots to finish together, large enough for length-sorted batches.
 ROWS_PER_PARTITION = 2000
+Progress = Callable[["SparkSession", str], contextlib.AbstractContextManager[Any]]
 
 
-@dataclass
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
 class RunResult:
     run_id: str
     output_path: str
@@ -48,17 +67,21 @@ class RunResult:
     runtime: str  # device/precision/attention that actually ran
     output_version: int | None
     seconds: float
+    status: str = "succeeded"  # succeeded | skipped (a partition already committed)
+    message: str = ""
     rows_deleted: int = 0
     source_version: int | None = None
     encode_seconds: float = 0.0
     padding_efficiency: float = 1.0
     tokens: int = 0
-    stage_seconds: dict = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     lineage_run_id: str = ""
     source_files_hash: str | None = None
+    partition: str | None = None
+    calibration: str = "none"  # none | table | fit: where the int8 ranges came from
     canary: drift.CanaryResult | None = None  # None: canary off
     drift: drift.DriftResult | None = None
-    schemas: dict = field(default_factory=dict, repr=False)  # for lineage events
+    schemas: dict[str, list[tuple[str, str]]] = field(default_factory=dict, repr=False)
 
     @property
     def texts_per_second(self) -> float:
@@ -76,7 +99,7 @@ class RunResult:
     def drift_summary(self) -> str:
         return self.drift.summary() if self.drift else "disabled"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("schemas")
         d.update(texts_per_second=self.texts_per_second, canary_summary=self.canary_summary,
@@ -84,11 +107,113 @@ class RunResult:
         return d
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What every stage of one run knows; fixed before the first stage runs."""
+
+    cfg: RunConfig
+    spark: SparkSession
+    run_id: str
+    started_at: datetime
+    info: ModelInfo
+    model_fp: str
+    identity: dict[str, str]  # what this run would record as the table's identity
+    stored: dict[str, str] | None  # the table's identity before this run (None: no table)
+    plan: WritePlan
+    threads: int
+    partition: Partition | None
+
+
+@dataclass(frozen=True)
+class SourceRead:
+    df: DataFrame  # as read (after the partition filter)
+    tagged: DataFrame  # persisted: every row, with its quarantine reason or null
+    rows_read: int
+    rows_quarantined: int
+    version: int | None  # the Delta version read
+    files_hash: str | None  # lineage of a file source (no Delta version)
+
+    @property
+    def valid(self) -> DataFrame:
+        from pyspark.sql import functions as F
+
+        return self.tagged.filter(F.col("reason").isNull()).select("id", "text",
+                                                                   "content_hash")
+
+    @property
+    def quarantined(self) -> DataFrame:
+        from pyspark.sql import functions as F
+
+        return self.tagged.filter(F.col("reason").isNotNull())
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    todo: DataFrame  # the rows to embed
+    rows_todo: int
+    rows_skipped: int  # valid rows already embedded (same id and content hash)
+    commit: CommitKind
+    deleted_ids: DataFrame | None  # output ids gone from the source, to delete
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    calibration: Calibration | None
+    source: str  # none | table | fit
+
+
+@dataclass(frozen=True)
+class Written:
+    commit: sink.Commit | None
+    rows_deleted: int
+    output_schema: StructType
+    stats: Any  # EncoderStats summed over the encode tasks
+
+    @property
+    def rows_embedded(self) -> int:
+        return self.commit.rows_written if self.commit else 0
+
+    @property
+    def version(self) -> int | None:
+        return self.commit.version if self.commit else None
+
+
+@dataclass(frozen=True)
+class Counts:
+    rows_read: int
+    rows_embedded: int
+    rows_quarantined: int
+    rows_skipped: int
+    rows_deleted: int
+
+
+class StageTimer:
+    """Wall seconds per stage: ``with timer("plan"): ...``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+# --------------------------------------------------------------------------- the run
+
+
 def new_run_id(now: datetime) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
 
 
-def preflight(cfg: RunConfig):
+def preflight(cfg: RunConfig) -> ModelInfo:
     """Everything that can be checked without Spark; returns the model info."""
     info = inspect_model(cfg.model.name_or_path, cfg.model.allow_pickle)
     validate_outputs(cfg.outputs, info.hidden_size, info.num_layers)
@@ -96,305 +221,348 @@ def preflight(cfg: RunConfig):
     return info
 
 
-def calibrate(cfg: RunConfig, valid, stored: dict | None) -> Calibration | None:
-    """int8/uint8 ranges: the table's stored ones, else fitted once on a seeded sample.
+def run(cfg: RunConfig, spark: SparkSession | None = None, progress: Progress | None = None,
+        partition: Partition | None = None) -> RunResult:
+    """Embed the source (or one partition of it) into the sink.
+
+    ``progress``: optional context-manager factory ``progress(spark, label)``
+    shown while the encode job runs (the CLI passes a rich progress bar).
+    ``partition``: one value of ``source.partition_column``, committed exactly
+    once with its Delta txn id; a partition already committed is a recorded
+    skip (status ``skipped``), never a failure. Every other run is recorded in
+    the runs table (``running``, then ``succeeded`` or ``failed``) and with
+    OpenLineage. With ``drift.distribution.on_breach: fail`` a breach raises
+    :class:`~pipeline.errors.DriftBreach` after the run is recorded.
+    """
+    from pipeline import spark as spark_setup
+    from pipeline import udf
+
+    timer = StageTimer()
+    with timer("preflight"):
+        info = preflight(cfg)
+        model_fp = fingerprint(info)
+    with timer("spark_start"):
+        spark = spark or spark_setup.get_session(cfg.spark)
+    udf.check_gpu_request(spark, cfg)
+    ctx = _context(cfg, spark, info, model_fp, partition)
+    recorder = lineage.RunRecorder(spark, cfg, ctx.run_id, ctx.started_at, info, model_fp,
+                                   partition.value if partition else None)
+    if partition and partition.is_committed(spark, cfg.sink.path):
+        return _skipped(ctx, recorder, timer)  # nothing recorded as running, no START
+    recorder.start()
+    try:
+        result = _stages(ctx, timer, progress)
+    except AlreadyCommitted:  # another run committed this partition meanwhile
+        return _skipped(ctx, recorder, timer)
+    except Exception as exc:
+        recorder.fail(exc, timer.seconds)
+        raise
+    result = replace(result, seconds=timer.total, lineage_run_id=recorder.lineage_run_id,
+                     stage_seconds=dict(timer.seconds))
+    recorder.succeed(result)
+    drift.enforce_policy(cfg, result)
+    return result
+
+
+def _context(cfg: RunConfig, spark: SparkSession, info: ModelInfo, model_fp: str,
+             partition: Partition | None) -> RunContext:
+    from pipeline import spark as spark_setup
+
+    started_at = datetime.now(UTC).replace(microsecond=0)
+    identity = sink.table_identity(cfg, info.name, model_fp)
+    stored = sink.read_identity(spark, cfg.sink.path)
+    plan = WritePlan.decide(cfg, stored, sink.identity_changes(stored, identity),
+                            backfill=partition is not None, filtered=partition is not None)
+    return RunContext(cfg=cfg, spark=spark, run_id=new_run_id(started_at),
+                      started_at=started_at, info=info, model_fp=model_fp, identity=identity,
+                      stored=stored, plan=plan, threads=spark_setup.torch_threads(
+                          spark, cfg.spark), partition=partition)
+
+
+def _stages(ctx: RunContext, timer: StageTimer, progress: Progress | None) -> RunResult:
+    from pipeline import udf
+
+    if ctx.plan.identity_check == "now":  # a config conflict fails before any Spark job
+        sink.check_compatible(ctx.stored, ctx.identity, ctx.cfg.sink.path)
+    warm = udf.warm_workers(ctx.spark, ctx.cfg, ctx.threads)
+    canary = PendingCanary.start(ctx)
+    src = None
+    # One cleanup for every way out: a run that fails early (bad column) must not
+    # exit while its background Spark jobs (warm-up, canary) still run.
+    try:
+        if ctx.plan.identity_check == "after_canary":
+            if canary is not None:
+                canary.result()  # another model: the canary's verdict says what changed
+            sink.check_compatible(ctx.stored, ctx.identity, ctx.cfg.sink.path)
+        with timer("read_validate"):
+            src = read_validate(ctx)
+        with timer("plan"):
+            rows = plan_rows(ctx, src)
+        with timer("calibrate"):
+            calibrated = calibrate(ctx, src)
+        with timer("canary_wait"):
+            parity = canary.result() if canary else None
+        with timer("encode_write"):
+            written = encode_commit(ctx, rows, calibrated, parity, warm, progress)
+        with timer("quarantine"):
+            quarantine(ctx, src)
+    finally:
+        if src is not None:
+            src.tagged.unpersist()
+        warm.join()
+        if canary:
+            canary.wait()
+    counts = reconcile(ctx, src, rows, written)
+    with timer("drift"):
+        drifted = measure_drift(ctx, written, calibrated, parity)
+    return _result(ctx, src, counts, written, calibrated, parity, drifted)
+
+
+def _skipped(ctx: RunContext, recorder: lineage.RunRecorder, timer: StageTimer) -> RunResult:
+    assert ctx.partition is not None
+    message = (f"partition {ctx.partition.value} is already committed to {ctx.cfg.sink.path} "
+               f"(Delta txn {ctx.partition.app_id}); nothing to do")
+    result = RunResult(
+        run_id=ctx.run_id, output_path=ctx.cfg.sink.path, quarantine_path=ctx.cfg.sink.quarantine,
+        rows_read=0, rows_embedded=0, rows_quarantined=0, rows_skipped=0,
+        columns=[o.name for o in ctx.cfg.outputs], model=ctx.info.name,
+        model_fingerprint=ctx.model_fp, runtime="-", output_version=None,
+        seconds=timer.total, status="skipped", message=message,
+        partition=ctx.partition.value, stage_seconds=dict(timer.seconds))
+    recorder.skip(result)
+    log.info(message)
+    return result
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class PendingCanary:
+    """The canary, run on the executors while the driver reads the source; its
+    verdict is awaited before anything is written."""
+
+    def __init__(self, future: Future[drift.CanaryResult]):
+        self._future = future
+
+    @classmethod
+    def start(cls, ctx: RunContext) -> PendingCanary | None:
+        if not ctx.cfg.drift.canary.enabled:
+            return None
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-canary")
+        baseline = (ctx.stored or {}).get("canary_run")
+        future = pool.submit(drift.run_canary, ctx.spark, ctx.cfg, ctx.threads, baseline,
+                             ctx.run_id, ctx.model_fp, ctx.plan.rebaseline)
+        pool.shutdown(wait=False)
+        return cls(future)
+
+    def result(self) -> drift.CanaryResult:
+        return self._future.result()  # raises CanaryError when the model changed
+
+    def wait(self) -> None:
+        futures_wait([self._future])
+
+
+def read_validate(ctx: RunContext) -> SourceRead:
+    """Read the source once (a Delta source at one pinned version), tag every row valid
+    or quarantined, and keep that snapshot for every later pass."""
+    from pyspark.sql import functions as F
+
+    df, version = source.read_source(ctx.spark, ctx.cfg.source)
+    files_hash = source.files_hash(df) if version is None else None
+    if ctx.partition:
+        df = df.filter(ctx.partition.filter)
+    tagged = source.tag_rows(df, ctx.cfg.source).persist()
+    counts = tagged.agg(F.count(F.lit(1)).alias("n"), F.count("reason").alias("bad")).first()
+    assert counts is not None
+    return SourceRead(df=df, tagged=tagged, rows_read=int(counts["n"]),
+                      rows_quarantined=int(counts["bad"]), version=version,
+                      files_hash=files_hash)
+
+
+def plan_rows(ctx: RunContext, src: SourceRead) -> RowPlan:
+    """Skip rows whose (id, content hash) is already embedded; decide the commit."""
+    plan, valid = ctx.plan, src.valid
+    existing = sink.existing_keys(ctx.spark, ctx.cfg.sink.path) \
+        if plan.compares_existing else None
+    todo = valid if existing is None else valid.join(existing, ["id", "content_hash"],
+                                                     "left_anti")
+    rows_todo = todo.count()
+    replaces = bool(plan.probes_replacements and rows_todo and existing is not None and
+                    todo.join(existing.select("id"), "id", "left_semi").limit(1).count())
+    kind = plan.commit_kind(rows_todo, replaces)
+    if kind == "blind_append" and existing is not None:
+        # Cut the plan's read of the output table (the anti-join): a write whose
+        # data reads its target is no blind append to Delta, and two partitions
+        # appending at once would conflict. The rows to embed are fixed here.
+        todo = todo.localCheckpoint(eager=True)
+    deleted = (existing.select("id").join(valid.select("id"), "id", "left_anti")
+               if plan.applies_deletes and existing is not None else None)
+    return RowPlan(todo=todo, rows_todo=rows_todo,
+                   rows_skipped=src.rows_read - src.rows_quarantined - rows_todo,
+                   commit=kind, deleted_ids=deleted)
+
+
+def calibrate(ctx: RunContext, src: SourceRead) -> Calibrated:
+    """int8/uint8 ranges: the table's stored ones, else fitted once on a seeded sample,
+    encoded on the executors (the canary's path and cached encoders).
 
     Never per batch and never per run: every later run and backfill reuses what
     the table stores, so the same text always quantizes to the same bytes.
     """
     from pyspark.sql import functions as F
 
+    from pipeline import udf
+
+    cfg = ctx.cfg
     need = needs_calibration(cfg.outputs)
     if not need:
-        return None
-    if stored and stored.get("calibration"):
-        calibration = Calibration.from_json(stored["calibration"])
-        if all(s.name in calibration.ranges for s in need):
-            return calibration
-    from pipeline.encoder import Encoder
-
+        return Calibrated(None, "none")
+    if ctx.plan.calibration_source == "table":
+        stored = Calibration.from_json((ctx.stored or {}).get("calibration"))
+        if all(s.name in stored.ranges for s in need):
+            return Calibrated(stored, "table")
     size, seed = cfg.sink.calibration.size, cfg.sink.calibration.seed
     # A seeded hash order is a deterministic sample: same data + seed = same rows.
-    sample = (valid.orderBy(F.sha2(F.concat(F.lit(f"{seed}:"), F.col("content_hash")), 256))
-              .limit(size).select("text").toPandas()["text"].tolist())
-    if not sample:
+    sample = (src.valid.orderBy(F.sha2(F.concat(F.lit(f"{seed}:"), F.col("content_hash")),
+                                       256)).limit(size))
+    floats, _ = udf.encode_floats(ctx.spark, cfg, ctx.threads, sample)
+    if not len(floats[need[0].name]):
         raise PipelineError("int8/uint8 columns need a calibration sample, but the source "
                             "has no valid rows to take it from")
-    float_specs = tuple(dataclasses.replace(s, dtype="float32") for s in need)
-    floats, _ = Encoder(cfg.model, float_specs).encode_float(sample)
-    return Calibration.fit(floats)
+    return Calibrated(Calibration.fit({s.name: floats[s.name] for s in need}), "fit")
 
 
-def run(cfg: RunConfig, spark=None, progress=None, source_filter: str | None = None,
-        txn: tuple[str, int] | None = None, partition: str | None = None) -> RunResult:
-    """Embed the source into the sink; returns counts, timings and lineage ids.
-
-    ``progress``: optional context-manager factory ``progress(spark, label)``
-    shown while the encode job runs (the CLI passes a rich progress bar).
-    ``source_filter`` (SQL), ``txn`` (Delta app id, version) and ``partition``
-    are how a backfill runs one partition exactly once.
-    Every run is recorded in the runs table: ``running`` at start, then
-    ``succeeded`` with its counts or ``failed`` with its error.
-    """
-    from pipeline import spark as spark_setup
+def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
+                  canary: drift.CanaryResult | None, warm: WarmUp,
+                  progress: Progress | None) -> Written:
+    """The rows through the encoder on the executors, into ONE Delta commit."""
     from pipeline import udf
 
-    started = time.perf_counter()
-    now = datetime.now(UTC).replace(microsecond=0)
-    run_id = new_run_id(now)
-    info = preflight(cfg)
-    t = time.perf_counter()
-    model_fp = fingerprint(info)
-    fp_seconds = time.perf_counter() - t
-    t = time.perf_counter()
-    spark = spark or spark_setup.get_session(cfg.spark)
-    stages = {"fingerprint": fp_seconds, "spark_start": time.perf_counter() - t}
-    udf.check_gpu_request(spark, cfg)
-    runs_table = lineage.runs_path(cfg.sink.path, cfg.sink.runs_path)
-    lineage_run_id = lineage.new_lineage_run_id()
-    emitter = lineage.Emitter(cfg, lineage_run_id, job_name(cfg))
-    nominal = _nominal_time(partition)
-    base = {
-        "run_id": run_id, "started_at": now, "output_path": cfg.sink.path,
-        "source_path": cfg.source.path, "model": info.name, "model_fingerprint": model_fp,
-        "config_hash": cfg.config_hash(), "mode": cfg.sink.mode, "partition": partition,
-        "config_json": json.dumps(cfg.to_dict(), sort_keys=True, default=str),
-        "versions": lineage.software_versions(), "lineage_run_id": lineage_run_id,
-    }
-    lineage.record(spark, runs_table, status="running", **base)
-    emitter.emit("START", info=info, model_fp=model_fp, embed_run_id=run_id,
-                 nominal_time=nominal)
-    try:
-        result = _run_stages(cfg, spark, info, model_fp, run_id, now, stages, progress,
-                             source_filter, txn, runs_table)
-    except Exception as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        error = f"{type(exc).__name__}: {message}"[:4000]
-        lineage.record(spark, runs_table, status="failed", ended_at=datetime.now(UTC),
-                       seconds=time.perf_counter() - started, stage_seconds=stages,
-                       error=error, **base)
-        emitter.emit("FAIL", info=info, model_fp=model_fp, embed_run_id=run_id, error=error,
-                     nominal_time=nominal)
-        raise
-    result.seconds = time.perf_counter() - started
-    result.lineage_run_id = lineage_run_id
-    lineage.record(
-        spark, runs_table, status="succeeded", ended_at=datetime.now(UTC),
-        output_version=result.output_version, source_version=result.source_version,
-        runtime=result.runtime, rows_read=result.rows_read, rows_embedded=result.rows_embedded,
-        rows_quarantined=result.rows_quarantined, rows_skipped=result.rows_skipped,
-        rows_deleted=result.rows_deleted, seconds=result.seconds, stage_seconds=stages,
-        source_files_hash=result.source_files_hash,
-        canary=result.canary.to_dict() if result.canary else None,
-        drift_status=result.drift_status, drift=result.drift.to_dict(), **base)
-    emitter.emit("COMPLETE", info=info, model_fp=model_fp, embed_run_id=run_id, result=result,
-                 schemas=result.schemas, nominal_time=nominal)
-    return result
+    cfg, spark = ctx.cfg, ctx.spark
+    identity = _final_identity(ctx, calibrated, canary)
+    stats = udf.stats_accumulator(spark.sparkContext)
+    encoded = sink.with_lineage_columns(
+        udf.encode(spark, cfg, rows.todo, _partitions(ctx, rows.rows_todo), ctx.threads, stats,
+                   calibrated.calibration),
+        ctx.info.name, ctx.model_fp, ctx.run_id, ctx.started_at)
+    sink.ensure_table(spark, cfg.sink.path, encoded.schema, identity)
+    if ctx.plan.rewrites_identity and ctx.stored != identity:
+        sink.set_identity(spark, cfg.sink.path, identity)
+    elif canary and ctx.plan.stores_canary_reference(canary.stored_baseline):
+        sink.set_identity(spark, cfg.sink.path, {"canary_run": ctx.run_id})
+    txn = ctx.partition.txn if ctx.partition else None
+    commit = None
+    if rows.commit in ("merge", "blind_append", "overwrite"):
+        # The commit names the runtime the workers loaded (the warm-up is done by
+        # now, or the encode would wait for the same workers anyway).
+        warm.join()
+        loaded = warm.runtimes or ({canary.runtime} if canary else set())
+        spark.sparkContext.setJobGroup(ENCODE_JOB_GROUP, f"embed run {ctx.run_id}")
+        with (progress(spark, f"embedding {rows.rows_todo:,} rows") if progress
+              else contextlib.nullcontext()):
+            commit = sink.write(spark, encoded, cfg.sink.path, kind=rows.commit,
+                                merge_keys=ctx.plan.merge_keys,
+                                replace_matched=ctx.plan.replaces_matched, run_id=ctx.run_id,
+                                txn=txn, runtime=", ".join(sorted(loaded)) or None)
+    elif rows.commit == "mark_txn" and txn:  # nothing to embed: still mark it done, once
+        sink.mark_txn(spark, cfg.sink.path, ctx.run_id, txn)
+    deleted = (sink.delete_ids(spark, cfg.sink.path, rows.deleted_ids, ctx.run_id)
+               if rows.deleted_ids is not None else 0)
+    return Written(commit=commit, rows_deleted=deleted, output_schema=encoded.schema,
+                   stats=stats.value)
 
 
-def job_name(cfg: RunConfig) -> str:
-    """The OpenLineage job name: one job per output table."""
-    from pathlib import Path
-
-    return "embed." + Path(cfg.sink.path.rstrip("/")).name
-
-
-def _nominal_time(partition: str | None) -> datetime | None:
-    if not partition:
-        return None
-    try:
-        return datetime.fromisoformat(partition).replace(tzinfo=UTC)
-    except ValueError:
-        return None
+def _final_identity(ctx: RunContext, calibrated: Calibrated,
+                    canary: drift.CanaryResult | None) -> dict[str, str]:
+    identity = dict(ctx.identity)
+    if calibrated.calibration:
+        identity["calibration"] = calibrated.calibration.to_json()
+    if canary is not None:
+        identity["canary_run"] = (ctx.run_id if canary.stored_baseline
+                                  else canary.baseline_run or "")
+    return identity
 
 
-def _run_stages(cfg, spark, info, model_fp, run_id, now, stages, progress, source_filter, txn,
-                runs_table):
+def _partitions(ctx: RunContext, rows_todo: int) -> int:
+    from pipeline import spark as spark_setup
+
+    slots = spark_setup.task_slots(ctx.spark)
+    # A multiple of the task slots: an odd last wave would run on one core alone.
+    return ctx.cfg.spark.partitions or slots * max(
+        1, math.ceil(rows_todo / (slots * ROWS_PER_PARTITION)))
+
+
+def quarantine(ctx: RunContext, src: SourceRead) -> int:
+    """Bad rows, with their reasons, into the quarantine table; returns how many."""
     from pyspark.sql import functions as F
 
-    from pipeline import spark as spark_setup
-    from pipeline import udf
+    if src.rows_quarantined:
+        sink.append_rows(
+            src.quarantined.select(
+                F.col("id").cast("string").alias("id"), "reason", "raw_value",
+                F.lit(ctx.run_id).alias("run_id"),
+                F.lit(ctx.started_at).cast("timestamp").alias("quarantined_at")),
+            ctx.cfg.sink.quarantine, ctx.run_id)
+    return src.rows_quarantined
 
-    out_path = cfg.sink.path
-    identity = sink.table_identity(cfg, info.name, model_fp)
-    stored = sink.read_identity(spark, out_path)
-    if txn and sink.committed_txn(spark, out_path, txn[0]) >= txn[1]:
-        raise AlreadyCommitted(f"{txn[0]} v{txn[1]} is already committed to {out_path}")
-    threads = spark_setup.torch_threads(spark, cfg.spark)
-    warm = udf.warm_workers(spark, cfg, threads)
-    canary = tagged = None
-    # One cleanup for every way out: a run that fails early (bad column) must not
-    # exit while its background Spark jobs (warm-up, canary) still run.
-    try:
-        # The canary runs on the executors while the driver reads the source; its
-        # verdict is awaited before anything is written.
-        changed = stored is not None and not sink.same_identity(stored, identity)
-        rebaseline = stored is None or (cfg.sink.mode == "overwrite" and changed)
-        baseline_run = (stored or {}).get("canary_run")
-        # Another model on a table with a canary: the canary says what changed.
-        ask_canary = (cfg.drift.canary.enabled and cfg.sink.mode != "overwrite" and changed
-                      and bool(baseline_run))
-        if cfg.sink.mode != "overwrite" and not ask_canary:
-            sink.check_compatible(stored, identity, out_path)
-        if cfg.drift.canary.enabled:
-            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-canary")
-            canary = pool.submit(drift.run_canary, spark, cfg, threads, baseline_run, run_id,
-                                 model_fp, rebaseline)
-            pool.shutdown(wait=False)
-        if ask_canary:
-            canary.result()  # raises CanaryError when the vectors moved
-            sink.check_compatible(stored, identity, out_path)
 
-        # -- source: read once, tag every row, keep the tagged snapshot for all passes
-        t = time.perf_counter()
-        df, source_version = source.read_source(spark, cfg.source)
-        files_hash = source.files_hash(df) if source_version is None else None
-        if source_filter:
-            df = df.filter(source_filter)
-        tagged = source.tag_rows(df, cfg.source).persist()
-        rows_read = tagged.count()
-        valid = tagged.filter(F.col("reason").isNull()).select("id", "text", "content_hash")
-        quarantined = tagged.filter(F.col("reason").isNotNull())
-        rows_quarantined = quarantined.count()
-        stages["read_validate"] = time.perf_counter() - t
-
-        # -- plan: skip rows whose (id, content_hash) is already embedded
-        t = time.perf_counter()
-        existing = (sink.existing_keys(spark, out_path)
-                    if stored is not None and cfg.sink.mode != "overwrite" else None)
-        todo = valid if existing is None else valid.join(existing, ["id", "content_hash"],
-                                                         "left_anti")
-        rows_todo = todo.count()
-        rows_skipped = rows_read - rows_quarantined - rows_todo
-        # A backfill partition of only new rows commits as a blind append with its
-        # txn id: partitions then never conflict with each other. Changed texts
-        # need a MERGE (replace by id).
-        blind = bool(txn) and cfg.sink.mode != "overwrite" and (
-            existing is None or rows_todo == 0
-            or todo.join(existing.select("id"), "id", "left_semi").limit(1).count() == 0)
-        if blind and existing is not None:
-            # Cut the plan's read of the output table (the anti-join): a write whose
-            # data reads its target is no blind append to Delta, and two partitions
-            # appending at once would conflict. The rows to embed are fixed here.
-            todo = todo.localCheckpoint(eager=True)
-        deleted_ids = None
-        if existing is not None and cfg.sink.deletes == "delete" and not source_filter:
-            deleted_ids = existing.select("id").join(valid.select("id"), "id", "left_anti")
-        stages["plan"] = time.perf_counter() - t
-
-        # -- encode + sink: one Delta commit for the whole run
-        t = time.perf_counter()
-        slots = spark_setup.task_slots(spark)
-        # A multiple of the task slots: an odd last wave would run on one core alone.
-        partitions = cfg.spark.partitions or slots * max(
-            1, math.ceil(rows_todo / (slots * ROWS_PER_PARTITION)))
-        calibration = calibrate(cfg, valid, stored if cfg.sink.mode != "overwrite" else None)
-        if calibration:
-            identity = {**identity, "calibration": calibration.to_json()}
-        t_canary = time.perf_counter()
-        canary_result = canary.result() if canary is not None else None
-        stages["canary_wait"] = time.perf_counter() - t_canary
-        if canary_result is not None:
-            identity = {**identity, "canary_run": run_id if canary_result.stored_baseline
-                        else canary_result.baseline_run}
-            if canary_result.stored_baseline and stored is not None \
-                    and cfg.sink.mode != "overwrite":
-                sink.set_identity(spark, out_path, {"canary_run": run_id})
-        stats = udf.stats_accumulator(spark.sparkContext)
-        encode_fn = udf.make_encode_fn(cfg.model, cfg.outputs, threads, stats, calibration)
-        schema = udf.output_schema(df.schema[cfg.source.id_column].dataType, cfg.outputs)
-        encoded = (
-            todo.repartition(partitions)
-            .mapInArrow(encode_fn, schema, profile=udf.gpu_profile(spark, cfg.spark))
-            .select(
-                "id", "content_hash", *(s.name for s in cfg.outputs), "n_tokens", "truncated",
-                F.lit(info.name).alias("model"), F.lit(model_fp).alias("model_fingerprint"),
-                F.lit(run_id).alias("run_id"), F.lit(now).cast("timestamp").alias("embedded_at"))
-        )
-        sink.ensure_table(spark, out_path, encoded.schema, identity)
-        if cfg.sink.mode == "overwrite" and stored != identity:
-            sink.set_identity(spark, out_path, identity)
-        commit = None
-        if rows_todo or cfg.sink.mode == "overwrite":
-            # The commit names the runtime the workers loaded (the warm-up is done
-            # by now, or the encode would wait for the same workers anyway).
-            warm.join()
-            loaded = warm.runtimes or ({canary_result.runtime} if canary_result else set())
-            spark.sparkContext.setJobGroup(ENCODE_JOB_GROUP, f"embed run {run_id}")
-            with (progress(spark, f"embedding {rows_todo:,} rows") if progress
-                  else contextlib.nullcontext()):
-                commit = sink.write(spark, encoded, out_path, cfg.sink.mode, run_id, txn,
-                                    blind=blind, runtime=", ".join(sorted(loaded)) or None)
-        elif txn:  # nothing to embed: still mark the partition done, exactly once
-            sink.mark_txn(spark, out_path, run_id, txn)
-        rows_deleted = sink.delete_ids(spark, out_path, deleted_ids, run_id) \
-            if deleted_ids is not None else 0
-        stages["encode_write"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        if rows_quarantined:
-            sink.append_rows(
-                quarantined.select(
-                    F.col("id").cast("string").alias("id"), "reason", "raw_value",
-                    F.lit(run_id).alias("run_id"),
-                    F.lit(now).cast("timestamp").alias("quarantined_at")),
-                cfg.sink.quarantine, run_id)
-        stages["quarantine"] = time.perf_counter() - t
-        schemas = {"source": [(f.name, f.dataType.simpleString()) for f in df.schema.fields],
-                   "output": [(f.name, f.dataType.simpleString())
-                              for f in encoded.schema.fields]}
-    finally:
-        if tagged is not None:
-            tagged.unpersist()
-        warm.join()
-        if canary is not None:
-            futures_wait([canary])
-
-    rows_embedded = commit.rows_written if commit else 0
-    if rows_read != rows_embedded + rows_quarantined + rows_skipped:
+def reconcile(ctx: RunContext, src: SourceRead, rows: RowPlan, written: Written) -> Counts:
+    """Rows read = embedded + quarantined + skipped, or the run fails."""
+    counts = Counts(rows_read=src.rows_read, rows_embedded=written.rows_embedded,
+                    rows_quarantined=src.rows_quarantined, rows_skipped=rows.rows_skipped,
+                    rows_deleted=written.rows_deleted)
+    if counts.rows_read != counts.rows_embedded + counts.rows_quarantined + counts.rows_skipped:
         raise ReconciliationError(
-            f"rows read {rows_read} != embedded {rows_embedded} + quarantined "
-            f"{rows_quarantined} + skipped {rows_skipped} (run {run_id})")
-    t = time.perf_counter()
-    drift_result = measure_drift(spark, cfg, run_id, commit.version if commit else None,
-                                 rows_embedded, runs_table, calibration, canary_result)
-    stages["drift"] = time.perf_counter() - t
-    s = stats.value
-    return RunResult(
-        run_id=run_id, output_path=out_path, quarantine_path=cfg.sink.quarantine,
-        rows_read=rows_read, rows_embedded=rows_embedded, rows_quarantined=rows_quarantined,
-        rows_skipped=rows_skipped, rows_deleted=rows_deleted,
-        columns=[o.name for o in cfg.outputs], model=info.name,
-        model_fingerprint=model_fp, runtime=", ".join(sorted(s["runtime"])) or "-",
-        output_version=commit.version if commit else None, source_version=source_version,
-        seconds=0.0, encode_seconds=s["encode_seconds"],
-        padding_efficiency=(s["tokens"] / s["padded_tokens"]) if s["padded_tokens"] else 1.0,
-        tokens=s["tokens"], stage_seconds=stages, source_files_hash=files_hash,
-        canary=canary_result, drift=drift_result, schemas=schemas)
+            f"rows read {counts.rows_read} != embedded {counts.rows_embedded} + quarantined "
+            f"{counts.rows_quarantined} + skipped {counts.rows_skipped} (run {ctx.run_id})")
+    return counts
 
 
-def measure_drift(spark, cfg, run_id, version, rows_embedded, runs_table, calibration,
-                  canary_result):
+def measure_drift(ctx: RunContext, written: Written, calibrated: Calibrated,
+                  canary: drift.CanaryResult | None) -> drift.DriftResult:
     """Distribution drift of this run's committed rows, recorded in the drift table.
 
     The rows are committed already: a failure here is reported (status
     ``error``) and never turns a landed run into a failed one.
     """
+    cfg, spark = ctx.cfg, ctx.spark
+    runs_table = lineage.runs_path(cfg.sink.path, cfg.sink.runs_path)
     if not cfg.drift.distribution.enabled:
         result = drift.DriftResult(status="disabled")
-    elif not rows_embedded:
+    elif not written.rows_embedded:
         result = drift.DriftResult(status="no_rows", message="nothing new to compare")
     else:
         try:
-            result = drift.distribution(spark, cfg, run_id, version, runs_table, calibration)
+            result = drift.distribution(spark, cfg, ctx.run_id, written.version, runs_table,
+                                        calibrated.calibration)
         except Exception as exc:
             log.warning("drift check failed: %s", exc)
             return drift.DriftResult(status="error", message=str(exc).splitlines()[0][:500])
-    if result.status in ("disabled", "no_rows") and canary_result is None:
+    if result.status in ("disabled", "no_rows") and canary is None:
         return result
     try:
-        drift.record(spark, cfg, run_id, version, result, canary_result)
+        drift.record(spark, cfg, ctx.run_id, written.version, result, canary)
     except Exception as exc:
         log.warning("drift results not recorded: %s", exc)
-        result.message = f"not recorded: {str(exc).splitlines()[0][:300]}"
+        result = replace(result, message=f"not recorded: {str(exc).splitlines()[0][:300]}")
     return result
+
+
+def _result(ctx: RunContext, src: SourceRead, counts: Counts, written: Written,
+            calibrated: Calibrated, canary: drift.CanaryResult | None,
+            drifted: drift.DriftResult) -> RunResult:
+    s = written.stats
+    schemas = {"source": [(f.name, f.dataType.simpleString()) for f in src.df.schema.fields],
+               "output": [(f.name, f.dataType.simpleString())
+                          for f in written.output_schema.fields]}
+    return RunResult(
+        run_id=ctx.run_id, output_path=ctx.cfg.sink.path,
+        quarantine_path=ctx.cfg.sink.quarantine, **asdict(counts),
+        columns=[o.name for o in ctx.cfg.outputs], model=ctx.info.name,
+        model_fingerprint=ctx.model_fp, runtime=s.runtime_label,
+        output_version=written.version, seconds=0.0, source_version=src.version,
+        encode_seconds=s.seconds, padding_efficiency=s.padding_efficiency, tokens=s.tokens,
+        source_files_hash=src.files_hash,
+        partition=ctx.partition.value if ctx.partition else None,
+        calibration=calibrated.source, canary=canary, drift=drifted, schemas=schemas)
+

@@ -14,8 +14,18 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.errors import ConcurrentRunError, SinkConflictError
+from pipeline.errors import AlreadyCommitted, ConcurrentRunError, SinkConflictError
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.types import StructType
+
+    from pipeline.config import RunConfig
+    from pipeline.write_plan import CommitKind
 
 PROP_PREFIX = "embed."
 # Properties that decide the stored vectors: a mismatch means incomparable vectors.
@@ -35,7 +45,7 @@ class Commit:
     rows_written: int
 
 
-def table_identity(cfg, model_name: str, model_fingerprint: str) -> dict[str, str]:
+def table_identity(cfg: RunConfig, model_name: str, model_fingerprint: str) -> dict[str, str]:
     from pipeline.outputs import describe
 
     return {
@@ -54,7 +64,7 @@ def is_delta_table(path: str) -> bool:
     return (Path(path.removeprefix("file://")) / "_delta_log").is_dir()
 
 
-def read_identity(spark, path: str) -> dict[str, str] | None:
+def read_identity(spark: SparkSession, path: str) -> dict[str, str] | None:
     from delta.tables import DeltaTable
 
     if not is_delta_table(path) or not DeltaTable.isDeltaTable(spark, path):
@@ -63,9 +73,13 @@ def read_identity(spark, path: str) -> dict[str, str] | None:
     return {k[len(PROP_PREFIX):]: v for k, v in props.items() if k.startswith(PROP_PREFIX)}
 
 
-def same_identity(stored: dict[str, str], wanted: dict[str, str]) -> bool:
-    """Same model, weights and output layout (ignores calibration and canary ids)."""
-    return all(stored.get(k) == wanted.get(k) for k in IDENTITY_KEYS)
+def identity_changes(stored: dict[str, str] | None, wanted: dict[str, str]) -> frozenset[str]:
+    """The identity keys (model, weights, pooling, outputs ...) whose stored value differs
+    from this run's; calibration and canary ids are not identity. Empty: same, or no
+    table yet."""
+    if stored is None:
+        return frozenset()
+    return frozenset(k for k in IDENTITY_KEYS if stored.get(k) != wanted.get(k))
 
 
 def check_compatible(stored: dict[str, str] | None, wanted: dict[str, str], path: str) -> None:
@@ -87,7 +101,8 @@ def check_compatible(stored: dict[str, str] | None, wanted: dict[str, str], path
         "or set sink.mode: overwrite to replace the table")
 
 
-def ensure_table(spark, path: str, schema, identity: dict[str, str]) -> None:
+def ensure_table(spark: SparkSession, path: str, schema: StructType,
+                 identity: dict[str, str]) -> None:
     from delta.tables import DeltaTable
 
     builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(schema)
@@ -104,7 +119,7 @@ def ensure_table(spark, path: str, schema, identity: dict[str, str]) -> None:
         check_compatible(stored, identity, path)
 
 
-def set_identity(spark, path: str, identity: dict[str, str]) -> None:
+def set_identity(spark: SparkSession, path: str, identity: dict[str, str]) -> None:
     pairs = ", ".join(f"'{PROP_PREFIX}{k}' = '{_sql_str(v)}'" for k, v in identity.items())
     spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ({pairs})")
 
@@ -113,9 +128,22 @@ def _sql_str(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
-def existing_keys(spark, path: str):
+def existing_keys(spark: SparkSession, path: str) -> DataFrame:
     """(id, content_hash) of the rows already embedded in the output table."""
     return spark.read.format("delta").load(path).select("id", "content_hash")
+
+
+def with_lineage_columns(encoded: DataFrame, model: str, model_fingerprint: str, run_id: str,
+                         embedded_at: datetime) -> DataFrame:
+    """The output table's row layout: the encoder's columns plus what made each row."""
+    from pyspark.sql import functions as F
+
+    vectors = [c for c in encoded.columns if c not in ("id", "content_hash", "n_tokens",
+                                                         "truncated")]
+    return encoded.select(
+        "id", "content_hash", *vectors, "n_tokens", "truncated",
+        F.lit(model).alias("model"), F.lit(model_fingerprint).alias("model_fingerprint"),
+        F.lit(run_id).alias("run_id"), F.lit(embedded_at).cast("timestamp").alias("embedded_at"))
 
 
 def commit_tag(run_id: str, runtime: str | None = None) -> str:
@@ -125,8 +153,9 @@ def commit_tag(run_id: str, runtime: str | None = None) -> str:
     return json.dumps(tag, separators=(",", ":"))
 
 
-def _run_commit(spark, path: str, run_id: str):
-    """This run's latest commit (by userMetadata: other runs may have committed since)."""
+def _run_commit(spark: SparkSession, path: str, run_id: str):
+    """This run's latest commit (by userMetadata: other runs may have committed since),
+    or None."""
     from delta.tables import DeltaTable
     from pyspark.sql import functions as F
 
@@ -135,13 +164,19 @@ def _run_commit(spark, path: str, run_id: str):
     rows = (DeltaTable.forPath(spark, path).history(50)
             .filter(mine).orderBy("version", ascending=False)
             .limit(1).collect())
-    if not rows:
-        raise RuntimeError(f"run {run_id} finds no commit of its own in {path}")
-    return rows[0]
+    return rows[0] if rows else None
 
 
-def last_commit(spark, path: str, run_id: str) -> Commit:
+def last_commit(spark: SparkSession, path: str, run_id: str,
+                txn: tuple[str, int] | None = None) -> Commit:
+    """This run's commit. A write with a txn id that Delta skipped (another run
+    committed that txn first) raises :class:`AlreadyCommitted`."""
     row = _run_commit(spark, path, run_id)
+    if row is None:
+        if txn and committed_txn(spark, path, txn[0]) >= txn[1]:
+            raise AlreadyCommitted(f"{txn[0]} v{txn[1]} was committed to {path} by another "
+                                   "run while this one was writing")
+        raise RuntimeError(f"run {run_id} finds no commit of its own in {path}")
     metrics = row["operationMetrics"] or {}
     if row["operation"] == "MERGE":
         written = int(metrics.get("numTargetRowsInserted", 0)) + int(
@@ -151,11 +186,12 @@ def last_commit(spark, path: str, run_id: str) -> Commit:
     return Commit(version=int(row["version"]), operation=row["operation"], rows_written=written)
 
 
-def committed_txn(spark, path: str, app_id: str) -> int:
+def committed_txn(spark: SparkSession, path: str, app_id: str) -> int:
     """The last txnVersion Delta recorded for ``app_id`` on this table (-1: none)."""
     if not is_delta_table(path):
         return -1
     jvm = spark._jvm
+    assert jvm is not None, "a classic (JVM) Spark session is needed, not Spark Connect"
     none = getattr(getattr(jvm.scala, "None$"), "MODULE$")
     log = jvm.org.apache.spark.sql.delta.DeltaLog.forTable(spark._jsparkSession, path)
     found = log.update(False, none, none).transactions().get(app_id)
@@ -163,14 +199,19 @@ def committed_txn(spark, path: str, app_id: str) -> int:
 
 
 @contextlib.contextmanager
-def _session_conf(spark, conf: dict[str, str]):
+def _session_conf(spark: SparkSession, conf: dict[str, str]):
+    """Session confs for one commit, then each key back to what it was (or unset)."""
+    before = {key: spark.conf.get(key, None) for key in conf}
     for key, value in conf.items():
         spark.conf.set(key, value)
     try:
         yield
     finally:
-        for key in conf:
-            spark.conf.unset(key)
+        for key, old in before.items():
+            if old is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, old)
 
 
 def _commit_conf(run_id: str, txn: tuple[str, int] | None,
@@ -203,46 +244,59 @@ def _conflicts_reported(path: str):
         raise
 
 
-def write(spark, df, path: str, mode: str, run_id: str,
-          txn: tuple[str, int] | None = None, blind: bool = False,
-          runtime: str | None = None) -> Commit:
+def write(spark: SparkSession, df: DataFrame, path: str, *, kind: CommitKind,
+          merge_keys: tuple[str, ...], replace_matched: bool, run_id: str,
+          txn: tuple[str, int] | None = None, runtime: str | None = None) -> Commit:
     """ONE Delta commit tagged with the run id and runtime (and, for backfills, a txn
-    app id/version).
+    app id/version). ``kind`` (see :class:`~pipeline.write_plan.WritePlan`):
 
-    incremental: MERGE on id (insert new ids, replace changed texts);
-    append: insert-only MERGE on (id, content_hash); overwrite: replace the table.
-    MERGE (not a blind append) reads the target, so two runs writing the same
-    table at once conflict in Delta's commit check instead of doubling rows.
+    merge: MERGE on ``merge_keys``, inserting rows not matched and, with
+    ``replace_matched``, replacing matched ones; MERGE (not a blind append) reads
+    the target, so two runs writing the same table at once conflict in Delta's
+    commit check instead of doubling rows. blind_append: a plain append with the
+    txn id (backfill partitions of new ids only). overwrite: replace the table.
     """
+    try:
+        if kind == "blind_append":  # writer options, no session state
+            writer = df.write.format("delta").mode("append").option(
+                "userMetadata", commit_tag(run_id, runtime))
+            if txn:
+                writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])
+            with _conflicts_reported(path):
+                writer.save(path)
+            return last_commit(spark, path, run_id, txn)
+        conf = _commit_conf(run_id, txn, runtime)
+        # The source holds a Python UDF: materialise it so MERGE's passes over the
+        # source never encode a row twice.
+        conf["spark.databricks.delta.merge.materializeSource"] = "all"
+        with _conflicts_reported(path), _MERGE_LOCK, _session_conf(spark, conf):
+            if kind == "overwrite":
+                df.write.format("delta").mode("overwrite").option("overwriteSchema", "true") \
+                    .save(path)
+            else:
+                _merge(spark, df, path, merge_keys, replace_matched)
+        return last_commit(spark, path, run_id, txn)
+    except ConcurrentRunError:
+        # The run we lost to may have committed this very txn (the same partition
+        # at once): that is a skip, not a conflict.
+        if txn and committed_txn(spark, path, txn[0]) >= txn[1]:
+            raise AlreadyCommitted(f"{txn[0]} v{txn[1]} was committed to {path} by another "
+                                   "run while this one was writing") from None
+        raise
+
+
+def _merge(spark: SparkSession, df: DataFrame, path: str, keys: tuple[str, ...],
+           replace_matched: bool) -> None:
     from delta.tables import DeltaTable
 
-    if blind:  # backfill partitions of new rows only: writer options, no session state
-        writer = df.write.format("delta").mode("append").option(
-            "userMetadata", commit_tag(run_id, runtime))
-        if txn:
-            writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])
-        with _conflicts_reported(path):
-            writer.save(path)
-        return last_commit(spark, path, run_id)
-    with _conflicts_reported(path), _MERGE_LOCK, \
-            _session_conf(spark, _commit_conf(run_id, txn, runtime)):
-        if mode == "overwrite":
-            df.write.format("delta").mode("overwrite").option("overwriteSchema", "true") \
-                .save(path)
-        else:
-            # The source holds a Python UDF: materialise it so MERGE's passes over
-            # the source never encode a row twice.
-            spark.conf.set("spark.databricks.delta.merge.materializeSource", "all")
-            on = "t.id = s.id" if mode == "incremental" else \
-                "t.id = s.id AND t.content_hash = s.content_hash"
-            merge = DeltaTable.forPath(spark, path).alias("t").merge(df.alias("s"), on)
-            if mode == "incremental":
-                merge = merge.whenMatchedUpdateAll()
-            merge.whenNotMatchedInsertAll().execute()
-    return last_commit(spark, path, run_id)
+    on = " AND ".join(f"t.{k} = s.{k}" for k in keys)
+    merge = DeltaTable.forPath(spark, path).alias("t").merge(df.alias("s"), on)
+    if replace_matched:
+        merge = merge.whenMatchedUpdateAll()
+    merge.whenNotMatchedInsertAll().execute()
 
 
-def mark_txn(spark, path: str, run_id: str, txn: tuple[str, int]) -> None:
+def mark_txn(spark: SparkSession, path: str, run_id: str, txn: tuple[str, int]) -> None:
     """Record a txn with no rows (an empty partition), so a re-run skips it too."""
     from delta.tables import DeltaTable
 
@@ -252,7 +306,7 @@ def mark_txn(spark, path: str, run_id: str, txn: tuple[str, int]) -> None:
             .whenNotMatchedInsertAll().execute()
 
 
-def delete_ids(spark, path: str, ids_df, run_id: str) -> int:
+def delete_ids(spark: SparkSession, path: str, ids_df: DataFrame, run_id: str) -> int:
     """Delete output rows whose id left the source; returns rows deleted."""
     from delta.tables import DeltaTable
 
@@ -261,9 +315,10 @@ def delete_ids(spark, path: str, ids_df, run_id: str) -> int:
     with _MERGE_LOCK, _session_conf(spark, _commit_conf(run_id, None)):
         DeltaTable.forPath(spark, path).alias("t").merge(ids_df.alias("s"), "t.id = s.id") \
             .whenMatchedDelete().execute()
-    metrics = _run_commit(spark, path, run_id)["operationMetrics"] or {}
+    row = _run_commit(spark, path, run_id)
+    metrics = (row["operationMetrics"] if row is not None else None) or {}
     return int(metrics.get("numTargetRowsDeleted", 0))
 
 
-def append_rows(df, path: str, run_id: str) -> None:
+def append_rows(df: DataFrame, path: str, run_id: str) -> None:
     df.write.format("delta").mode("append").option("userMetadata", run_id).save(path)

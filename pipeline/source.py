@@ -9,9 +9,13 @@ for row-level lineage.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.config import SourceConfig
 from pipeline.errors import ConfigError, SourceError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 # Quarantine reasons, in the order they are checked (the first that applies wins).
 REASONS = ("null_id", "text_not_string", "null_text", "invalid_utf8", "empty_text",
@@ -48,7 +52,7 @@ def files_hash(df) -> str:
     return digest.hexdigest()
 
 
-def read_source(spark, cfg: SourceConfig):
+def read_source(spark: SparkSession, cfg: SourceConfig):
     """Returns (DataFrame, source_version); the version is the Delta version read, if any."""
     from pyspark.errors import AnalysisException
 

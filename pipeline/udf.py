@@ -14,28 +14,32 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 
-from pipeline.config import ModelConfig, OutputSpec
+from pipeline.config import ModelConfig, OutputSpec, RunConfig
+from pipeline.encoder.stats import EncoderStats
 from pipeline.outputs import Calibration, spark_type, to_arrow, to_spark_arrow
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 _ENCODERS: dict = {}
 
 
-def get_encoder(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], gpu: str | None,
-                calibration: Calibration | None = None):
+def get_encoder(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], gpu: str | None):
     """The worker's encoder for this model and outputs: loaded once, reused by the
-    warm-up, the canary and every encode task (int8 ranges are set per call)."""
+    warm-up, the canary, the calibration sample and every encode task. Never
+    mutated per call (int8 ranges are an argument of ``encode``)."""
     key = (model_cfg, outputs, gpu)
     if key not in _ENCODERS:
         from pipeline.encoder import Encoder
 
         _ENCODERS[key] = Encoder(model_cfg, outputs, gpu_address=gpu)
-    encoder = _ENCODERS[key]
-    encoder.calibration = calibration or Calibration()
-    return encoder
+    return _ENCODERS[key]
 
 
 def task_gpu() -> str | None:
@@ -50,7 +54,7 @@ def task_gpu() -> str | None:
 
 
 def float_specs(outputs: tuple[OutputSpec, ...]) -> tuple[OutputSpec, ...]:
-    """The same columns before quantization (what the canary compares)."""
+    """The same columns before quantization (what the canary and calibration use)."""
     return tuple(dataclasses.replace(s, dtype="float32") for s in outputs)
 
 
@@ -69,47 +73,70 @@ def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], torc
                    stats_acc=None, calibration: Calibration | None = None, raw: bool = False):
     """The function given to ``mapInArrow``; it closes over plain, picklable config.
 
-    ``raw``: emit every column as float32 before quantization (the canary), from
-    the same cached encoder as the run's own encode tasks.
+    ``raw``: emit every column as float32 before quantization (the canary, the
+    calibration sample), from the same cached encoder as the run's encode tasks.
     """
     raw_specs = float_specs(outputs)
+    names = ["id", "content_hash", *(s.name for s in outputs), "n_tokens", "truncated"]
 
     def encode_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import torch
 
         if torch.get_num_threads() != torch_threads:
             torch.set_num_threads(torch_threads)
-        encoder = get_encoder(model_cfg, outputs, task_gpu(), calibration)
-        before = dataclasses.replace(encoder.stats)  # the encoder counts; report this task's share
+        encoder = get_encoder(model_cfg, outputs, task_gpu())
+        before = encoder.stats  # the encoder counts; this task reports its share
         for batch, prepared in encoder.prefetched(batches, lambda b: b.column("text")):
             if raw:
                 floats, result = encoder.encode_float(prepared)
                 columns = {s.name: to_arrow(floats[s.name], s) for s in raw_specs}
             else:
-                result = encoder.encode(prepared)
+                result = encoder.encode(prepared, calibration)
                 columns = result.columns
             arrays = [batch.column("id"), batch.column("content_hash")]
             arrays += [to_spark_arrow(columns[s.name]) for s in outputs]
             arrays += [pa.array(result.n_tokens, pa.int32()), pa.array(result.truncated)]
-            names = ["id", "content_hash", *(s.name for s in outputs), "n_tokens", "truncated"]
             yield pa.RecordBatch.from_arrays(arrays, names=names)
         if stats_acc is not None:
-            rt, now = encoder.runtime, encoder.stats
-            stats_acc.add({"rows": now.rows - before.rows, "tokens": now.tokens - before.tokens,
-                           "padded_tokens": now.padded_tokens - before.padded_tokens,
-                           "encode_seconds": now.seconds - before.seconds,
-                           "runtime": {runtime_label(rt)}})
+            stats_acc.add(encoder.stats - before)
 
     return encode_batches
 
 
-def _zero_stats() -> dict:
-    return {"rows": 0, "tokens": 0, "padded_tokens": 0, "encode_seconds": 0.0, "runtime": set()}
+def encode(spark: SparkSession, cfg: RunConfig, rows: DataFrame, partitions: int,
+           torch_threads: int, stats_acc, calibration: Calibration | None) -> DataFrame:
+    """Rows (id, text, content_hash) -> (id, content_hash, every output column, n_tokens,
+    truncated), encoded on the executors; the encode stage alone asks for GPUs."""
+    fn = make_encode_fn(cfg.model, cfg.outputs, torch_threads, stats_acc, calibration)
+    schema = output_schema(rows.schema["id"].dataType, cfg.outputs)
+    return (rows.repartition(partitions)
+            .mapInArrow(fn, schema, profile=gpu_profile(spark, cfg.spark)))
 
 
-def runtime_label(runtime) -> str:
-    """device/precision/attention, as runs, commits and canaries record it."""
-    return f"{runtime.device}/{runtime.precision}/{runtime.attention}"
+def encode_floats(spark: SparkSession, cfg: RunConfig, torch_threads: int,
+                  rows: DataFrame) -> tuple[dict[str, np.ndarray], str]:
+    """A small set of rows (the canary, a calibration sample) through the run's own
+    encode path (same executors, same cached encoders), as float32 before
+    quantization. Returns ({column: [N, dim] in id order}, the runtime that ran)."""
+    from pipeline import spark as spark_setup
+
+    stats = stats_accumulator(spark.sparkContext)
+    fn = make_encode_fn(cfg.model, cfg.outputs, torch_threads, stats, raw=True)
+    schema = output_schema(rows.schema["id"].dataType, cfg.outputs, raw=True)
+    table = (rows.select("id", "text", "content_hash")
+             .repartition(spark_setup.task_slots(spark))
+             .mapInArrow(fn, schema, profile=gpu_profile(spark, cfg.spark))
+             .select("id", *(s.name for s in cfg.outputs)).toArrow().sort_by("id"))
+    vectors = {s.name: _matrix(table.column(s.name), s.dim) for s in cfg.outputs}
+    return vectors, stats.value.runtime_label
+
+
+def _matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
+    """An Arrow list<float> column of fixed-length rows -> float32 [N, dim]."""
+    import pyarrow.compute as pc
+
+    flat = pc.list_flatten(column).to_numpy() if column.num_chunks else np.zeros(0, np.float32)
+    return flat.astype(np.float32, copy=False).reshape(-1, dim)
 
 
 class WarmUp(threading.Thread):
@@ -120,7 +147,7 @@ class WarmUp(threading.Thread):
         self.runtimes: set[str] = set()
 
 
-def warm_workers(spark, cfg, torch_threads: int) -> WarmUp:
+def warm_workers(spark: SparkSession, cfg, torch_threads: int) -> WarmUp:
     """Start every task slot's Python worker and load the model, in the background.
 
     Spark starts Python workers lazily, at the first Python task: each then
@@ -139,7 +166,7 @@ def warm_workers(spark, cfg, torch_threads: int) -> WarmUp:
         encoder = get_encoder(model_cfg, outputs, task_gpu())
         for _ in batches:
             pass
-        yield pa.RecordBatch.from_pydict({"runtime": [runtime_label(encoder.runtime)]})
+        yield pa.RecordBatch.from_pydict({"runtime": [encoder.runtime.label]})
 
     def job():
         try:
@@ -154,11 +181,11 @@ def warm_workers(spark, cfg, torch_threads: int) -> WarmUp:
     return thread
 
 
-def is_local(spark) -> bool:
-    return spark.sparkContext.master.startswith("local")
+def is_local(spark: SparkSession) -> bool:
+    return (spark.sparkContext.master or "").startswith("local")
 
 
-def gpu_profile(spark, cfg):
+def gpu_profile(spark: SparkSession, cfg):
     """A ResourceProfile asking ``gpus_per_task`` GPUs for the encode stage only.
 
     None on local masters (Spark refuses ResourceProfiles there) or when no GPUs
@@ -172,13 +199,14 @@ def gpu_profile(spark, cfg):
         TaskResourceRequests,
     )
 
-    gpus_per_executor = spark.conf.get("spark.executor.resource.gpu.amount", "1")
-    executor = ExecutorResourceRequests().resource("gpu", float(gpus_per_executor))
+    # executor resource amounts are whole GPUs; only task amounts may be fractions
+    gpus_per_executor = int(spark.conf.get("spark.executor.resource.gpu.amount", "1") or "1")
+    executor = ExecutorResourceRequests().resource("gpu", gpus_per_executor)
     task_req = TaskResourceRequests().resource("gpu", cfg.gpus_per_task)
     return ResourceProfileBuilder().require(executor).require(task_req).build
 
 
-def check_gpu_request(spark, cfg) -> None:
+def check_gpu_request(spark: SparkSession, cfg) -> None:
     """device: cuda needs a GPU somewhere: on this machine (local) or on executors."""
     if cfg.model.device != "cuda":
         return
@@ -197,16 +225,14 @@ def check_gpu_request(spark, cfg) -> None:
 
 
 def stats_accumulator(sc):
-    """Encoder statistics summed over tasks: rows, tokens, padding, what runtime ran."""
+    """Encoder statistics summed over tasks (:class:`EncoderStats`, ``+``)."""
     from pyspark.accumulators import AccumulatorParam
 
     class StatsParam(AccumulatorParam):
         def zero(self, value):
-            return _zero_stats()
+            return EncoderStats()
 
         def addInPlace(self, a, b):
-            for key, value in b.items():
-                a[key] = a[key] | value if key == "runtime" else a[key] + value
-            return a
+            return a + b
 
-    return sc.accumulator(_zero_stats(), StatsParam())
+    return sc.accumulator(EncoderStats(), StatsParam())

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pipeline import drift
+from pipeline import drift, drift_stats
 from pipeline.config import load_config
 from pipeline.errors import CanaryError
 from pipeline.run import run
@@ -87,8 +87,8 @@ def test_shuffled_tokens_are_flagged(runs):
     assert shuffled.canary.verdict == "same_runtime"
     assert shuffled.drift_status == "breach"
     for name, stats in shuffled.drift.columns.items():
-        assert stats["flags"], name
-        assert stats["mmd_p_value"] < 0.01, name
+        assert stats.flags, name
+        assert stats.mmd_p_value < 0.01, name
 
 
 def test_bf16_run_is_runtime_changed_and_proceeds(runs):
@@ -144,9 +144,12 @@ def test_openlineage_events_are_valid(runs):
             result = results[i // 2]
             assert event["run"]["runId"] == result.lineage_run_id
             assert facet["embedRunId"] == result.run_id and facet["runtime"] == result.runtime
-            out = event["outputs"][0]["facets"]
-            assert out["outputStatistics"]["rowCount"] == result.rows_embedded
-            assert {f["name"] for f in out["schema"]["fields"]} >= {"id", "emb_384", "emb_64"}
+            out = event["outputs"][0]
+            # row counts are output facets (the spec), not dataset facets
+            assert "outputStatistics" not in out["facets"]
+            assert out["outputFacets"]["outputStatistics"]["rowCount"] == result.rows_embedded
+            assert {f["name"] for f in out["facets"]["schema"]["fields"]} >= {
+                "id", "emb_384", "emb_64"}
             assert event["inputs"][0]["facets"]["version"]["datasetVersion"] == str(
                 result.source_version)
     assert "model or its weights changed" in events[-1]["run"]["facets"]["errorMessage"][
@@ -182,12 +185,13 @@ def test_statistics_flag_a_shift_and_not_a_same_distribution_sample():
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(2, 800, 64))
-    same = drift.column_drift(x, y, DistributionConfig())
-    assert same["flags"] == [] and same["mmd_p_value"] > 0.05
+    same = drift_stats.column_drift(x, y, DistributionConfig())
+    assert same.flags == [] and same.mmd_p_value > 0.05
+    assert (same.n_current, same.n_reference) == (800, 800)
     y[:, :16] += 0.4
-    shifted = drift.column_drift(x, y, DistributionConfig())
-    assert shifted["mmd_p_value"] < 0.01 and 0.2 <= shifted["drifted_share"] <= 0.3
-    assert len(shifted["flags"]) == 3
+    shifted = drift_stats.column_drift(x, y, DistributionConfig())
+    assert shifted.mmd_p_value < 0.01 and 0.2 <= shifted.drifted_share <= 0.3
+    assert len(shifted.flags) == 3
 
 
 def test_ks_pvalues_equal_scipy_with_ties():
@@ -196,7 +200,7 @@ def test_ks_pvalues_equal_scipy_with_ties():
     rng = np.random.default_rng(1)
     x, y = np.round(rng.normal(size=(300, 8)) * 2), np.round(rng.normal(size=(200, 8)) * 2)
     expected = stats.ks_2samp(x, y, axis=0, method="asymp").pvalue
-    assert np.allclose(drift.ks_pvalues(x, y), expected, atol=1e-12)
+    assert np.allclose(drift_stats.ks_pvalues(x, y), expected, atol=1e-12)
 
 
 def test_canary_set_is_varied():

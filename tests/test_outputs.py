@@ -129,9 +129,9 @@ def test_one_pass_serves_every_layer_and_dtype(demo_rows):
     texts = [r["text"] for r in demo_rows[:20]]
     probe = Encoder(ModelConfig(), (OutputSpec(name="q", dim=128),))
     calibration = Calibration.fit(probe.encode_float(texts)[0])
-    enc = Encoder(ModelConfig(), specs, calibration=calibration)
+    enc = Encoder(ModelConfig(), specs)
     assert enc.layers_run == 6 and enc.exit_layer is None
-    result = enc.encode(texts)
+    result = enc.encode(texts, calibration)
     assert [len(result.columns[s.name]) for s in specs] == [20] * 4
     floats = enc.encode_float(texts)[0]
     assert result.columns["b"].to_pylist()[0] == np.packbits(floats["b"][0] > 0).tobytes()

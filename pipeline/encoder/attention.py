@@ -30,6 +30,11 @@ class Runtime:
     precision: str  # fp32 | bf16 | fp16: what runs, never "auto"
     attention: str  # flash | sdpa | eager: what runs, never "auto"
 
+    @property
+    def label(self) -> str:
+        """device/precision/attention, as runs, commits and canaries record it."""
+        return f"{self.device}/{self.precision}/{self.attention}"
+
 
 def pick_device(requested: str, gpu_address: str | None = None) -> str:
     import torch

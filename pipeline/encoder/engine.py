@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +22,7 @@ from pipeline.config import ModelConfig, OutputSpec
 from pipeline.encoder import attention
 from pipeline.encoder.batching import pad_batch, padded_tokens, plan_batches
 from pipeline.encoder.model import inspect_model, pool, pool_packed
+from pipeline.encoder.stats import EncoderStats
 from pipeline.encoder.varlen import pack_batch
 from pipeline.errors import ConfigError
 from pipeline.outputs import Calibration, cut, needs_calibration, quantize, row_cosines, to_arrow
@@ -74,16 +76,6 @@ class EncodeInfo:
     batches: list
 
 
-@dataclass
-class EncoderStats:
-    rows: int = 0
-    tokens: int = 0
-    padded_tokens: int = 0
-    batches: int = 0
-    oom_splits: int = 0
-    seconds: float = 0.0
-
-
 class _EarlyExit(Exception):
     """Raised by the hook on the deepest layer any column needs: skip the rest."""
 
@@ -132,7 +124,7 @@ class Encoder:
     """Tokenizer + model + output specs, loaded once and reused for every batch."""
 
     def __init__(self, model_cfg: ModelConfig, outputs: Sequence[OutputSpec],
-                 gpu_address: str | None = None, calibration: Calibration | None = None):
+                 gpu_address: str | None = None):
         import torch
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -140,9 +132,6 @@ class Encoder:
         hf_logging.disable_progress_bar()  # one bar per worker per load is noise in job logs
         self.cfg = model_cfg
         self.outputs = tuple(outputs)
-        # int8/uint8 ranges; needed by encode() (quantized columns), not by
-        # encode_float(). Settable: a cached encoder serves runs with new ranges.
-        self.calibration = calibration or Calibration()
         self.info = inspect_model(model_cfg.name_or_path, model_cfg.allow_pickle)
         validate_outputs(self.outputs, self.info.hidden_size, self.info.num_layers)
         device = attention.pick_device(model_cfg.device, gpu_address)
@@ -171,7 +160,8 @@ class Encoder:
             self.info.path, model_cfg.attention, precision, device,
             trust_remote_code=model_cfg.trust_remote_code, check=self._check_packed)
         self.runtime = attention.Runtime(device=device, precision=precision, attention=backend)
-        self.stats = EncoderStats()
+        # Running totals; a caller's share of them is ``after - before``.
+        self.stats = EncoderStats(runtime=frozenset({self.runtime.label}))
         self.token_budget, self.max_batch_rows = batch_limits(model_cfg, device)
         self._setup_layers()
 
@@ -269,8 +259,9 @@ class Encoder:
         items = iter(items)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as pool:
             current = next(items, None)
-            future = pool.submit(self.prepare, texts_of(current)) if current is not None \
-                else None
+            if current is None:
+                return
+            future = pool.submit(self.prepare, texts_of(current))
             while current is not None:
                 following = next(items, None)
                 prepared = future.result()
@@ -301,7 +292,8 @@ class Encoder:
         owner = np.arange(n)
         weights = lengths.astype(np.float32)
         total, cut_off = lengths.copy(), lengths >= self.cfg.max_length
-        long_rows = np.nonzero(cut_off)[0] if self.cfg.long_text == "chunk" else []
+        long_rows = np.nonzero(cut_off)[0] if self.cfg.long_text == "chunk" else \
+            np.zeros(0, dtype=np.int64)
         if not len(long_rows):
             return flat, offsets, lengths, owner, weights, total, cut_off
         tok = self.tokenizer
@@ -309,7 +301,7 @@ class Encoder:
         window = self.cfg.max_length - len(prefix) - len(suffix)
         stride = window - self.cfg.chunk_overlap
         prompt = self.cfg.prompt
-        full = tok([prompt + texts[i] for i in long_rows], add_special_tokens=False,
+        full = tok([prompt + texts[int(i)] for i in long_rows], add_special_tokens=False,
                    truncation=False, return_attention_mask=False)["input_ids"]
         keep = np.ones(n, dtype=bool)
         keep[long_rows] = False
@@ -406,12 +398,12 @@ class Encoder:
     def prepare(self, texts: Sequence[str] | pa.Array) -> Prepared:
         """CPU stage: tokenize (and chunk) a batch. Thread-safe to run ahead of
         :meth:`encode` on the previous batch: the fast tokenizer releases the GIL."""
-        if isinstance(texts, (pa.Array, pa.ChunkedArray)):
-            texts = texts.to_pylist()
-        if any(t is None for t in texts):
+        rows = texts.to_pylist() if isinstance(texts, (pa.Array, pa.ChunkedArray)) else texts
+        if any(t is None for t in rows):
             raise ValueError("encode() got a null text; quarantine nulls before encoding")
-        flat, offsets, lengths = self.tokenize(texts)
-        return Prepared(len(texts), *self.chunk_long_rows(texts, flat, offsets, lengths))
+        strings = cast("Sequence[str]", rows)
+        flat, offsets, lengths = self.tokenize(strings)
+        return Prepared(len(strings), *self.chunk_long_rows(strings, flat, offsets, lengths))
 
     def encode_float(self, texts: Sequence[str] | pa.Array | Prepared):
         """Texts (or a prepared batch) -> ({column: float32 [N, dim]}, info).
@@ -424,7 +416,8 @@ class Encoder:
         owner, weights, total, cut_off = prep.owner, prep.weights, prep.total, prep.cut_off
         n = len(lengths)
         batches = plan_batches(lengths, self.token_budget, self.max_batch_rows)
-        pooled = {g: np.empty((n, self.info.hidden_size), dtype=np.float32) for g in self.groups}
+        pooled: dict[tuple[int, str], np.ndarray] = {
+            g: np.empty((n, self.info.hidden_size), dtype=np.float32) for g in self.groups}
         pending = list(reversed(batches))
         while pending:
             idx = pending.pop()
@@ -439,7 +432,7 @@ class Encoder:
                     raise
                 # Halve the batch and retry both halves; later batches of this
                 # encoder plan with half the budget. No row is lost or repeated.
-                self.stats.oom_splits += 1
+                self.stats += EncoderStats(oom_splits=1)
                 self.token_budget = max(self.cfg.max_length, self.token_budget // 2)
                 log.warning("out of memory on a batch of %d rows x %d tokens: splitting it, "
                             "token budget now %d", len(idx), int(lengths[idx].max()),
@@ -460,27 +453,29 @@ class Encoder:
         return floats, EncodeInfo(n_tokens=total, truncated=cut_off, unit_lengths=lengths,
                                   batches=batches)
 
-    def encode(self, texts: Sequence[str] | pa.Array | Prepared) -> EncodeResult:
-        """Encode texts; every output column in the caller's row order."""
+    def encode(self, texts: Sequence[str] | pa.Array | Prepared,
+               calibration: Calibration | None = None) -> EncodeResult:
+        """Encode texts; every output column in the caller's row order.
+
+        ``calibration``: the int8/uint8 ranges of the output table (needed when a
+        column is int8/uint8). An argument, not encoder state: one cached encoder
+        serves runs into tables with other ranges.
+        """
         missing = [s.name for s in needs_calibration(self.outputs)
-                   if s.name not in self.calibration.ranges]
+                   if calibration is None or s.name not in calibration.ranges]
         if missing:
             raise ValueError(f"int8/uint8 columns {missing} need calibration ranges")
         start = time.perf_counter()
         floats, info = self.encode_float(texts)
-        columns = {s.name: to_arrow(quantize(floats[s.name], s, self.calibration), s)
+        columns = {s.name: to_arrow(quantize(floats[s.name], s, calibration), s)
                    for s in self.outputs}
         lengths = info.unit_lengths
         real = int(lengths.sum())
         # Packed batches: no linear layer sees a padded token.
         padded = real if self.packed else padded_tokens(lengths, info.batches)
         elapsed = time.perf_counter() - start
-        s = self.stats
-        s.rows += len(lengths)
-        s.tokens += real
-        s.padded_tokens += padded
-        s.batches += len(info.batches)
-        s.seconds += elapsed
+        self.stats += EncoderStats(rows=len(lengths), tokens=real, padded_tokens=padded,
+                                   batches=len(info.batches), seconds=elapsed)
         return EncodeResult(columns=columns, n_tokens=info.n_tokens, truncated=info.truncated,
                             padding_efficiency=real / padded if padded else 1.0,
                             seconds=elapsed)

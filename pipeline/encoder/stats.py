@@ -1,0 +1,42 @@
+"""What an encoder did: rows, tokens, padding, batches, time, and the runtime that ran.
+
+One type for every use: the encoder keeps a running total; a Spark task reports
+its share as ``after - before``; the driver's accumulator sums the tasks'
+shares with ``+``. Light on purpose (no torch, no numpy): the driver imports it
+to build the accumulator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+@dataclass(frozen=True)
+class EncoderStats:
+    rows: int = 0  # forward units (rows, or windows of chunked rows)
+    tokens: int = 0  # real tokens
+    padded_tokens: int = 0  # tokens the linear layers computed on (== tokens when packed)
+    batches: int = 0
+    oom_splits: int = 0
+    seconds: float = 0.0
+    runtime: frozenset[str] = field(default_factory=frozenset)  # device/precision/attention
+
+    def __add__(self, other: EncoderStats) -> EncoderStats:
+        return EncoderStats(**{f.name: (getattr(self, f.name) | getattr(other, f.name)
+                                        if f.name == "runtime" else
+                                        getattr(self, f.name) + getattr(other, f.name))
+                               for f in fields(self)})
+
+    def __sub__(self, other: EncoderStats) -> EncoderStats:
+        """What happened since ``other`` (an earlier snapshot); keeps this runtime."""
+        return EncoderStats(**{f.name: (getattr(self, f.name) if f.name == "runtime" else
+                                        getattr(self, f.name) - getattr(other, f.name))
+                               for f in fields(self)})
+
+    @property
+    def padding_efficiency(self) -> float:
+        return self.tokens / self.padded_tokens if self.padded_tokens else 1.0
+
+    @property
+    def runtime_label(self) -> str:
+        return ", ".join(sorted(self.runtime)) or "-"
