@@ -2,15 +2,21 @@
 
 Present on every machine with Python, no download. Written by the project itself
 as a Delta table with ``id`` (long), ``name`` (qualified name), ``summary``
-(first line) and ``text`` (the whole docstring).
+(first line), ``text`` (the whole docstring) and ``day`` (a synthetic date, for
+the backfill examples).
 """
 
 from __future__ import annotations
 
 import ast
+import datetime
 import os
 import sysconfig
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
@@ -46,23 +52,39 @@ def docstrings(root: str | None = None) -> Iterator[tuple[str, str, str]]:
                 yield name, doc.split("\n", 1)[0].strip(), doc
 
 
+# The demo's partition column for backfills and the Airflow DAG: a synthetic date
+# (docstrings have none), DEMO_DAYS days from DEMO_FIRST_DAY, by id.
+DEMO_FIRST_DAY = datetime.date(2024, 1, 1)
+DEMO_DAYS = 10
+
+
+def demo_day(i: int) -> datetime.date:
+    return DEMO_FIRST_DAY + datetime.timedelta(days=i % DEMO_DAYS)
+
+
 def demo_rows(limit: int | None = None) -> list[dict]:
     rows = []
     for i, (name, summary, text) in enumerate(docstrings()):
         if limit is not None and i >= limit:
             break
-        rows.append({"id": i, "name": name, "summary": summary, "text": text})
+        rows.append({"id": i, "name": name, "summary": summary, "text": text,
+                     "day": demo_day(i)})
     return rows
 
 
-def write_demo_table(spark, path: str, limit: int | None = None, repeat: int = 1) -> int:
-    """Write the demo source table (overwrite); ``repeat`` copies it with new ids."""
+def write_demo_table(spark: SparkSession, path: str, limit: int | None = None,
+                     repeat: int = 1) -> int:
+    """Write the demo source table (overwrite); ``repeat`` copies it with new ids.
+
+    Columns: id, name (qualified name), summary (first line), text (the docstring)
+    and day (a synthetic date, the partition column of the backfill examples)."""
     import pandas as pd
 
     rows = demo_rows(limit)
     n = len(rows)
     frame = pd.DataFrame([{**r, "id": r["id"] + k * n} for k in range(repeat) for r in rows])
-    (spark.createDataFrame(frame, schema="id long, name string, summary string, text string")
+    schema = "id long, name string, summary string, text string, day date"
+    (spark.createDataFrame(frame, schema=schema)
      .coalesce(1).write.format("delta").mode("overwrite").option("overwriteSchema", "true")
      .save(path))
     return len(frame)

@@ -11,8 +11,12 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.config import SparkConfig
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 SCALA_VERSION = "2.13"
 _QUIET_LOG4J = """\
@@ -96,7 +100,8 @@ def base_conf(python: str | None = None) -> dict[str, str]:
 
 
 def write_spark_defaults(python: str | None = None) -> Path:
-    """Write spark-defaults.conf + log4j2.properties into the installed pyspark."""
+    """Write spark-defaults.conf + log4j2.properties into the installed pyspark, and
+    pin SPARK_HOME for this environment's Spark scripts (:func:`pin_spark_home`)."""
     conf_dir = spark_home() / "conf"
     conf_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# Written by `embed setup-spark` for this environment."]
@@ -104,6 +109,39 @@ def write_spark_defaults(python: str | None = None) -> Path:
     target = conf_dir / "spark-defaults.conf"
     target.write_text("\n".join(lines) + "\n")
     (conf_dir / "log4j2.properties").write_text(_QUIET_LOG4J)
+    pin_spark_home()
+    return target
+
+
+_FIND_SPARK_HOME = """\
+#!/usr/bin/env bash
+# Written by `embed setup-spark`: SPARK_HOME for this environment's Spark scripts.
+# pyspark's own find-spark-home asks `python3` from PATH where pyspark is; that is
+# not this environment's interpreter unless the venv is activated, so
+# `.venv/bin/spark-submit` typed in a fresh shell failed with "Could not find
+# valid SPARK_HOME". spark-submit, pyspark, spark-class ... source this file
+# only when SPARK_HOME is unset; a SPARK_HOME of your own still wins.
+if [ -z "${{SPARK_HOME}}" ]; then
+  export SPARK_HOME="{home}"
+fi
+"""
+
+
+def pin_spark_home() -> Path | None:
+    """Rewrite the ``find-spark-home`` that pip put beside this interpreter (next to
+    ``spark-submit``) so it names this environment's pyspark as SPARK_HOME, without
+    asking whichever ``python3`` is first on PATH. Returns the file written, or None
+    where pyspark's scripts are not beside this interpreter."""
+    import sysconfig
+
+    import pyspark
+
+    scripts = Path(sysconfig.get_path("scripts"))
+    target = scripts / "find-spark-home"
+    if not (scripts / "spark-submit").is_file() or not target.is_file():
+        return None
+    target.write_text(_FIND_SPARK_HOME.format(home=Path(pyspark.__file__).parent))
+    target.chmod(0o755)
     return target
 
 
@@ -132,29 +170,29 @@ def get_session(cfg: SparkConfig):
     return spark
 
 
-def _apply_runtime_conf(spark, cfg: SparkConfig) -> None:
+def _apply_runtime_conf(spark: SparkSession, cfg: SparkConfig) -> None:
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))
     for key, value in cfg.conf.items():
         if key.startswith("spark.sql."):
             spark.conf.set(key, str(value))
 
 
-def task_slots(spark) -> int:
+def task_slots(spark: SparkSession) -> int:
     """Concurrent tasks the cluster runs (local[N] -> N)."""
     return max(1, spark.sparkContext.defaultParallelism)
 
 
-def torch_threads(spark, cfg: SparkConfig) -> int:
+def torch_threads(spark: SparkSession, cfg: SparkConfig) -> int:
     """Threads per Python worker so that workers x threads <= cores."""
     if cfg.torch_threads:
         return cfg.torch_threads
-    master = spark.sparkContext.master
+    master = spark.sparkContext.master or ""
     match = re.match(r"local\[(\d+|\*)", master)
     if match or master == "local":
         cores = os.cpu_count() or 1
         slots = cores if not match or match.group(1) == "*" else int(match.group(1))
         return max(1, cores // max(1, slots))
-    return max(1, int(spark.conf.get("spark.task.cpus", "1")))
+    return max(1, int(spark.conf.get("spark.task.cpus", "1") or "1"))
 
 
 def warm_jar_cache() -> None:

@@ -72,5 +72,5 @@ def test_config_errors_are_one_line_without_stack_traces(small_source, tmp_path)
     # needs the source's schema, so Spark starts: still one line, no JVM trace
     _one_line_error(_run([embed, "run", "--config", str(cfg),
                           "--set", "source.text_column=body"]),
-                    "source.text_column", "'body'", "its columns are: id, name, summary, text")
+                    "source.text_column", "'body'", "its columns are: id, name, summary, text, day")
     assert not (tmp_path / "out").exists()

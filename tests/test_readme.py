@@ -1,0 +1,112 @@
+"""Every command the README shows, run exactly as typed, in a fresh shell.
+
+The commands are parsed from README.md's ```bash blocks and run in a copy of the
+checkout (so the demo warehouse they write is the test's own), with this
+checkout's .venv linked in, by a login shell started with an empty environment:
+no activated venv, no .venv/bin on PATH, no SPARK_HOME or PYSPARK_* variables.
+A block runs as one script (its ``export`` lines hold for the lines after them)
+and must exit 0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+# Commands that are not run here, and why.
+NOT_RUN = {
+    "make test": "the command that runs this very test (.ci/run runs it)",
+}
+FENCE = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
+
+
+def readme_blocks(text: str) -> list[list[str]]:
+    """The README's bash blocks, each a list of commands (continuations joined,
+    comment-only lines dropped)."""
+    blocks = []
+    for body in FENCE.findall(text):
+        commands, current = [], ""
+        for line in body.splitlines():
+            current += line.rstrip()
+            if current.endswith("\\"):
+                current = current[:-1] + " "
+                continue
+            if current.strip() and not current.lstrip().startswith("#"):
+                commands.append(current.strip())
+            current = ""
+        blocks.append(commands)
+    return blocks
+
+
+def command_name(command: str) -> str:
+    """A command without its trailing comment: what NOT_RUN keys name."""
+    return re.sub(r"\s+#.*$", "", command).strip()
+
+
+def fresh_shell_env() -> dict[str, str]:
+    """What a new terminal on this machine starts from: nothing but who and where."""
+    env = {"HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8", "TERM": "dumb",
+           "USER": os.environ.get("USER", "root")}
+    return env
+
+
+@pytest.fixture(scope="module")
+def checkout_copy(tmp_path_factory) -> Path:
+    """The tracked files of this checkout in a new folder, with its .venv linked in
+    (a venv is not relocatable; what the README's commands write stays in the copy)."""
+    copy = tmp_path_factory.mktemp("readme") / "repo"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, copy / name)
+    (copy / ".venv").symlink_to(ROOT / ".venv")
+    return copy
+
+
+def test_readme_blocks_parse():
+    blocks = readme_blocks((ROOT / "README.md").read_text())
+    # the README starts with exactly two commands: set up + demo, and the tests
+    assert [command_name(c) for c in blocks[0]] == ["make demo", "make test"]
+    assert all(blocks), "an empty bash block"
+
+
+def run_block(copy: Path, commands: list[str], timeout: int = 1500):
+    script = "set -euo pipefail\n" + "\n".join(
+        f"echo '+ {c.replace(chr(39), '')}'\n{c}" for c in commands
+        if command_name(c) not in NOT_RUN) + "\n"
+    return subprocess.run(["bash", "-l", "-c", script], cwd=copy, env=fresh_shell_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs_as_typed_in_a_fresh_shell(checkout_copy):
+    probe = subprocess.run(["bash", "-l", "-c", "echo $PATH; env"], cwd=checkout_copy,
+                           env=fresh_shell_env(), capture_output=True, text=True, check=True)
+    assert ".venv" not in probe.stdout.splitlines()[0]
+    assert not re.search(r"^(SPARK_HOME|PYSPARK_\w+|VIRTUAL_ENV)=", probe.stdout, re.M)
+
+    blocks = readme_blocks((checkout_copy / "README.md").read_text())
+    failures = []
+    try:
+        for commands in blocks:
+            proc = run_block(checkout_copy, commands)
+            if proc.returncode != 0:
+                ran = [line for line in proc.stdout.splitlines() if line.startswith("+ ")]
+                failures.append(f"block starting {commands[0]!r} failed (exit "
+                                f"{proc.returncode}) at {ran[-1] if ran else '?'}:\n"
+                                f"{proc.stdout[-1500:]}\n{proc.stderr[-2500:]}")
+    finally:
+        # a block that starts a cluster must not leave it running when it fails
+        subprocess.run([str(checkout_copy / ".venv" / "bin" / "embed"), "cluster", "stop"],
+                       cwd=checkout_copy, env=fresh_shell_env(), capture_output=True,
+                       timeout=120)
+    assert not failures, "\n\n".join(failures)
