@@ -80,8 +80,10 @@ def test_readme_blocks_parse():
 
 
 def run_block(copy: Path, commands: list[str], timeout: int = 1500):
+    """One block as one script; each command is echoed ('+ ...') and timed ('= N s')."""
     script = "set -euo pipefail\n" + "\n".join(
-        f"echo '+ {c.replace(chr(39), '')}'\n{c}" for c in commands
+        f"echo '+ {c.replace(chr(39), '')}'\nstarted=$SECONDS\n{c}\n"
+        f"echo \"= $((SECONDS - started)) s\"" for c in commands
         if command_name(c) not in NOT_RUN) + "\n"
     return subprocess.run(["bash", "-l", "-c", script], cwd=copy, env=fresh_shell_env(),
                           capture_output=True, text=True, timeout=timeout)
@@ -99,6 +101,8 @@ def test_every_readme_command_runs_as_typed_in_a_fresh_shell(checkout_copy):
     try:
         for commands in blocks:
             proc = run_block(checkout_copy, commands)
+            print("\n".join(line for line in proc.stdout.splitlines()
+                            if line.startswith(("+ ", "= "))))
             if proc.returncode != 0:
                 ran = [line for line in proc.stdout.splitlines() if line.startswith("+ ")]
                 failures.append(f"block starting {commands[0]!r} failed (exit "
