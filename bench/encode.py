@@ -34,39 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.reference import st_encode_seconds, sync  # noqa: E402
+from pipeline.demo import RANDOM_SHAPES, random_bert  # noqa: E402
 
 # Dense bf16 peaks (TFLOP/s) for MFU; unknown GPUs report no MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
-# Randomly initialised BERT shapes (the tokenizer comes from --model).
-RANDOM_SHAPES = {
-    "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                       intermediate_size=4096),
-    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                   intermediate_size=1536),
-}
-
-
 def model_flops(info, tokens: int, layers: int) -> float:
     """~2 x params x tokens for the dense blocks (attention scores not counted)."""
     h = info.hidden_size
     per_layer = 12 * h * h  # QKV + out (4h^2) + MLP with 4h (8h^2)
     return 2.0 * per_layer * layers * tokens
-
-
-def random_model(shape: str, tokenizer_from: str, dest: Path) -> str:
-    """A BERT of the named shape with random weights, saved with a real tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from pipeline.encoder.model import resolve_model_dir
-
-    tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(tokenizer_from)))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tok), max_position_embeddings=512,
-                        **RANDOM_SHAPES[shape])
-    BertModel(config).eval().save_pretrained(dest, safe_serialization=True)
-    tok.save_pretrained(dest)
-    return str(dest)
 
 
 def run_engine(texts, model, precision, attention, token_budget, max_rows, layers, chunk):
@@ -178,7 +154,7 @@ def main() -> None:
     model = args.model or defaults.name_or_path
     scratch = tempfile.TemporaryDirectory(prefix="bench-model-")
     if args.random_model:
-        model = random_model(args.random_model, model, Path(scratch.name))
+        model = random_bert(args.random_model, model, Path(scratch.name))
     budget, max_rows = args.token_budget, args.max_rows  # None: the engine's AUTO_BATCH
     if args.corpus == "canary":
         from pipeline.drift import canary_texts

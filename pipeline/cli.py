@@ -40,6 +40,10 @@ def print_summary(result, as_json: bool = False) -> None:
     table.add_row("rows quarantined", f"{result.rows_quarantined:,}"
                   + (f"  -> {result.quarantine_path}" if result.rows_quarantined else ""))
     table.add_row("rows skipped", f"{result.rows_skipped:,} (already embedded)")
+    if result.rows_deleted:
+        table.add_row("rows deleted", f"{result.rows_deleted:,} (gone from the source)")
+    table.add_row("plan", f"{result.plan_path}: {result.plan_note}" if result.plan_note
+                  else result.plan_path)
     table.add_row("columns", ", ".join(result.columns))
     table.add_row("model", f"{result.model} (sha256 {result.model_fingerprint[:12]})")
     table.add_row("runtime", result.runtime)
@@ -73,8 +77,11 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 @click.option("--partition", default=None,
               help="Only this value of source.partition_column, committed exactly once "
                    "(as one backfill partition); empty = the whole source.")
+@click.option("--full-refresh", is_flag=True,
+              help="Compare the whole source with the table, even where the source's "
+                   "Change Data Feed could say what changed.")
 def run_cmd(config_path: Path, overrides: tuple[str, ...], as_json: bool, progress: bool,
-            partition: str | None) -> None:
+            partition: str | None, full_refresh: bool) -> None:
     """Embed the configured source table into its Delta output table."""
     from pipeline import backfill
     from pipeline.config import load_config
@@ -91,7 +98,7 @@ def run_cmd(config_path: Path, overrides: tuple[str, ...], as_json: bool, progre
             reporter = spark_task_progress
         part = backfill.partition(cfg, fingerprint(preflight(cfg)), partition) \
             if partition else None
-        result = run(cfg, progress=reporter, partition=part)
+        result = run(cfg, progress=reporter, partition=part, full_refresh=full_refresh)
     except DriftBreach as breach:  # the rows are committed: show them, then exit 9
         if breach.result is not None:
             print_summary(breach.result, as_json)
@@ -201,12 +208,18 @@ def runs_cmd(table_path: str, runs_path: str | None, limit: int) -> None:
     if not Path(path).is_dir():
         click.echo(f"error: no runs table at {path}", err=True)
         sys.exit(3)
+    from pipeline import maintain
+    from pipeline.sink import is_delta_table
+
     spark = get_session(SparkConfig(app_name="embed-runs"))
     runs = lineage.latest_runs(spark, path, limit, output_path=table_path)
-    out = Table(title=f"runs of {table_path}")
+    layout = (maintain.layout(spark, table_path).summary() if is_delta_table(table_path)
+              else "no table yet")
+    out = Table(title=f"runs of {table_path}", caption=f"table now: {layout} "
+                      "(embed maintain --optimize compacts)")
     for col in ("run_id", "status", "started_at", "partition", "read", "embedded",
-                "quarantined", "skipped", "version", "source", "model", "runtime", "code",
-                "canary", "drift", "error / note"):
+                "quarantined", "skipped", "version", "source", "plan", "model", "runtime",
+                "code", "canary", "drift", "error / note"):
         out.add_column(col)
     for r in runs.itertuples():
         versions = json.loads(r.versions) if r.versions else {}
@@ -217,12 +230,43 @@ def runs_cmd(table_path: str, runs_path: str | None, limit: int) -> None:
         out.add_row(r.run_id, r.status, str(r.started_at), r.partition or "",
                     *(("" if v != v or v is None else f"{int(v):,}") for v in (
                         r.rows_read, r.rows_embedded, r.rows_quarantined, r.rows_skipped,
-                        r.output_version)), source_ref,
+                        r.output_version)), source_ref, getattr(r, "plan_path", None) or "",
                     f"{r.model} {(r.model_fingerprint or '')[:12]}", r.runtime or "",
                     str(versions.get("embed-pipeline-git", "-"))[:12],
                     canary.get("verdict", ""), getattr(r, "drift_status", None) or "",
                     (r.error or getattr(r, "message", None) or "")[:80])
     _console().print(out)
+
+
+@main.command("maintain")
+@click.option("--table", "table_path", required=True, help="Output table path.")
+@click.option("--optimize", is_flag=True, help="Compact small files (Delta OPTIMIZE).")
+@click.option("--vacuum", "vacuum_hours", type=click.FloatRange(min=0), default=None,
+              metavar="HOURS", help="Delete files no version of the last HOURS needs "
+                                    "(Delta VACUUM; at least the table's retention, 168).")
+def maintain_cmd(table_path: str, optimize: bool, vacuum_hours: float | None) -> None:
+    """Show an output table's files; compact them and delete unneeded old ones."""
+    from pipeline import maintain
+    from pipeline.config import SparkConfig
+    from pipeline.spark import get_session
+
+    table_path = str(Path(table_path).resolve())
+    spark = get_session(SparkConfig(app_name="embed-maintain"))
+    try:
+        maintain.check_table(spark, table_path)
+        click.echo(f"{table_path}: {maintain.layout(spark, table_path).summary()}")
+        if optimize:
+            tag = maintain.maintenance_id()
+            metrics = maintain.optimize(spark, table_path, tag)
+            click.echo(f"optimized ({tag}): {metrics.get('numFilesRemoved', '?')} files "
+                       f"compacted into {metrics.get('numFilesAdded', '?')}")
+        if vacuum_hours is not None:
+            maintain.vacuum(spark, table_path, vacuum_hours)
+            click.echo(f"vacuumed: files older than {vacuum_hours:g} hours no version needs")
+        if optimize or vacuum_hours is not None:
+            click.echo(f"now: {maintain.layout(spark, table_path).summary()}")
+    except PipelineError as err:
+        _fail(err)
 
 
 @main.command("drift")

@@ -129,6 +129,12 @@ class SinkConfig:
     # Output rows whose id is gone from the source (incremental runs): keep | delete.
     deletes: Deletes = "keep"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    # Delta deletion vectors on a new output table: a MERGE that replaces changed rows
+    # marks the old ones deleted instead of rewriting every file that holds one (a 1%
+    # change spread over the table rewrites all of it otherwise). Off by default:
+    # readers must support them (Spark, delta-rs' QueryBuilder, DuckDB do; delta-rs
+    # 1.6's to_pyarrow / pandas and polars' scan_delta do not).
+    deletion_vectors: bool = False
 
     @property
     def quarantine(self) -> str:

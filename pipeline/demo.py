@@ -13,7 +13,7 @@ import datetime
 import os
 import sysconfig
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -90,6 +90,29 @@ def write_demo_table(spark: SparkSession, path: str, limit: int | None = None,
     return len(frame)
 
 
+def write_varied_table(spark: SparkSession, path: str, rows: int,
+                       change_feed: bool = False) -> int:
+    """A source of ``rows`` distinct texts for scale runs: the demo docstrings, each copy
+    after the first with " (variant k)" appended; ids 0..rows-1. Built in the JVM (no
+    driver-side rows). ``change_feed``: Change Data Feed on from version 1."""
+    import math
+
+    from pyspark.sql import functions as F
+
+    texts = [r["text"] for r in demo_rows()]
+    docs = spark.createDataFrame(list(enumerate(texts)), "doc long, text string")
+    variant = F.concat(F.col("text"), F.lit(" (variant "), F.col("copy").cast("string"),
+                       F.lit(")"))
+    (spark.range(math.ceil(rows / len(texts))).withColumnRenamed("id", "copy").crossJoin(docs)
+     .select((F.col("copy") * len(texts) + F.col("doc")).alias("id"),
+             F.when(F.col("copy") == 0, F.col("text")).otherwise(variant).alias("text"))
+     .filter(F.col("id") < rows).repartition(8).write.format("delta").save(path))
+    if change_feed:
+        spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES "
+                  "(delta.enableChangeDataFeed = true)")
+    return rows
+
+
 def shuffled_words(rows: list[dict], id_offset: int) -> list[dict]:
     """The same texts with their words in a seeded random order, under new ids: the
     data-drift injection of the drift tests and bench/drift.py."""
@@ -116,6 +139,35 @@ def copy_model_files(model_dir, dest) -> None:
             shutil.copytree(item, dest / item.name, dirs_exist_ok=True)
         elif item.suffix not in (".safetensors", ".bin"):
             shutil.copy(item, dest / item.name)
+
+
+# Randomly initialised BERT shapes for benchmarks and tests (with a real tokenizer):
+# "tiny" costs next to nothing, so a pipeline benchmark shows the pipeline's own cost.
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64),
+    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                   intermediate_size=1536),
+    "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                       intermediate_size=4096),
+}
+
+
+def random_bert(shape: str, tokenizer_from: str, dest, seed: int = 0) -> str:
+    """A BERT of a RANDOM_SHAPES shape with random weights, saved (safetensors) with the
+    real tokenizer of the model ``tokenizer_from``."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from pipeline.encoder.model import resolve_model_dir
+
+    tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(tokenizer_from)))
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tok), max_position_embeddings=512,
+                        **RANDOM_SHAPES[shape])
+    BertModel(config).eval().save_pretrained(dest, safe_serialization=True)
+    tok.save_pretrained(dest)
+    return str(dest)
 
 
 def random_weights_model(model_dir, dest, seed: int = 0) -> str:

@@ -322,33 +322,76 @@ def reference_runs(spark: SparkSession, runs_path: str, output_path: str, run_id
     return runs["run_id"].head(cfg.reference_runs).tolist()
 
 
+def samples_table(cfg_or_path: RunConfig | str) -> str:
+    """Each run's seeded drift sample of the rows it wrote, one Delta table per output
+    table (their vector columns differ): <parent>/_embedding_samples/<table name>."""
+    path = cfg_or_path if isinstance(cfg_or_path, str) else cfg_or_path.sink.path
+    return str(Path(path).parent / "_embedding_samples" / Path(path.rstrip("/")).name)
+
+
+def store_sample(spark: SparkSession, cfg: RunConfig, run_id: str, version: int,
+                 rows_written: int) -> None:
+    """Keep a seeded sample (``drift.distribution.sample`` rows) of what this run wrote,
+    so later runs compare with it without reading the output table: the cost is a
+    scan of this run's own rows (its files, by the run_id statistics), not of the table."""
+    from pyspark.sql import functions as F
+
+    from pipeline.sampling import seeded_sample
+
+    d = cfg.drift.distribution
+    mine = (spark.read.format("delta").option("versionAsOf", version).load(cfg.sink.path)
+            .filter(F.col("run_id") == run_id))
+    columns = ["run_id", "content_hash", "n_tokens", "truncated", *(s.name for s in cfg.outputs)]
+    (seeded_sample(mine, d.seed, d.sample, rows_written).select(*columns).coalesce(1)
+     .write.format("delta").mode("append").option("userMetadata", run_id)
+     .save(samples_table(cfg)))
+
+
 def sample_rows(spark: SparkSession, output_path: str, version: int | None, run_id: str,
                 refs: list[str], columns: list[str], size: int, seed: int):
     """Seeded, repeatable samples (pandas) of the rows written by this run and by the
-    reference runs: at most ``size`` each, in one pass over the table."""
-    from pyspark.sql import Window
+    reference runs, at most ``size`` each: from the runs' stored samples, and, for a
+    run that stored none (older releases), from its rows in the output table."""
+    import pandas as pd
     from pyspark.sql import functions as F
 
-    reader = spark.read.format("delta")
-    if version is not None:
-        reader = reader.option("versionAsOf", version)
-    side = F.when(F.col("run_id") == run_id, F.lit("current")).otherwise(F.lit("reference"))
-    order = F.sha2(F.concat(F.lit(f"{seed}:"), F.col("content_hash")), 256)
-    rows = (reader.load(output_path).filter(F.col("run_id").isin([run_id, *refs]))
-            .withColumn("_side", side)
-            .withColumn("_n", F.row_number().over(Window.partitionBy("_side").orderBy(order)))
-            .filter(F.col("_n") <= size).orderBy("_side", "_n")
-            .select("_side", *columns, "n_tokens", "truncated").toPandas())
-    return (rows[rows["_side"] == "current"].reset_index(drop=True),
-            rows[rows["_side"] == "reference"].reset_index(drop=True))
+    from pipeline.sampling import order_key, seeded_sample
+    from pipeline.sink import is_delta_table
+
+    wanted = [run_id, *refs]
+    keep = ["run_id", "content_hash", *columns, "n_tokens", "truncated"]
+    frames = []
+    if is_delta_table(samples_table(output_path)):
+        frames.append(spark.read.format("delta").load(samples_table(output_path))
+                      .filter(F.col("run_id").isin(wanted)).select(*keep)
+                      .withColumn("_key", order_key(seed)).toPandas())
+    have = set(frames[0]["run_id"]) if frames else set()
+    missing = [r for r in wanted if r not in have]
+    if missing:  # runs of releases that stored no sample: from their rows in the table
+        reader = spark.read.format("delta")
+        if version is not None:
+            reader = reader.option("versionAsOf", version)
+        table = reader.load(output_path)
+        for r in missing:
+            frames.append(seeded_sample(table.filter(F.col("run_id") == r), seed, size,
+                                        10 * size).select(*keep)
+                          .withColumn("_key", order_key(seed)).toPandas())
+    pdf = pd.concat(frames, ignore_index=True).sort_values("_key")
+    current = pdf[pdf["run_id"] == run_id].head(size)
+    reference = pdf[pdf["run_id"] != run_id].head(size)
+    return (current.drop(columns=["_key"]).reset_index(drop=True),
+            reference.drop(columns=["_key"]).reset_index(drop=True))
 
 
-def distribution(spark: SparkSession, cfg: RunConfig, run_id: str, version: int | None,
-                 runs_path: str, calibration: Calibration | None = None) -> DriftResult:
-    """This run's new vectors vs the reference window, per column."""
+def distribution(spark: SparkSession, cfg: RunConfig, run_id: str, version: int,
+                 rows_written: int, runs_path: str,
+                 calibration: Calibration | None = None) -> DriftResult:
+    """This run's new vectors vs the reference window, per column; stores this run's
+    sample first, for the runs that will compare with it."""
     from pipeline.outputs import describe
 
     d = cfg.drift.distribution
+    store_sample(spark, cfg, run_id, version, rows_written)
     refs = reference_runs(spark, runs_path, cfg.sink.path, run_id, d)
     if not refs:
         return DriftResult(status="no_reference", message="no earlier run to compare with")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import Column, DataFrame, SparkSession
 
     from pipeline.config import RunConfig
     from pipeline.encoder.model import ModelInfo
@@ -44,7 +44,7 @@ RUNS_SCHEMA = (
     "rows_read long, rows_embedded long, rows_quarantined long, rows_skipped long, "
     "rows_deleted long, seconds double, stage_seconds string, versions string, error string, "
     "lineage_run_id string, source_files_hash string, canary string, drift_status string, "
-    "drift string, message string"
+    "drift string, message string, plan_path string, plan_note string"
 )
 
 
@@ -132,9 +132,11 @@ def record(spark: SparkSession, path: str, **fields: Any) -> None:
 
 
 def latest_runs(spark: SparkSession, path: str, limit: int = 20, output_path: str | None = None,
-                partition: str | None = None, status: str | None = None):
+                partition: str | None = None, status: str | None = None,
+                where: Column | None = None):
     """The latest event per run id, newest runs first (a pandas frame); optionally only
-    runs of one output table, one partition, or whose latest status is ``status``."""
+    runs of one output table, one partition, whose latest status is ``status``, or whose
+    events match ``where``."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -143,6 +145,8 @@ def latest_runs(spark: SparkSession, path: str, limit: int = 20, output_path: st
         df = df.filter(F.col("output_path") == output_path)
     if partition:
         df = df.filter(F.col("partition") == partition)
+    if where is not None:
+        df = df.filter(where)
     w = Window.partitionBy("run_id").orderBy(F.col("event_time").desc())
     latest = df.withColumn("_n", F.row_number().over(w)).filter("_n = 1").drop("_n")
     if status:
@@ -203,6 +207,7 @@ def _result_fields(result: RunResult) -> dict:
         "rows_skipped": result.rows_skipped, "rows_deleted": result.rows_deleted,
         "seconds": result.seconds, "stage_seconds": result.stage_seconds,
         "source_files_hash": result.source_files_hash, "message": result.message or None,
+        "plan_path": result.plan_path, "plan_note": result.plan_note or None,
         "canary": result.canary.to_dict() if result.canary else None,
         "drift_status": result.drift_status,
         "drift": result.drift.to_dict() if result.drift else None,

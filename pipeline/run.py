@@ -26,13 +26,13 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from pipeline import drift, lineage, sink, source
+from pipeline import changes, drift, lineage, sampling, sink, source
 from pipeline.config import RunConfig
 from pipeline.encoder.engine import validate_outputs
 from pipeline.encoder.model import ModelInfo, fingerprint, inspect_model
 from pipeline.errors import AlreadyCommitted, PipelineError, ReconciliationError
 from pipeline.outputs import Calibration, needs_calibration
-from pipeline.write_plan import CommitKind, WritePlan
+from pipeline.write_plan import CommitKind, PlanPath, WritePlan
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -43,9 +43,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 ENCODE_JOB_GROUP = "embed-encode"
-# Rows per encode task: small enough for a moving progress bar and for the two
-# task slots to finish together, large enough for length-sorted batches.
-ROWS_PER_PARTITION = 2000
+# Encode tasks: at most this many rows each (every task pays a fixed cost: its
+# Python worker's hand-off, a shuffle read, a tokenizer start; 100 tasks of 2,000
+# rows cost 12 s more than 14 of 14,000 on 200,000 rows here, bench/scale.py), and
+# at least this many waves of tasks, for a moving progress bar.
+MAX_ROWS_PER_TASK = 16_384
+MIN_WAVES = 4
 Progress = Callable[["SparkSession", str], contextlib.AbstractContextManager[Any]]
 
 
@@ -71,7 +74,12 @@ class RunResult:
     message: str = ""
     rows_deleted: int = 0
     source_version: int | None = None
-    encode_seconds: float = 0.0
+    encode_seconds: float = 0.0  # summed over tasks: forward passes, pooling, quantization
+    prepare_seconds: float = 0.0  # summed over tasks: tokenizing
+    encoder_cpu_seconds: float = 0.0  # summed over tasks: CPU of tokenizing + encoding
+    worker_peak_rss_mb: float = 0.0
+    plan_path: str = "full"  # full: the whole source compared; cdf: only its changes
+    plan_note: str = ""  # why the full comparison ran where CDF could have
     padding_efficiency: float = 1.0
     tokens: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -79,7 +87,8 @@ class RunResult:
     source_files_hash: str | None = None
     partition: str | None = None
     calibration: str = "none"  # none | table | fit: where the int8 ranges came from
-    canary: drift.CanaryResult | None = None  # None: canary off
+    canary: drift.CanaryResult | None = None  # None: canary off, or not run
+    canary_note: str = ""  # why no canary ran though it is on
     drift: drift.DriftResult | None = None
     schemas: dict[str, list[tuple[str, str]]] = field(default_factory=dict, repr=False)
 
@@ -89,7 +98,7 @@ class RunResult:
 
     @property
     def canary_summary(self) -> str:
-        return self.canary.summary() if self.canary else "off"
+        return self.canary.summary() if self.canary else (self.canary_note or "off")
 
     @property
     def drift_status(self) -> str:
@@ -122,6 +131,7 @@ class RunContext:
     plan: WritePlan
     threads: int
     partition: Partition | None
+    full_refresh: bool = False  # compare the whole source even where CDF could answer
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,9 @@ class SourceRead:
     rows_quarantined: int
     version: int | None  # the Delta version read
     files_hash: str | None  # lineage of a file source (no Delta version)
+    path: PlanPath = "full"  # full: the whole source; cdf: the rows its feed says changed
+    note: str = ""  # why this path (a fallback's reason)
+    changed_ids: DataFrame | None = None  # cdf: every id the feed names (deletes too)
 
     @property
     def valid(self) -> DataFrame:
@@ -154,6 +167,11 @@ class RowPlan:
     rows_skipped: int  # valid rows already embedded (same id and content hash)
     commit: CommitKind
     deleted_ids: DataFrame | None  # output ids gone from the source, to delete
+
+    @property
+    def embeds(self) -> bool:
+        """Rows go through the encoder (an overwrite writes even an empty source)."""
+        return self.commit in ("merge", "insert", "blind_append", "overwrite")
 
 
 @dataclass(frozen=True)
@@ -222,7 +240,7 @@ def preflight(cfg: RunConfig) -> ModelInfo:
 
 
 def run(cfg: RunConfig, spark: SparkSession | None = None, progress: Progress | None = None,
-        partition: Partition | None = None) -> RunResult:
+        partition: Partition | None = None, full_refresh: bool = False) -> RunResult:
     """Embed the source (or one partition of it) into the sink.
 
     ``progress``: optional context-manager factory ``progress(spark, label)``
@@ -233,10 +251,13 @@ def run(cfg: RunConfig, spark: SparkSession | None = None, progress: Progress | 
     the runs table (``running``, then ``succeeded`` or ``failed``) and with
     OpenLineage. With ``drift.distribution.on_breach: fail`` a breach raises
     :class:`~pipeline.errors.DriftBreach` after the run is recorded.
+    ``full_refresh``: compare the whole source with the table even where the
+    source's Change Data Feed could say what changed.
     """
     from pipeline import spark as spark_setup
     from pipeline import udf
 
+    started = time.perf_counter()
     timer = StageTimer()
     with timer("preflight"):
         info = preflight(cfg)
@@ -244,7 +265,7 @@ def run(cfg: RunConfig, spark: SparkSession | None = None, progress: Progress | 
     with timer("spark_start"):
         spark = spark or spark_setup.get_session(cfg.spark)
     udf.check_gpu_request(spark, cfg)
-    ctx = _context(cfg, spark, info, model_fp, partition)
+    ctx = _context(cfg, spark, info, model_fp, partition, full_refresh)
     recorder = lineage.RunRecorder(spark, cfg, ctx.run_id, ctx.started_at, info, model_fp,
                                    partition.value if partition else None)
     if partition and partition.is_committed(spark, cfg.sink.path):
@@ -257,15 +278,15 @@ def run(cfg: RunConfig, spark: SparkSession | None = None, progress: Progress | 
     except Exception as exc:
         recorder.fail(exc, timer.seconds)
         raise
-    result = replace(result, seconds=timer.total, lineage_run_id=recorder.lineage_run_id,
-                     stage_seconds=dict(timer.seconds))
+    result = replace(result, seconds=time.perf_counter() - started,
+                     lineage_run_id=recorder.lineage_run_id, stage_seconds=dict(timer.seconds))
     recorder.succeed(result)
     drift.enforce_policy(cfg, result)
     return result
 
 
 def _context(cfg: RunConfig, spark: SparkSession, info: ModelInfo, model_fp: str,
-             partition: Partition | None) -> RunContext:
+             partition: Partition | None, full_refresh: bool) -> RunContext:
     from pipeline import spark as spark_setup
 
     started_at = datetime.now(UTC).replace(microsecond=0)
@@ -276,42 +297,40 @@ def _context(cfg: RunConfig, spark: SparkSession, info: ModelInfo, model_fp: str
     return RunContext(cfg=cfg, spark=spark, run_id=new_run_id(started_at),
                       started_at=started_at, info=info, model_fp=model_fp, identity=identity,
                       stored=stored, plan=plan, threads=spark_setup.torch_threads(
-                          spark, cfg.spark), partition=partition)
+                          spark, cfg.spark), partition=partition, full_refresh=full_refresh)
 
 
 def _stages(ctx: RunContext, timer: StageTimer, progress: Progress | None) -> RunResult:
-    from pipeline import udf
-
     if ctx.plan.identity_check == "now":  # a config conflict fails before any Spark job
         sink.check_compatible(ctx.stored, ctx.identity, ctx.cfg.sink.path)
-    warm = udf.warm_workers(ctx.spark, ctx.cfg, ctx.threads)
-    canary = PendingCanary.start(ctx)
+    background = Background(ctx)
+    if ctx.plan.warms_early or ctx.plan.identity_check == "after_canary":
+        background.start()  # everything will be embedded: load the model during the read
     src = None
     # One cleanup for every way out: a run that fails early (bad column) must not
     # exit while its background Spark jobs (warm-up, canary) still run.
     try:
         if ctx.plan.identity_check == "after_canary":
-            if canary is not None:
-                canary.result()  # another model: the canary's verdict says what changed
+            background.canary_result()  # another model: the canary says what changed
             sink.check_compatible(ctx.stored, ctx.identity, ctx.cfg.sink.path)
         with timer("read_validate"):
             src = read_validate(ctx)
         with timer("plan"):
             rows = plan_rows(ctx, src)
+        if rows.embeds:
+            background.start()  # a no-op night loads no model and runs no canary
         with timer("calibrate"):
-            calibrated = calibrate(ctx, src)
+            calibrated = calibrate(ctx, src) if rows.embeds else Calibrated(None, "none")
         with timer("canary_wait"):
-            parity = canary.result() if canary else None
+            parity = background.canary_result()
         with timer("encode_write"):
-            written = encode_commit(ctx, rows, calibrated, parity, warm, progress)
+            written = encode_commit(ctx, rows, calibrated, parity, background, progress)
         with timer("quarantine"):
             quarantine(ctx, src)
     finally:
         if src is not None:
             src.tagged.unpersist()
-        warm.join()
-        if canary:
-            canary.wait()
+        background.join()
     counts = reconcile(ctx, src, rows, written)
     with timer("drift"):
         drifted = measure_drift(ctx, written, calibrated, parity)
@@ -362,21 +381,95 @@ class PendingCanary:
         futures_wait([self._future])
 
 
-def read_validate(ctx: RunContext) -> SourceRead:
-    """Read the source once (a Delta source at one pinned version), tag every row valid
-    or quarantined, and keep that snapshot for every later pass."""
-    from pyspark.sql import functions as F
+class Background:
+    """The run's background Spark jobs: the Python workers' warm-up (model load) and the
+    canary. Started during the read when every row will be embedded, else only once
+    the plan has rows to embed."""
 
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.warm: WarmUp | None = None
+        self.canary: PendingCanary | None = None
+
+    def start(self) -> None:
+        from pipeline import udf
+
+        if self.warm is None:
+            self.warm = udf.warm_workers(self.ctx.spark, self.ctx.cfg, self.ctx.threads)
+        if self.canary is None:
+            self.canary = PendingCanary.start(self.ctx)
+
+    def canary_result(self) -> drift.CanaryResult | None:
+        return self.canary.result() if self.canary else None
+
+    def runtimes(self) -> set[str]:
+        """What the workers loaded (device/precision/attention), once they have."""
+        if self.warm is None:
+            return set()
+        self.warm.join()
+        return self.warm.runtimes
+
+    def join(self) -> None:
+        if self.warm is not None:
+            self.warm.join()
+        if self.canary is not None:
+            self.canary.wait()
+
+
+def read_validate(ctx: RunContext) -> SourceRead:
+    """Read the source once (a Delta source at one pinned version): the whole of it, or
+    with a Change Data Feed only what changed since the last run. Tag every row valid
+    or quarantined and keep that snapshot for every later pass."""
     df, version = source.read_source(ctx.spark, ctx.cfg.source)
     files_hash = source.files_hash(df) if version is None else None
     if ctx.partition:
         df = df.filter(ctx.partition.filter)
-    tagged = source.tag_rows(df, ctx.cfg.source).persist()
+    last: list[int | None] = []
+
+    def last_version() -> int | None:
+        last.append(changes.last_source_version(ctx.spark, ctx.cfg))
+        return last[0]
+
+    path, note = ctx.plan.plan_path(
+        source_is_delta=version is not None, full_refresh=ctx.full_refresh,
+        cdf_enabled=lambda: changes.cdf_enabled(ctx.spark, ctx.cfg.source.path),
+        last_version=last_version)
+    if path == "cdf" and version is not None and last and last[0] is not None:
+        try:
+            return _read_changes(ctx, df, version, last[0], note)
+        except Exception as exc:  # noqa: BLE001 - the full comparison is always right
+            note = changes.why_not(exc, last[0] + 1)
+            log.warning(note)
+    return _tagged(df, ctx.cfg, version=version, files_hash=files_hash, path="full",
+                   note=note)
+
+
+def _read_changes(ctx: RunContext, snapshot: DataFrame, version: int, last: int,
+                  note: str) -> SourceRead:
+    if last > version:
+        raise PipelineError(f"the source is at version {version}, before the last run's "
+                            f"{last} (restored?)")
+    if last == version:
+        feed = snapshot.limit(0).withColumn("_change_type", snapshot[ctx.cfg.source.id_column]
+                                            .cast("string"))
+    else:
+        feed = changes.latest_changes(ctx.spark, ctx.cfg.source, last + 1, version)
+    feed = feed.persist()
+    feed.count()  # the feed's files are read here: a vacuumed history fails now
+    rows = source.changed_rows(snapshot, feed, ctx.cfg.source)
+    ids = feed.select(ctx.cfg.source.id_column).withColumnRenamed(ctx.cfg.source.id_column, "id")
+    return _tagged(rows, ctx.cfg, version=version, files_hash=None, path="cdf",
+                   note=f"{note} (versions {last + 1}..{version})", changed_ids=ids)
+
+
+def _tagged(df: DataFrame, cfg: RunConfig, **fields: Any) -> SourceRead:
+    from pyspark.sql import functions as F
+
+    tagged = source.tag_rows(df, cfg.source).persist()
     counts = tagged.agg(F.count(F.lit(1)).alias("n"), F.count("reason").alias("bad")).first()
     assert counts is not None
     return SourceRead(df=df, tagged=tagged, rows_read=int(counts["n"]),
-                      rows_quarantined=int(counts["bad"]), version=version,
-                      files_hash=files_hash)
+                      rows_quarantined=int(counts["bad"]), **fields)
 
 
 def plan_rows(ctx: RunContext, src: SourceRead) -> RowPlan:
@@ -395,8 +488,12 @@ def plan_rows(ctx: RunContext, src: SourceRead) -> RowPlan:
         # data reads its target is no blind append to Delta, and two partitions
         # appending at once would conflict. The rows to embed are fixed here.
         todo = todo.localCheckpoint(eager=True)
-    deleted = (existing.select("id").join(valid.select("id"), "id", "left_anti")
-               if plan.applies_deletes and existing is not None else None)
+    deleted = None
+    if plan.applies_deletes and existing is not None:
+        stored_ids = existing.select("id")
+        if src.changed_ids is not None:  # cdf: only ids the feed names can have gone
+            stored_ids = stored_ids.join(src.changed_ids, "id", "left_semi")
+        deleted = stored_ids.join(valid.select("id"), "id", "left_anti")
     return RowPlan(todo=todo, rows_todo=rows_todo,
                    rows_skipped=src.rows_read - src.rows_quarantined - rows_todo,
                    commit=kind, deleted_ids=deleted)
@@ -409,8 +506,6 @@ def calibrate(ctx: RunContext, src: SourceRead) -> Calibrated:
     Never per batch and never per run: every later run and backfill reuses what
     the table stores, so the same text always quantizes to the same bytes.
     """
-    from pyspark.sql import functions as F
-
     from pipeline import udf
 
     cfg = ctx.cfg
@@ -423,8 +518,8 @@ def calibrate(ctx: RunContext, src: SourceRead) -> Calibrated:
             return Calibrated(stored, "table")
     size, seed = cfg.sink.calibration.size, cfg.sink.calibration.seed
     # A seeded hash order is a deterministic sample: same data + seed = same rows.
-    sample = (src.valid.orderBy(F.sha2(F.concat(F.lit(f"{seed}:"), F.col("content_hash")),
-                                       256)).limit(size))
+    sample = sampling.seeded_sample(src.valid, seed, size,
+                                    src.rows_read - src.rows_quarantined)
     floats, _ = udf.encode_floats(ctx.spark, cfg, ctx.threads, sample)
     if not len(floats[need[0].name]):
         raise PipelineError("int8/uint8 columns need a calibration sample, but the source "
@@ -433,7 +528,7 @@ def calibrate(ctx: RunContext, src: SourceRead) -> Calibrated:
 
 
 def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
-                  canary: drift.CanaryResult | None, warm: WarmUp,
+                  canary: drift.CanaryResult | None, background: Background,
                   progress: Progress | None) -> Written:
     """The rows through the encoder on the executors, into ONE Delta commit."""
     from pipeline import udf
@@ -445,31 +540,53 @@ def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
         udf.encode(spark, cfg, rows.todo, _partitions(ctx, rows.rows_todo), ctx.threads, stats,
                    calibrated.calibration),
         ctx.info.name, ctx.model_fp, ctx.run_id, ctx.started_at)
-    sink.ensure_table(spark, cfg.sink.path, encoded.schema, identity)
-    if ctx.plan.rewrites_identity and ctx.stored != identity:
-        sink.set_identity(spark, cfg.sink.path, identity)
-    elif canary and ctx.plan.stores_canary_reference(canary.stored_baseline):
-        sink.set_identity(spark, cfg.sink.path, {"canary_run": ctx.run_id})
+    sink.ensure_table(spark, cfg.sink.path, encoded.schema, identity,
+                      deletion_vectors=cfg.sink.deletion_vectors)
+    _update_identity(ctx, identity, calibrated, canary)
     txn = ctx.partition.txn if ctx.partition else None
     commit = None
-    if rows.commit in ("merge", "blind_append", "overwrite"):
+    if rows.embeds:
         # The commit names the runtime the workers loaded (the warm-up is done by
         # now, or the encode would wait for the same workers anyway).
-        warm.join()
-        loaded = warm.runtimes or ({canary.runtime} if canary else set())
+        loaded = background.runtimes() or ({canary.runtime} if canary else set())
         spark.sparkContext.setJobGroup(ENCODE_JOB_GROUP, f"embed run {ctx.run_id}")
         with (progress(spark, f"embedding {rows.rows_todo:,} rows") if progress
               else contextlib.nullcontext()):
             commit = sink.write(spark, encoded, cfg.sink.path, kind=rows.commit,
                                 merge_keys=ctx.plan.merge_keys,
                                 replace_matched=ctx.plan.replaces_matched, run_id=ctx.run_id,
-                                txn=txn, runtime=", ".join(sorted(loaded)) or None)
+                                txn=txn, runtime=", ".join(sorted(loaded)) or None,
+                                deletes=rows.deleted_ids if rows.commit != "overwrite"
+                                else None)
     elif rows.commit == "mark_txn" and txn:  # nothing to embed: still mark it done, once
         sink.mark_txn(spark, cfg.sink.path, ctx.run_id, txn)
-    deleted = (sink.delete_ids(spark, cfg.sink.path, rows.deleted_ids, ctx.run_id)
-               if rows.deleted_ids is not None else 0)
+    if commit is not None:
+        deleted = commit.rows_deleted
+    else:  # nothing to embed, only deletes: their own commit
+        deleted = (sink.delete_ids(spark, cfg.sink.path, rows.deleted_ids, ctx.run_id)
+                   if rows.deleted_ids is not None else 0)
     return Written(commit=commit, rows_deleted=deleted, output_schema=encoded.schema,
                    stats=stats.value)
+
+
+def _update_identity(ctx: RunContext, identity: dict[str, str], calibrated: Calibrated,
+                     canary: drift.CanaryResult | None) -> None:
+    """An existing table learns what this run fixed for good: all of its identity on an
+    overwrite, else int8 ranges fitted now and a canary stored as its new reference."""
+    spark, path = ctx.spark, ctx.cfg.sink.path
+    if ctx.plan.rewrites_identity:
+        if ctx.stored != identity:
+            sink.set_identity(spark, path, identity)
+        return
+    if ctx.stored is None:
+        return  # made with this identity by ensure_table
+    update = {}
+    if calibrated.source == "fit" and calibrated.calibration:
+        update["calibration"] = identity["calibration"]
+    if canary and ctx.plan.stores_canary_reference(canary.stored_baseline):
+        update["canary_run"] = ctx.run_id
+    if update:
+        sink.set_identity(spark, path, update)
 
 
 def _final_identity(ctx: RunContext, calibrated: Calibrated,
@@ -487,9 +604,9 @@ def _partitions(ctx: RunContext, rows_todo: int) -> int:
     from pipeline import spark as spark_setup
 
     slots = spark_setup.task_slots(ctx.spark)
+    tasks = max(slots * MIN_WAVES, math.ceil(rows_todo / MAX_ROWS_PER_TASK))
     # A multiple of the task slots: an odd last wave would run on one core alone.
-    return ctx.cfg.spark.partitions or slots * max(
-        1, math.ceil(rows_todo / (slots * ROWS_PER_PARTITION)))
+    return ctx.cfg.spark.partitions or slots * math.ceil(tasks / slots)
 
 
 def quarantine(ctx: RunContext, src: SourceRead) -> int:
@@ -529,11 +646,12 @@ def measure_drift(ctx: RunContext, written: Written, calibrated: Calibrated,
     runs_table = lineage.runs_path(cfg.sink.path, cfg.sink.runs_path)
     if not cfg.drift.distribution.enabled:
         result = drift.DriftResult(status="disabled")
-    elif not written.rows_embedded:
+    elif not written.rows_embedded or written.version is None:
         result = drift.DriftResult(status="no_rows", message="nothing new to compare")
     else:
         try:
-            result = drift.distribution(spark, cfg, ctx.run_id, written.version, runs_table,
+            result = drift.distribution(spark, cfg, ctx.run_id, written.version,
+                                        written.rows_embedded, runs_table,
                                         calibrated.calibration)
         except Exception as exc:
             log.warning("drift check failed: %s", exc)
@@ -561,8 +679,12 @@ def _result(ctx: RunContext, src: SourceRead, counts: Counts, written: Written,
         columns=[o.name for o in ctx.cfg.outputs], model=ctx.info.name,
         model_fingerprint=ctx.model_fp, runtime=s.runtime_label,
         output_version=written.version, seconds=0.0, source_version=src.version,
-        encode_seconds=s.seconds, padding_efficiency=s.padding_efficiency, tokens=s.tokens,
-        source_files_hash=src.files_hash,
+        encode_seconds=s.seconds, prepare_seconds=s.prepare_seconds,
+        encoder_cpu_seconds=s.cpu_seconds,
+        worker_peak_rss_mb=s.peak_rss_mb, padding_efficiency=s.padding_efficiency, tokens=s.tokens,
+        source_files_hash=src.files_hash, plan_path=src.path, plan_note=src.note,
+        canary_note="" if canary or not ctx.cfg.drift.canary.enabled
+        else "skipped: nothing to write",
         partition=ctx.partition.value if ctx.partition else None,
         calibration=calibrated.source, canary=canary, drift=drifted, schemas=schemas)
 

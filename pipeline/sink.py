@@ -21,7 +21,7 @@ from pipeline.errors import AlreadyCommitted, ConcurrentRunError, SinkConflictEr
 if TYPE_CHECKING:
     from datetime import datetime
 
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import Column, DataFrame, SparkSession
     from pyspark.sql.types import StructType
 
     from pipeline.config import RunConfig
@@ -31,7 +31,7 @@ PROP_PREFIX = "embed."
 # Properties that decide the stored vectors: a mismatch means incomparable vectors.
 # MERGE commits of one process take turns (backfill threads); they also set session
 # confs (txn ids), which are per session, not per thread.
-_MERGE_LOCK = threading.Lock()
+MERGE_LOCK = threading.Lock()
 _CONFLICT_MARKERS = ("ConcurrentAppendException", "ConcurrentDeleteReadException",
                      "ConcurrentDeleteDeleteException", "ConcurrentTransactionException",
                      "ConcurrentWriteException", "DELTA_CONCURRENT")
@@ -43,6 +43,7 @@ class Commit:
     version: int
     operation: str
     rows_written: int
+    rows_deleted: int = 0
 
 
 def table_identity(cfg: RunConfig, model_name: str, model_fingerprint: str) -> dict[str, str]:
@@ -102,12 +103,14 @@ def check_compatible(stored: dict[str, str] | None, wanted: dict[str, str], path
 
 
 def ensure_table(spark: SparkSession, path: str, schema: StructType,
-                 identity: dict[str, str]) -> None:
+                 identity: dict[str, str], deletion_vectors: bool = False) -> None:
     from delta.tables import DeltaTable
 
     builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(schema)
     for key, value in identity.items():
         builder = builder.property(PROP_PREFIX + key, value)
+    if deletion_vectors:
+        builder = builder.property("delta.enableDeletionVectors", "true")
     try:
         builder.execute()
     except Exception:
@@ -183,23 +186,40 @@ def last_commit(spark: SparkSession, path: str, run_id: str,
             metrics.get("numTargetRowsUpdated", 0))
     else:
         written = int(metrics.get("numOutputRows", 0))
-    return Commit(version=int(row["version"]), operation=row["operation"], rows_written=written)
+    return Commit(version=int(row["version"]), operation=row["operation"], rows_written=written,
+                  rows_deleted=int(metrics.get("numTargetRowsDeleted", 0)))
+
+
+def _snapshot(spark: SparkSession, path: str):
+    """The table's latest Delta snapshot, from the JVM's cached DeltaLog: no Spark job
+    (DESCRIBE DETAIL or history() each cost one, ~1 s here)."""
+    jvm = spark._jvm
+    assert jvm is not None, "a classic (JVM) Spark session is needed, not Spark Connect"
+    none = getattr(getattr(jvm.scala, "None$"), "MODULE$")
+    log = jvm.org.apache.spark.sql.delta.DeltaLog.forTable(spark._jsparkSession, path)
+    return log.update(False, none, none)
 
 
 def committed_txn(spark: SparkSession, path: str, app_id: str) -> int:
     """The last txnVersion Delta recorded for ``app_id`` on this table (-1: none)."""
     if not is_delta_table(path):
         return -1
-    jvm = spark._jvm
-    assert jvm is not None, "a classic (JVM) Spark session is needed, not Spark Connect"
-    none = getattr(getattr(jvm.scala, "None$"), "MODULE$")
-    log = jvm.org.apache.spark.sql.delta.DeltaLog.forTable(spark._jsparkSession, path)
-    found = log.update(False, none, none).transactions().get(app_id)
+    found = _snapshot(spark, path).transactions().get(app_id)
     return int(found.get()) if found.isDefined() else -1
 
 
+def latest_version(spark: SparkSession, path: str) -> int:
+    return int(_snapshot(spark, path).version())
+
+
+def table_property(spark: SparkSession, path: str, key: str) -> str | None:
+    """One Delta table property (``delta.*`` included) of the latest version."""
+    found = _snapshot(spark, path).metadata().configuration().get(key)
+    return str(found.get()) if found.isDefined() else None
+
+
 @contextlib.contextmanager
-def _session_conf(spark: SparkSession, conf: dict[str, str]):
+def session_conf(spark: SparkSession, conf: dict[str, str]):
     """Session confs for one commit, then each key back to what it was (or unset)."""
     before = {key: spark.conf.get(key, None) for key in conf}
     for key, value in conf.items():
@@ -233,7 +253,7 @@ def _concurrent(exc: Exception, path: str) -> ConcurrentRunError | None:
 
 
 @contextlib.contextmanager
-def _conflicts_reported(path: str):
+def conflicts_reported(path: str):
     """Delta's concurrent-commit exceptions -> one ConcurrentRunError line."""
     try:
         yield
@@ -246,15 +266,20 @@ def _conflicts_reported(path: str):
 
 def write(spark: SparkSession, df: DataFrame, path: str, *, kind: CommitKind,
           merge_keys: tuple[str, ...], replace_matched: bool, run_id: str,
-          txn: tuple[str, int] | None = None, runtime: str | None = None) -> Commit:
+          txn: tuple[str, int] | None = None, runtime: str | None = None,
+          deletes: DataFrame | None = None) -> Commit:
     """ONE Delta commit tagged with the run id and runtime (and, for backfills, a txn
     app id/version). ``kind`` (see :class:`~pipeline.write_plan.WritePlan`):
 
     merge: MERGE on ``merge_keys``, inserting rows not matched and, with
     ``replace_matched``, replacing matched ones; MERGE (not a blind append) reads
     the target, so two runs writing the same table at once conflict in Delta's
-    commit check instead of doubling rows. blind_append: a plain append with the
-    txn id (backfill partitions of new ids only). overwrite: replace the table.
+    commit check instead of doubling rows. insert: the insert-only MERGE (rows
+    whose keys are not in the table): one pass over the encoded rows, no file
+    rewritten, still conflict-checked. blind_append: a plain append with the txn
+    id (backfill partitions of new ids only). overwrite: replace the table.
+    ``deletes`` (ids, with a merge or insert): deleted in the same MERGE, so the
+    rows and the deletes of a run are one commit.
     """
     try:
         if kind == "blind_append":  # writer options, no session state
@@ -262,19 +287,22 @@ def write(spark: SparkSession, df: DataFrame, path: str, *, kind: CommitKind,
                 "userMetadata", commit_tag(run_id, runtime))
             if txn:
                 writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])
-            with _conflicts_reported(path):
+            with conflicts_reported(path):
                 writer.save(path)
             return last_commit(spark, path, run_id, txn)
         conf = _commit_conf(run_id, txn, runtime)
-        # The source holds a Python UDF: materialise it so MERGE's passes over the
-        # source never encode a row twice.
-        conf["spark.databricks.delta.merge.materializeSource"] = "all"
-        with _conflicts_reported(path), _MERGE_LOCK, _session_conf(spark, conf):
+        # The source holds a Python UDF: a MERGE that updates passes over its source
+        # twice, so materialise it and never encode a row twice; an insert-only MERGE
+        # passes once and needs no copy.
+        insert_only = kind == "insert" and deletes is None
+        conf["spark.databricks.delta.merge.materializeSource"] = "none" if insert_only else "all"
+        with conflicts_reported(path), MERGE_LOCK, session_conf(spark, conf):
             if kind == "overwrite":
                 df.write.format("delta").mode("overwrite").option("overwriteSchema", "true") \
                     .save(path)
             else:
-                _merge(spark, df, path, merge_keys, replace_matched)
+                _merge(spark, df, path, merge_keys, replace_matched and kind == "merge",
+                       deletes)
         return last_commit(spark, path, run_id, txn)
     except ConcurrentRunError:
         # The run we lost to may have committed this very txn (the same partition
@@ -286,14 +314,36 @@ def write(spark: SparkSession, df: DataFrame, path: str, *, kind: CommitKind,
 
 
 def _merge(spark: SparkSession, df: DataFrame, path: str, keys: tuple[str, ...],
-           replace_matched: bool) -> None:
+           replace_matched: bool, deletes: DataFrame | None = None) -> None:
     from delta.tables import DeltaTable
 
     on = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-    merge = DeltaTable.forPath(spark, path).alias("t").merge(df.alias("s"), on)
+    if deletes is None:
+        merge = DeltaTable.forPath(spark, path).alias("t").merge(df.alias("s"), on)
+        if replace_matched:
+            merge = merge.whenMatchedUpdateAll()
+        merge.whenNotMatchedInsertAll().execute()
+        return
+    # The deleted ids ride along as source rows flagged _delete (their other columns
+    # null); a flagged row matches every stored row of its id.
+    rest = " AND ".join(f"t.{k} = s.{k}" for k in keys if k != "id") or "TRUE"
+    source = _with_deletes(df, deletes)
+    columns: dict[str, str | Column] = {c: f"s.`{c}`" for c in df.columns}
+    merge = (DeltaTable.forPath(spark, path).alias("t")
+             .merge(source.alias("s"), f"t.id = s.id AND (s._delete OR ({rest}))")
+             .whenMatchedDelete(condition="s._delete"))
     if replace_matched:
-        merge = merge.whenMatchedUpdateAll()
-    merge.whenNotMatchedInsertAll().execute()
+        merge = merge.whenMatchedUpdate(condition="NOT s._delete", set=columns)
+    merge.whenNotMatchedInsert(condition="NOT s._delete", values=columns).execute()
+
+
+def _with_deletes(df: DataFrame, deletes: DataFrame) -> DataFrame:
+    from pyspark.sql import functions as F
+
+    nulls = [F.col("id") if c == "id" else F.lit(None).cast(df.schema[c].dataType).alias(c)
+             for c in df.columns]
+    return (df.withColumn("_delete", F.lit(False))
+            .unionByName(deletes.select(*nulls, F.lit(True).alias("_delete"))))
 
 
 def mark_txn(spark: SparkSession, path: str, run_id: str, txn: tuple[str, int]) -> None:
@@ -301,7 +351,7 @@ def mark_txn(spark: SparkSession, path: str, run_id: str, txn: tuple[str, int]) 
     from delta.tables import DeltaTable
 
     empty = spark.read.format("delta").load(path).limit(0)
-    with _MERGE_LOCK, _session_conf(spark, _commit_conf(run_id, txn)):
+    with MERGE_LOCK, session_conf(spark, _commit_conf(run_id, txn)):
         DeltaTable.forPath(spark, path).alias("t").merge(empty.alias("s"), "t.id = s.id") \
             .whenNotMatchedInsertAll().execute()
 
@@ -312,7 +362,7 @@ def delete_ids(spark: SparkSession, path: str, ids_df: DataFrame, run_id: str) -
 
     if ids_df.limit(1).count() == 0:
         return 0
-    with _MERGE_LOCK, _session_conf(spark, _commit_conf(run_id, None)):
+    with MERGE_LOCK, session_conf(spark, _commit_conf(run_id, None)):
         DeltaTable.forPath(spark, path).alias("t").merge(ids_df.alias("s"), "t.id = s.id") \
             .whenMatchedDelete().execute()
     row = _run_commit(spark, path, run_id)

@@ -15,7 +15,7 @@ from pipeline.config import SourceConfig
 from pipeline.errors import ConfigError, SourceError
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
+    from pyspark.sql import DataFrame, SparkSession
 
 # Quarantine reasons, in the order they are checked (the first that applies wins).
 REASONS = ("null_id", "text_not_string", "null_text", "invalid_utf8", "empty_text",
@@ -35,7 +35,7 @@ def check_source_path(cfg: SourceConfig) -> None:
                           "set source.format to one of: delta, parquet, csv, json")
 
 
-def files_hash(df) -> str:
+def files_hash(df: DataFrame) -> str:
     """Lineage of a file source (no Delta version): sha256 of its sorted file list with
     each local file's size and modification time."""
     import hashlib
@@ -61,10 +61,10 @@ def read_source(spark: SparkSession, cfg: SourceConfig):
         reader = reader.option("header", cfg.options.get("header", "true"))
     version = None
     if cfg.format == "delta":
-        from delta.tables import DeltaTable
+        from pipeline.sink import latest_version
 
         # Pin the version so every pass of this run reads the same snapshot.
-        version = DeltaTable.forPath(spark, cfg.path).history(1).collect()[0]["version"]
+        version = latest_version(spark, cfg.path)
         reader = reader.option("versionAsOf", version)
     try:
         df = reader.load(cfg.path)
@@ -79,25 +79,28 @@ def read_source(spark: SparkSession, cfg: SourceConfig):
     return df, version
 
 
-def tag_rows(df, cfg: SourceConfig):
+def tag_rows(df: DataFrame, cfg: SourceConfig) -> DataFrame:
     """Columns: id, text, content_hash, reason (null for rows to embed), raw_value."""
     from pyspark.sql import functions as F
     from pyspark.sql.types import BinaryType, StringType
-    from pyspark.sql.window import Window
 
     text_type = df.schema[cfg.text_column].dataType
     # Binary text columns are taken as UTF-8 bytes; any other type is not text.
     text_is_string = isinstance(text_type, (StringType, BinaryType))
+    # Duplicate ids by an aggregate of the ids alone, joined back (small: broadcast by
+    # AQE), instead of a window over the rows, which would shuffle every text.
+    dupes = (df.groupBy(F.col(cfg.id_column).alias("_dup_id")).count()
+             .filter(F.col("count") > 1).select("_dup_id"))
+    df = df.join(dupes, F.col(cfg.id_column) == F.col("_dup_id"), "left")
     id_col, text_col = F.col(cfg.id_column), F.col(cfg.text_column)
     text = text_col.cast("string") if text_is_string else F.lit(None).cast("string")
-    dupes = F.count(F.lit(1)).over(Window.partitionBy(id_col))
     reason = (
         F.when(id_col.isNull(), F.lit("null_id"))
         .when(F.lit(not text_is_string), F.lit("text_not_string"))
         .when(text.isNull(), F.lit("null_text"))
         .when(~F.is_valid_utf8(text), F.lit("invalid_utf8"))
         .when(text.rlike(r"(?U)^\s*$"), F.lit("empty_text"))
-        .when(dupes > 1, F.lit("duplicate_id"))
+        .when(F.col("_dup_id").isNotNull(), F.lit("duplicate_id"))
     )
     raw = F.substring(F.make_valid_utf8(text_col.cast("string")), 1, RAW_VALUE_CHARS)
     return df.select(
@@ -107,3 +110,27 @@ def tag_rows(df, cfg: SourceConfig):
         reason.alias("reason"),
         raw.alias("raw_value"),
     )
+
+
+def changed_rows(snapshot: DataFrame, changes: DataFrame, cfg: SourceConfig) -> DataFrame:
+    """The source rows to validate for a Change Data Feed run: each changed id's latest
+    row, except where the snapshot holds that id more than once, or holds it still
+    though its latest change was a delete (one of two copies went): then all of its
+    snapshot rows, so :func:`tag_rows` judges them as on the full path. Only the id
+    column of the snapshot is scanned, plus the rows of such ids."""
+    from pyspark.sql import functions as F
+
+    from pipeline.changes import CDF_COLUMNS
+
+    id_col = cfg.id_column
+    kinds = changes.select(id_col, (F.col("_change_type") == "delete").alias("_gone"))
+    counts = (snapshot.select(id_col).join(kinds.select(id_col), id_col, "left_semi")
+              .groupBy(id_col).count())
+    special = (counts.join(kinds, id_col)
+               .filter((F.col("count") > 1) | F.col("_gone")).select(id_col))
+    upserts = changes.filter(F.col("_change_type") != "delete") \
+        .drop(*(c for c in CDF_COLUMNS if c in changes.columns))
+    if special.limit(1).count() == 0:
+        return upserts
+    return (upserts.join(special, id_col, "left_anti")
+            .unionByName(snapshot.join(special, id_col, "left_semi")))

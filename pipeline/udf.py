@@ -98,9 +98,16 @@ def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], torc
             arrays += [pa.array(result.n_tokens, pa.int32()), pa.array(result.truncated)]
             yield pa.RecordBatch.from_arrays(arrays, names=names)
         if stats_acc is not None:
-            stats_acc.add(encoder.stats - before)
+            stats_acc.add(dataclasses.replace(encoder.stats - before, peak_rss_mb=_peak_rss_mb()))
 
     return encode_batches
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def encode(spark: SparkSession, cfg: RunConfig, rows: DataFrame, partitions: int,

@@ -9,21 +9,28 @@ table's identity is rewritten. ``run.py`` asks; it never re-derives a rule.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig, SinkMode
 
-# How a run's rows reach the output table:
-#   merge: MERGE on id (incremental) or (id, content_hash) (append): reads the
-#          target, so two writers conflict in Delta's check instead of doubling rows
+# How a run's rows reach the output table (every kind but blind_append reads the
+# target, so two writers conflict in Delta's commit check instead of doubling rows):
+#   merge: MERGE on id replacing changed texts' rows and inserting new ones (the
+#          encoded rows are materialized once: MERGE passes over its source twice)
+#   insert: insert-only MERGE (no row to embed has an id in the table): one pass,
+#          no materialization, no file of the table rewritten
 #   blind_append: a backfill partition of new ids only, with its txn id; never
 #          conflicts with other partitions
 #   overwrite: replace the table
 #   mark_txn: a backfill partition with nothing to embed records its txn id only
 #   none: nothing to write
-CommitKind = Literal["merge", "blind_append", "overwrite", "mark_txn", "none"]
+CommitKind = Literal["merge", "insert", "blind_append", "overwrite", "mark_txn", "none"]
+# Which rows a run compares: full, the whole source against the table; cdf, only
+# what the source's Change Data Feed says changed since the last run's version.
+PlanPath = Literal["full", "cdf"]
 # When the stored identity (model, outputs...) is checked against this run's:
 #   now: before anything runs; after_canary: once the canary says what changed
 #   (another model on a table with a canary); never: overwrite replaces it anyway
@@ -104,9 +111,19 @@ class WritePlan:
 
     @property
     def probes_replacements(self) -> bool:
-        """A backfill into an existing table must learn whether any row to embed replaces
-        a stored one (then it needs a MERGE; new ids only can be a blind append)."""
-        return self.backfill and self.compares_existing
+        """An incremental run into an existing table learns whether any row to embed
+        replaces a stored one (a changed text: then it needs a full MERGE; new ids only
+        are an insert, or for a backfill partition a blind append). In append mode a
+        new (id, content hash) pair never replaces a row."""
+        return self.compares_existing and self.mode == "incremental"
+
+    @property
+    def warms_early(self) -> bool:
+        """Every source row will be embedded (a new table, an overwrite): start the
+        Python workers, the model load and the canary while the driver reads. An
+        incremental run starts them only once its plan has rows to embed, so a
+        night with nothing new loads no model."""
+        return not self.compares_existing
 
     @property
     def merge_keys(self) -> tuple[str, ...]:
@@ -130,6 +147,28 @@ class WritePlan:
             return "overwrite"
         if rows_todo == 0:
             return "mark_txn" if self.backfill else "none"
-        if self.backfill and not replaces_rows:
-            return "blind_append"
-        return "merge"
+        if replaces_rows and self.mode == "incremental":
+            return "merge"
+        return "blind_append" if self.backfill else "insert"
+
+    def plan_path(self, *, source_is_delta: bool, full_refresh: bool,
+                  cdf_enabled: Callable[[], bool],
+                  last_version: Callable[[], int | None]) -> tuple[PlanPath, str]:
+        """CDF when the source's Change Data Feed can say what changed since the last
+        successful run, else the full comparison, with the reason (for the summary
+        and the runs table). The two facts that cost a Spark job are asked for only
+        when no cheaper reason rules the feed out."""
+        reasons: list[tuple[Callable[[], bool], str]] = [
+            (lambda: full_refresh, "--full-refresh"),
+            (lambda: not self.compares_existing, "the table is new or replaced"),
+            (lambda: self.filtered, "a partition run reads its partition"),
+            (lambda: not source_is_delta, "the source is not a Delta table"),
+            (lambda: not cdf_enabled(), "Change Data Feed is off on the source "
+                                        "(delta.enableChangeDataFeed)")]
+        why = next((reason for hit, reason in reasons if hit()), None)
+        if why:
+            return "full", why
+        last = last_version()
+        if last is None:
+            return "full", "no earlier successful run recorded a source version"
+        return "cdf", f"changes since source version {last}"

@@ -183,7 +183,10 @@ def test_calibration_encodes_on_the_executors(spark, demo_source, tmp_path, monk
     ranges = json.loads(props["embed.calibration"])["q"]
     assert len(ranges["min"]) == 64 and all(lo < hi for lo, hi in zip(
         ranges["min"], ranges["max"], strict=True))
-    assert run(cfg, spark=spark).calibration == "table"  # stored ranges, reused
+    again = run(cfg, spark=spark)  # nothing new: no sample encoded, the ranges stand
+    assert (again.rows_embedded, again.calibration) == (0, "none")
+    assert spark.sql(f"DESCRIBE DETAIL delta.`{cfg.sink.path}`").first()["properties"][
+        "embed.calibration"] == props["embed.calibration"]
 
 
 def test_a_run_restores_the_session_conf_it_changes(spark, demo_source, tmp_path):

@@ -64,7 +64,9 @@ def check_rules(p: WritePlan) -> None:
     assert p.identity_check == ("never" if p.mode == "overwrite" else
                                 "after_canary" if p.ask_canary_first else "now")
     assert p.rewrites_identity == (p.mode == "overwrite" and p.table_exists)
-    assert p.probes_replacements == (p.backfill and p.compares_existing)
+    assert p.probes_replacements == (p.compares_existing and p.mode == "incremental")
+    # a run that will embed every row starts its workers and canary during the read
+    assert p.warms_early == (not p.compares_existing)
     assert p.merge_keys == (("id",) if p.mode == "incremental" else ("id", "content_hash"))
     assert p.replaces_matched == (p.mode == "incremental")
 
@@ -78,10 +80,38 @@ def test_commit_kind(mode, backfill, rows, replaces):
         assert kind == "overwrite"  # an overwrite replaces the table even with no rows
     elif rows == 0:
         assert kind == ("mark_txn" if backfill else "none")
-    elif backfill and not replaces:
-        assert kind == "blind_append"  # partitions of new ids never conflict
-    else:
+    elif replaces and mode == "incremental":
         assert kind == "merge"  # replaces by id, and conflicts with a concurrent writer
+    else:  # new ids (or new (id, hash) pairs in append mode): nothing is rewritten
+        assert kind == ("blind_append" if backfill else "insert")
+
+
+def test_plan_path_uses_the_change_feed_only_where_it_can_answer():
+    asked: list[str] = []
+
+    def fact(name, value):
+        def ask():
+            asked.append(name)
+            return value
+        return ask
+
+    cdf = dict(source_is_delta=True, full_refresh=False, cdf_enabled=fact("cdf", True),
+               last_version=fact("last", 4))
+    assert plan().plan_path(**cdf) == ("cdf", "changes since source version 4")
+    assert asked == ["cdf", "last"]
+    asked.clear()
+    assert plan(exists=False).plan_path(**cdf)[0] == "full"
+    assert asked == []  # a new table needs no Spark job to know it reads everything
+    for p, change, why in [
+            (plan(), {"full_refresh": True}, "--full-refresh"),
+            (plan(exists=False), {}, "new or replaced"),
+            (plan(mode="overwrite"), {}, "new or replaced"),
+            (plan(backfill=True, filtered=True), {}, "partition"),
+            (plan(), {"source_is_delta": False}, "not a Delta table"),
+            (plan(), {"cdf_enabled": lambda: False}, "Change Data Feed is off"),
+            (plan(), {"last_version": lambda: None}, "no earlier successful run")]:
+        path, note = p.plan_path(**{**cdf, **change})
+        assert path == "full" and why in note, (p, change, note)
 
 
 def test_canary_reference_is_stored_only_into_a_kept_table():

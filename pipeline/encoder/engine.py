@@ -10,6 +10,7 @@ import functools
 import itertools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -160,10 +161,16 @@ class Encoder:
             self.info.path, model_cfg.attention, precision, device,
             trust_remote_code=model_cfg.trust_remote_code, check=self._check_packed)
         self.runtime = attention.Runtime(device=device, precision=precision, attention=backend)
-        # Running totals; a caller's share of them is ``after - before``.
+        # Running totals; a caller's share of them is ``after - before``. prepare() runs
+        # on a prefetch thread, encode() on the caller's: one lock for both.
         self.stats = EncoderStats(runtime=frozenset({self.runtime.label}))
+        self._stats_lock = threading.Lock()
         self.token_budget, self.max_batch_rows = batch_limits(model_cfg, device)
         self._setup_layers()
+
+    def _count(self, delta: EncoderStats) -> None:
+        with self._stats_lock:
+            self.stats += delta
 
     @property
     def packed(self) -> bool:
@@ -402,8 +409,12 @@ class Encoder:
         if any(t is None for t in rows):
             raise ValueError("encode() got a null text; quarantine nulls before encoding")
         strings = cast("Sequence[str]", rows)
+        start, cpu = time.perf_counter(), time.thread_time()
         flat, offsets, lengths = self.tokenize(strings)
-        return Prepared(len(strings), *self.chunk_long_rows(strings, flat, offsets, lengths))
+        prepared = Prepared(len(strings), *self.chunk_long_rows(strings, flat, offsets, lengths))
+        self._count(EncoderStats(prepare_seconds=time.perf_counter() - start,
+                                 cpu_seconds=time.thread_time() - cpu))
+        return prepared
 
     def encode_float(self, texts: Sequence[str] | pa.Array | Prepared):
         """Texts (or a prepared batch) -> ({column: float32 [N, dim]}, info).
@@ -432,7 +443,7 @@ class Encoder:
                     raise
                 # Halve the batch and retry both halves; later batches of this
                 # encoder plan with half the budget. No row is lost or repeated.
-                self.stats += EncoderStats(oom_splits=1)
+                self._count(EncoderStats(oom_splits=1))
                 self.token_budget = max(self.cfg.max_length, self.token_budget // 2)
                 log.warning("out of memory on a batch of %d rows x %d tokens: splitting it, "
                             "token budget now %d", len(idx), int(lengths[idx].max()),
@@ -465,7 +476,7 @@ class Encoder:
                    if calibration is None or s.name not in calibration.ranges]
         if missing:
             raise ValueError(f"int8/uint8 columns {missing} need calibration ranges")
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         floats, info = self.encode_float(texts)
         columns = {s.name: to_arrow(quantize(floats[s.name], s, calibration), s)
                    for s in self.outputs}
@@ -474,8 +485,9 @@ class Encoder:
         # Packed batches: no linear layer sees a padded token.
         padded = real if self.packed else padded_tokens(lengths, info.batches)
         elapsed = time.perf_counter() - start
-        self.stats += EncoderStats(rows=len(lengths), tokens=real, padded_tokens=padded,
-                                   batches=len(info.batches), seconds=elapsed)
+        self._count(EncoderStats(rows=len(lengths), tokens=real, padded_tokens=padded,
+                                 batches=len(info.batches), seconds=elapsed,
+                                 cpu_seconds=time.thread_time() - cpu))
         return EncodeResult(columns=columns, n_tokens=info.n_tokens, truncated=info.truncated,
                             padding_efficiency=real / padded if padded else 1.0,
                             seconds=elapsed)

@@ -9,6 +9,17 @@ to build the accumulator.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Any
+
+_KEPT = ("runtime", "peak_rss_mb")  # not counters: a difference keeps the later value
+
+
+def _combine(name: str, a: Any, b: Any) -> Any:
+    if name == "runtime":
+        return a | b
+    if name == "peak_rss_mb":
+        return max(a, b)
+    return a + b
 
 
 @dataclass(frozen=True)
@@ -18,18 +29,22 @@ class EncoderStats:
     padded_tokens: int = 0  # tokens the linear layers computed on (== tokens when packed)
     batches: int = 0
     oom_splits: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # in encode(): the forward passes, pooling, quantization
+    prepare_seconds: float = 0.0  # in prepare(): tokenizing (on a prefetch thread)
+    # CPU time of the threads that ran prepare() and encode() (they overlap in wall
+    # time): what the encoder cost the machine, against what the pipeline around it did
+    cpu_seconds: float = 0.0
     runtime: frozenset[str] = field(default_factory=frozenset)  # device/precision/attention
+    peak_rss_mb: float = 0.0  # the largest resident set of a worker that reported (max)
 
     def __add__(self, other: EncoderStats) -> EncoderStats:
-        return EncoderStats(**{f.name: (getattr(self, f.name) | getattr(other, f.name)
-                                        if f.name == "runtime" else
-                                        getattr(self, f.name) + getattr(other, f.name))
+        return EncoderStats(**{f.name: _combine(f.name, getattr(self, f.name),
+                                                getattr(other, f.name))
                                for f in fields(self)})
 
     def __sub__(self, other: EncoderStats) -> EncoderStats:
-        """What happened since ``other`` (an earlier snapshot); keeps this runtime."""
-        return EncoderStats(**{f.name: (getattr(self, f.name) if f.name == "runtime" else
+        """What happened since ``other`` (an earlier snapshot); keeps this runtime and peak."""
+        return EncoderStats(**{f.name: (getattr(self, f.name) if f.name in _KEPT else
                                         getattr(self, f.name) - getattr(other, f.name))
                                for f in fields(self)})
 

