@@ -9,8 +9,14 @@ or params:
   drift task (no retries) and so skips publish; a canary failure (another
   model) already fails the embed task, before anything is written
 - EMBED_SCHEDULE: cron or preset, default @daily
+- EMBED_START_DATE (YYYY-MM-DD, default 2026-01-01): the first logical date,
+  i.e. the first partition; a run for an earlier date fails in
+  ``start_date_guard`` (Airflow itself would create no task and call the run a
+  success)
 - EMBED_CATCHUP=1: with source.partition_column, catchup backfills one logical
   date per run, each committed exactly once
+- EMBED_MAINTAIN: weekly (default: OPTIMIZE + VACUUM after Sunday's run),
+  daily or never
 - the ``spark_default`` connection: master (local[2], spark://host:7077, yarn, k8s://...)
 
 The run's logical date (``ds``) is the partition when the config names
@@ -21,20 +27,26 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.sdk import Param, dag, task
 
+from pipeline.dag_tasks import start_date
+
 ROOT = Path(__file__).resolve().parents[1]
+
 DEFAULT_CONFIG = os.environ.get("EMBED_CONFIG", str(ROOT / "conf" / "demo.yaml"))
+START_DATE = start_date()
+MAINTAIN = os.environ.get("EMBED_MAINTAIN", "weekly")
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dag(
     dag_id="embed_pipeline",
     schedule=os.environ.get("EMBED_SCHEDULE", "@daily"),
-    start_date=datetime(2026, 1, 1),
+    start_date=START_DATE,
     catchup=os.environ.get("EMBED_CATCHUP", "0") == "1",
     max_active_runs=1,  # one writer per output table
     params={"config": Param(DEFAULT_CONFIG, type="string", description="run config path"),
@@ -45,12 +57,25 @@ DEFAULT_CONFIG = os.environ.get("EMBED_CONFIG", str(ROOT / "conf" / "demo.yaml")
     tags=["embeddings"],
 )
 def embed_pipeline():
-    @task
+    @task(retries=0)  # a bad config or date is not transient
     def validate(params=None, ds=None) -> dict:
         from pipeline.dag_tasks import validate_config
 
-        return validate_config(params["config"], ds)
+        return validate_config(params["config"], ds, START_DATE)
 
+    @task(retries=0)
+    def start_date_guard(ds=None) -> str:
+        from pipeline.dag_tasks import check_logical_date
+
+        check_logical_date(ds, START_DATE)
+        return ds
+
+    # Airflow creates no task instance for a logical date before a task's start_date
+    # and then calls the run a success (apache/airflow#26865); a DAG clamps its tasks'
+    # start_date to its own. Set after that clamp, the guard exists for every date,
+    # and as a leaf its failure fails the run (validate checks the date again for
+    # backfill runs, which create every task whatever its start_date).
+    start_date_guard().operator.start_date = EPOCH  # type: ignore[attr-defined]  # PlainXComArg
     validated = validate()
     embed = SparkSubmitOperator(
         task_id="embed",
@@ -84,11 +109,18 @@ def embed_pipeline():
         print(line)
         return line
 
+    @task
+    def maintain(validated: dict, published: str, ds=None) -> dict:
+        from pipeline.dag_tasks import maintain_table
+
+        return maintain_table(validated["config"], ds, MAINTAIN)
+
     # TaskFlow calls take XComArgs where the task bodies get dicts; Airflow's typing
     # cannot say so without its (unshipped) mypy plugin: apache/airflow#39514.
     checked = check(validated)  # type: ignore[arg-type]
     validated >> embed >> checked
-    publish(validated, checked, drift(validated, checked))  # type: ignore[arg-type]
+    published = publish(validated, checked, drift(validated, checked))  # type: ignore[arg-type]
+    maintain(validated, published)  # type: ignore[arg-type]
 
 
 embed_pipeline()

@@ -3,17 +3,82 @@
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING
 
 from pipeline.config import load_config
+from pipeline.errors import ConfigError
 from pipeline.run import preflight
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 
-def validate_config(config_path: str, logical_date: str) -> dict:
-    """Check config, model and source path (no Spark); decide the partition argument."""
+DEFAULT_START_DATE = "2026-01-01"
+MAINTAIN_EVERY = ("weekly", "daily", "never")
+
+
+def start_date(env: Mapping[str, str] = os.environ) -> datetime:
+    """The DAG's start_date: EMBED_START_DATE (YYYY-MM-DD), the first partition a
+    deployment embeds; Airflow creates no task for an earlier logical date."""
+    text = env.get("EMBED_START_DATE") or DEFAULT_START_DATE
+    try:
+        day = date.fromisoformat(text)
+    except ValueError:
+        raise ConfigError("EMBED_START_DATE", f"{text!r} is not a date (YYYY-MM-DD)") from None
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+def check_logical_date(logical_date: str, start: datetime) -> None:
+    """Fail loudly for a logical date before start_date.
+
+    Airflow 3 creates no task instance for a logical date before a task's
+    start_date and then marks the run a success with nothing done; the DAG's
+    ``start_date_guard`` (whose own start_date is the epoch, so it always exists)
+    and ``validate`` raise instead.
+    """
+    if date.fromisoformat(logical_date[:10]) < start.date():
+        raise ConfigError("EMBED_START_DATE", (
+            f"logical date {logical_date[:10]} is before the DAG's start_date "
+            f"{start:%Y-%m-%d}: Airflow would run no task for it and report success; "
+            "set EMBED_START_DATE to the first partition to embed"))
+
+
+def maintenance_due(logical_date: str, every: str) -> bool:
+    """weekly: on logical dates that are Sundays; daily: every run; never."""
+    if every not in MAINTAIN_EVERY:
+        raise ConfigError("EMBED_MAINTAIN", f"{every!r} is not one of {', '.join(MAINTAIN_EVERY)}")
+    if every == "weekly":
+        return date.fromisoformat(logical_date[:10]).isoweekday() == 7
+    return every == "daily"
+
+
+def maintain_table(config_path: str, logical_date: str, every: str,
+                   spark: SparkSession | None = None) -> dict:
+    """OPTIMIZE, then VACUUM at the table's retention, when maintenance is due."""
+    from pipeline import maintain
+    from pipeline.config import SparkConfig
+    from pipeline.sink import is_delta_table
+    from pipeline.spark import get_session
+
+    cfg = load_config(config_path)
+    if not maintenance_due(logical_date, every) or not is_delta_table(cfg.sink.path):
+        return {"maintained": False, "every": every}
+    spark = spark or get_session(SparkConfig(master="local[1]", app_name="embed-dag-maintain"))
+    before = maintain.layout(spark, cfg.sink.path)
+    maintain.optimize(spark, cfg.sink.path, maintain.maintenance_id())
+    maintain.vacuum(spark, cfg.sink.path, maintain.retention_hours(spark, cfg.sink.path))
+    after = maintain.layout(spark, cfg.sink.path)
+    return {"maintained": True, "every": every, "files_before": before.files,
+            "files_after": after.files}
+
+
+def validate_config(config_path: str, logical_date: str,
+                    start: datetime | None = None) -> dict:
+    """Check the date, config, model and source path (no Spark); decide the partition."""
+    check_logical_date(logical_date, start or start_date())
     cfg = load_config(config_path)
     info = preflight(cfg)
     return {
@@ -109,6 +174,9 @@ def summary_line(validated: dict, checked: dict, drifted: dict | None = None) ->
             f"({', '.join(validated['columns'])}) with {validated['model']}; "
             f"skipped {checked['rows_skipped']:,}, quarantined {checked['rows_quarantined']:,}; "
             f"run {checked['run_id']}")
+    if validated["partition"] and checked["rows_read"] == 0:
+        line = (f"partition {validated['partition']} has no rows in the source: embedded 0 "
+                f"rows into {validated['output']}; run {checked['run_id']}")
     if checked.get("skipped_by"):
         line = (f"partition {validated['partition']} was already committed by run "
                 f"{checked['run_id']} ({checked['rows_embedded']:,} rows); nothing to do "

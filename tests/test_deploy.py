@@ -63,23 +63,30 @@ def test_standalone_cluster_matches_local_mode(spark, deploy_source, tmp_path):
         assert cosine_rows(np.stack(a[col]), np.stack(b[col])).min() >= 0.99999
 
 
-def test_airflow_dag_imports_and_runs_on_local_spark(spark, deploy_source, tmp_path):
+def test_airflow_dag_runs_dates_as_partitions_and_refuses_dates_before_start(
+        spark, deploy_source, tmp_path):
+    """The real DAG through `airflow dags test`: a date before EMBED_START_DATE fails
+    naming both dates and writes nothing; a date embeds its partition; the same date
+    again is a recorded skip, not a failure; a date with no rows succeeds with 0."""
     airflow_home = tmp_path / "airflow"
-    cfg_path = write_config(tmp_path, deploy_source, str(tmp_path / "dag_out"), drift=True)
+    out = str(tmp_path / "dag_out")
+    cfg_path = write_config(tmp_path, deploy_source, out, drift=True)
+    cfg_path.write_text(cfg_path.read_text().replace(
+        "format: delta}", "format: delta, partition_column: day}", 1))
     env = _env(
         AIRFLOW_HOME=str(airflow_home),
         AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "airflow_dags"),
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         AIRFLOW__CORE__UNIT_TEST_MODE="False",
         AIRFLOW_CONN_SPARK_DEFAULT='{"conn_type": "spark", "host": "local[2]"}',
-        EMBED_CONFIG=str(cfg_path),
+        EMBED_CONFIG=str(cfg_path), EMBED_START_DATE="2024-01-01",
     )
 
-    def airflow(*args, timeout=600):
+    def airflow(*args, timeout=600, ok=True):
         proc = subprocess.run([str(BIN / "airflow"), *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout)
-        assert proc.returncode == 0, (args, proc.stdout[-3000:], proc.stderr[-3000:])
-        return proc
+        assert (proc.returncode == 0) == ok, (args, proc.stdout[-3000:], proc.stderr[-3000:])
+        return proc.stdout + proc.stderr
 
     # DagBag: imports cleanly, with the expected task graph
     probe = subprocess.run([sys.executable, "-c", (
@@ -88,29 +95,41 @@ def test_airflow_dag_imports_and_runs_on_local_spark(spark, deploy_source, tmp_p
         "dag = bag.dags['embed_pipeline']\n"
         "print(json.dumps({'errors': {k: str(v) for k, v in bag.import_errors.items()},"
         " 'edges': sorted([t.task_id, d] for t in dag.tasks for d in t.downstream_task_ids),"
-        " 'retries': dag.default_args['retries']}))")],
+        " 'start': str(dag.start_date.date()), 'retries': dag.default_args['retries']}))")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0, probe.stderr[-3000:]
     graph = json.loads(probe.stdout.strip().splitlines()[-1])
     assert graph["errors"] == {}
     assert graph["edges"] == [["check", "drift"], ["check", "publish"], ["drift", "publish"],
-                              ["embed", "check"], ["validate", "check"], ["validate", "drift"],
-                              ["validate", "embed"], ["validate", "publish"]]
-    assert graph["retries"] == 2
+                              ["embed", "check"], ["publish", "maintain"],
+                              ["validate", "check"], ["validate", "drift"],
+                              ["validate", "embed"], ["validate", "maintain"],
+                              ["validate", "publish"]]
+    assert (graph["start"], graph["retries"]) == ("2024-01-01", 2)
 
     airflow("db", "migrate")
     airflow("dags", "reserialize")
-    out = airflow("dags", "test", "embed_pipeline", "2026-11-24")
-    assert "embedded 80 rows" in out.stdout + out.stderr
-    assert "canary baseline, drift no_reference" in out.stdout + out.stderr
+    early = airflow("dags", "test", "embed_pipeline", "2023-12-31", ok=False)
+    assert ("logical date 2023-12-31 is before the DAG's start_date 2024-01-01"
+            in early), early[-3000:]
+    assert not Path(out).exists()
 
-    table = spark.read.format("delta").load(str(tmp_path / "dag_out"))
-    assert table.count() == 80
+    day = airflow("dags", "test", "embed_pipeline", "2024-01-02")
+    assert "embedded 8 rows" in day and "canary baseline, drift no_reference" in day
+    table = spark.read.format("delta").load(out)
+    assert table.count() == 8 and table.filter("id % 10 != 1").count() == 0
+
+    again = airflow("dags", "test", "embed_pipeline", "2024-01-02")
+    assert "partition 2024-01-02 was already committed by run" in again, again[-3000:]
+    empty = airflow("dags", "test", "embed_pipeline", "2024-03-01")
+    assert "partition 2024-03-01 has no rows in the source: embedded 0 rows" in empty
+
     from pipeline import lineage
 
-    runs = lineage.latest_runs(spark, lineage.runs_path(str(tmp_path / "dag_out"), None), 5,
-                               output_path=str(tmp_path / "dag_out"))
-    assert list(runs["status"]) == ["succeeded"] and runs.iloc[0].rows_embedded == 80
+    runs = lineage.latest_runs(spark, lineage.runs_path(out, None), 5, output_path=out)
+    assert list(runs["status"]) == ["succeeded", "skipped", "succeeded"]
+    assert list(runs["rows_embedded"].fillna(0)) == [0, 0, 8]
+    assert spark.read.format("delta").load(out).count() == 8
 
 
 def test_gpu_conf_parses_and_cuda_without_gpus_fails_clearly(deploy_source, tmp_path):
