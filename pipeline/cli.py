@@ -374,14 +374,17 @@ def cluster_stop(state_dir: Path) -> None:
 @click.option("--limit", type=int, default=None, help="Only the first N docstrings.")
 @click.option("--repeat", type=int, default=1, show_default=True,
               help="Repeat the corpus N times (new ids) for larger runs.")
-def demo_data_cmd(out: Path, limit: int | None, repeat: int) -> None:
+@click.option("--change-feed/--no-change-feed", default=True, show_default=True,
+              help="Delta Change Data Feed on: re-runs read only the changes.")
+def demo_data_cmd(out: Path, limit: int | None, repeat: int, change_feed: bool) -> None:
     """Write the demo source: the Python standard library's docstrings, as Delta."""
     from pipeline.config import SparkConfig
     from pipeline.demo import write_demo_table
     from pipeline.spark import get_session
 
     spark = get_session(SparkConfig(app_name="embed-demo-data"))
-    n = write_demo_table(spark, str(out.resolve()), limit=limit, repeat=repeat)
+    n = write_demo_table(spark, str(out.resolve()), limit=limit, repeat=repeat,
+                         change_feed=change_feed)
     click.echo(f"wrote {n:,} docstrings to {out.resolve()}")
 
 

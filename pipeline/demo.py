@@ -73,11 +73,12 @@ def demo_rows(limit: int | None = None) -> list[dict]:
 
 
 def write_demo_table(spark: SparkSession, path: str, limit: int | None = None,
-                     repeat: int = 1) -> int:
+                     repeat: int = 1, change_feed: bool = False) -> int:
     """Write the demo source table (overwrite); ``repeat`` copies it with new ids.
 
     Columns: id, name (qualified name), summary (first line), text (the docstring)
-    and day (a synthetic date, the partition column of the backfill examples)."""
+    and day (a synthetic date, the partition column of the backfill examples).
+    ``change_feed``: Change Data Feed on, so re-runs read only what changed."""
     import pandas as pd
 
     rows = demo_rows(limit)
@@ -87,7 +88,14 @@ def write_demo_table(spark: SparkSession, path: str, limit: int | None = None,
     (spark.createDataFrame(frame, schema=schema)
      .coalesce(1).write.format("delta").mode("overwrite").option("overwriteSchema", "true")
      .save(path))
+    if change_feed:
+        enable_change_feed(spark, path)
     return len(frame)
+
+
+def enable_change_feed(spark: SparkSession, path: str) -> None:
+    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES "
+              "(delta.enableChangeDataFeed = true)")
 
 
 def write_varied_table(spark: SparkSession, path: str, rows: int,
@@ -108,8 +116,7 @@ def write_varied_table(spark: SparkSession, path: str, rows: int,
              F.when(F.col("copy") == 0, F.col("text")).otherwise(variant).alias("text"))
      .filter(F.col("id") < rows).repartition(8).write.format("delta").save(path))
     if change_feed:
-        spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES "
-                  "(delta.enableChangeDataFeed = true)")
+        enable_change_feed(spark, path)
     return rows
 
 
