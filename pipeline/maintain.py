@@ -49,9 +49,7 @@ def layout(spark: SparkSession, path: str) -> Layout:
 
 def retention_hours(spark: SparkSession, path: str) -> float:
     """The table's delta.deletedFileRetentionDuration in hours (default 168)."""
-    detail = spark.sql(f"DESCRIBE DETAIL delta.`{path}`").first()
-    props = (detail["properties"] if detail is not None else None) or {}
-    text = props.get("delta.deletedFileRetentionDuration")
+    text = sink.table_property(spark, path, "delta.deletedFileRetentionDuration")
     if not text:
         return DEFAULT_RETENTION_HOURS
     match = re.match(r"(?i)interval\s+(\d+)\s+(\w+?)s?$", text.strip())
