@@ -39,6 +39,7 @@ from pipeline.drift_stats import ColumnDrift, column_drift
 from pipeline.errors import CanaryError, ConfigError, DriftBreach
 from pipeline.lineage import sibling_table
 from pipeline.outputs import Calibration, row_cosines
+from pipeline.sink import append_rows
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -190,8 +191,7 @@ def store_canary(spark: SparkSession, path: str, output_path: str, run_id: str, 
          "column": name, "vector": vecs[i].tolist(), "runtime": runtime,
          "model_fingerprint": model_fp, "stored_at": now}
         for name, vecs in vectors.items() for i in range(len(texts))])
-    (spark.createDataFrame(frame, CANARY_SCHEMA).coalesce(1).write.format("delta")
-     .mode("append").option("userMetadata", run_id).save(path))
+    append_rows(spark.createDataFrame(frame, CANARY_SCHEMA).coalesce(1), path, run_id)
 
 
 def load_canary(spark: SparkSession, path: str, output_path: str, run_id: str):
@@ -342,9 +342,8 @@ def store_sample(spark: SparkSession, cfg: RunConfig, run_id: str, version: int,
     mine = (spark.read.format("delta").option("versionAsOf", version).load(cfg.sink.path)
             .filter(F.col("run_id") == run_id))
     columns = ["run_id", "content_hash", "n_tokens", "truncated", *(s.name for s in cfg.outputs)]
-    (seeded_sample(mine, d.seed, d.sample, rows_written).select(*columns).coalesce(1)
-     .write.format("delta").mode("append").option("userMetadata", run_id)
-     .save(samples_table(cfg)))
+    append_rows(seeded_sample(mine, d.seed, d.sample, rows_written).select(*columns)
+                .coalesce(1), samples_table(cfg), run_id)
 
 
 def sample_rows(spark: SparkSession, output_path: str, version: int | None, run_id: str,
@@ -444,8 +443,7 @@ def record(spark: SparkSession, cfg: RunConfig, run_id: str, version: int | None
                    canary_max_abs_diff=parity.max_abs_diff if parity else None,
                    computed_at=now)
         rows.append(row)
-    (rows_frame(spark, DRIFT_SCHEMA, rows).coalesce(1).write.format("delta").mode("append")
-     .option("userMetadata", run_id).save(drift_table(cfg)))
+    append_rows(rows_frame(spark, DRIFT_SCHEMA, rows).coalesce(1), drift_table(cfg), run_id)
 
 
 def stored_flags(rows) -> list[str]:

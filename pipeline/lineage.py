@@ -33,8 +33,34 @@ if TYPE_CHECKING:
     from pipeline.run import RunResult
 
 log = logging.getLogger(__name__)
-PRODUCER = "https://github.com/embed-pipeline/embed-pipeline"
-EMBEDDING_FACET_SCHEMA = PRODUCER + "/blob/main/docs/EmbeddingRunFacet.json"
+REPO = "https://github.com/embed-pipeline/embed-pipeline"
+# The custom run facet: key {prefix}_{name} and class {Prefix}{Name}RunFacet, as the
+# spec's custom-facet naming asks; its JSON schema ships in the package, and the
+# _schemaURL names it at this release's tag (immutable, as the spec asks).
+EMBEDDING_FACET_KEY = "embedPipeline_embedding"
+EMBEDDING_FACET_FILE = "pipeline/data/EmbedPipelineEmbeddingRunFacet.json"
+
+
+@functools.cache
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("embed-pipeline")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@functools.cache
+def producer() -> str:
+    """OpenLineage ``producer``: this project at this release's tag."""
+    return f"{REPO}/tree/v{package_version()}"
+
+
+def embedding_facet_schema_url() -> str:
+    raw = REPO.replace("https://github.com/", "https://raw.githubusercontent.com/")
+    return (f"{raw}/v{package_version()}/{EMBEDDING_FACET_FILE}"
+            "#/$defs/EmbedPipelineEmbeddingRunFacet")
 
 RUNS_SCHEMA = (
     "run_id string, status string, event_time timestamp, started_at timestamp, "
@@ -111,6 +137,8 @@ def rows_frame(spark: SparkSession, schema_ddl: str, rows: list[dict[str, Any]])
 
 def record(spark: SparkSession, path: str, **fields: Any) -> None:
     """Append one run event; missing fields are null."""
+    from pipeline import sink
+
     row = dict(fields, event_time=datetime.now(UTC).replace(tzinfo=None))
     for key in ("stage_seconds", "versions", "canary", "drift"):
         if isinstance(row.get(key), dict):
@@ -123,8 +151,7 @@ def record(spark: SparkSession, path: str, **fields: Any) -> None:
     for attempt in range(3):  # appends never conflict, but two first writes can race
         try:
             # mergeSchema: runs tables of older releases gain the newer columns
-            frame.write.format("delta").mode("append").option("mergeSchema", "true") \
-                .option("userMetadata", fields.get("run_id") or "").save(path)
+            sink.append_rows(frame, path, fields.get("run_id") or "", merge_schema=True)
             return
         except Exception:
             if attempt == 2:
@@ -232,7 +259,7 @@ def _embedding_facet_class():
     from openlineage.client.facet_v2 import RunFacet
 
     @attr.define
-    class EmbeddingRunFacet(RunFacet):
+    class EmbedPipelineEmbeddingRunFacet(RunFacet):
         """What made the vectors: model, weights fingerprint, columns, runtime."""
 
         model: str
@@ -245,9 +272,9 @@ def _embedding_facet_class():
 
         @staticmethod
         def _get_schema() -> str:
-            return EMBEDDING_FACET_SCHEMA
+            return embedding_facet_schema_url()
 
-    return EmbeddingRunFacet
+    return EmbedPipelineEmbeddingRunFacet
 
 
 class Emitter:
@@ -295,13 +322,13 @@ class Emitter:
         run_facets = _run_facets(self.cfg, info, model_fp, embed_run_id, result, error,
                                  nominal_time)
         job_facets: dict[str, JobFacet] = {"jobType": job_type_job.JobTypeJobFacet(
-            processingType="BATCH", integration="EMBED", jobType="JOB", producer=PRODUCER)}
+            processingType="BATCH", integration="EMBED", jobType="JOB", producer=producer())}
         return RunEvent(
             eventType=getattr(RunState, state), eventTime=datetime.now(UTC).isoformat(),
             run=Run(runId=self.run_uuid, facets=run_facets),
             job=Job(namespace=self.cfg.lineage.namespace, name=self.job_name,
                     facets=job_facets),
-            producer=PRODUCER, inputs=inputs, outputs=outputs)
+            producer=producer(), inputs=inputs, outputs=outputs)
 
 
 def _datasets(cfg: RunConfig, result: RunResult | None, schemas: dict):
@@ -360,22 +387,22 @@ def _run_facets(cfg: RunConfig, info: ModelInfo | None, model_fp: str, embed_run
     from pipeline.outputs import describe
 
     facets: dict[str, RunFacet] = {
-        "embedding": _embedding_facet_class()(
+        EMBEDDING_FACET_KEY: _embedding_facet_class()(
             model=info.name if info else cfg.model.name_or_path, modelFingerprint=model_fp,
             outputs=describe(cfg.outputs), embedRunId=embed_run_id,
             runtime=result.runtime if result else None,
             canary=result.canary_summary if result else None,
-            drift=result.drift_summary if result else None, producer=PRODUCER),
+            drift=result.drift_summary if result else None, producer=producer()),
         "processing_engine": processing_engine_run.ProcessingEngineRunFacet(
             version=version("pyspark"), name="spark",
-            openlineageAdapterVersion=version("embed-pipeline"), producer=PRODUCER),
+            openlineageAdapterVersion=package_version(), producer=producer()),
     }
     if nominal_time is not None:
         facets["nominalTime"] = nominal_time_run.NominalTimeRunFacet(
-            nominalStartTime=nominal_time.isoformat(), producer=PRODUCER)
+            nominalStartTime=nominal_time.isoformat(), producer=producer())
     if error:
         facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
-            message=error, programmingLanguage="python", producer=PRODUCER)
+            message=error, programmingLanguage="python", producer=producer())
     return facets
 
 

@@ -157,6 +157,23 @@ def from_stored(value, spec: OutputSpec) -> np.ndarray:
     return raw.view(np.int8) if spec.dtype == "binary" else raw
 
 
+ENCODING = {"float32": "float32 array", "int8": "int8 array (calibrated ranges)",
+            "float16": "IEEE half, little-endian bytes", "uint8": "uint8 bytes (calibrated ranges)",
+            "binary": "packbits - 128 bytes", "ubinary": "packbits bytes"}
+
+
+def column_metadata(spec: OutputSpec, model_pooling: str) -> dict:
+    """What a reader needs to decode one stored column, kept in the Delta schema's
+    column metadata (Delta has no fixed-size array type: every reader sees a
+    variable-length list or bytes). ``embed.length`` is the stored length: array
+    elements, or bytes for the binary-typed columns."""
+    length = spec.dim if spec.dtype in ("float32", "int8") else row_bytes(spec)
+    return {"embed.dim": spec.dim, "embed.dtype": spec.dtype, "embed.length": length,
+            "embed.layer": spec.layer if spec.layer is not None else "last",
+            "embed.reduce": "truncate", "embed.normalize": spec.normalize,
+            "embed.pooling": spec.pooling or model_pooling, "embed.encoding": ENCODING[spec.dtype]}
+
+
 def describe(specs) -> list[dict]:
     """The part of each spec that decides the stored bytes (kept in table properties)."""
     return [{"name": s.name, "dim": s.dim, "layer": s.layer, "dtype": s.dtype,

@@ -370,5 +370,10 @@ def delete_ids(spark: SparkSession, path: str, ids_df: DataFrame, run_id: str) -
     return int(metrics.get("numTargetRowsDeleted", 0))
 
 
-def append_rows(df: DataFrame, path: str, run_id: str) -> None:
-    df.write.format("delta").mode("append").option("userMetadata", run_id).save(path)
+def append_rows(df: DataFrame, path: str, run_id: str, merge_schema: bool = False) -> None:
+    """A bookkeeping append (quarantine, runs, canary, drift, samples), its commit tagged
+    with the same JSON ``userMetadata`` as the output table's commits."""
+    writer = df.write.format("delta").mode("append").option("userMetadata", commit_tag(run_id))
+    if merge_schema:
+        writer = writer.option("mergeSchema", "true")
+    writer.save(path)

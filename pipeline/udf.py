@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from pipeline.config import ModelConfig, OutputSpec, RunConfig
 from pipeline.encoder.stats import EncoderStats
-from pipeline.outputs import Calibration, spark_type, to_arrow, to_spark_arrow
+from pipeline.outputs import Calibration, column_metadata, spark_type, to_arrow, to_spark_arrow
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -58,11 +58,15 @@ def float_specs(outputs: tuple[OutputSpec, ...]) -> tuple[OutputSpec, ...]:
     return tuple(dataclasses.replace(s, dtype="float32") for s in outputs)
 
 
-def output_schema(id_type, outputs: tuple[OutputSpec, ...], raw: bool = False):
+def output_schema(id_type, outputs: tuple[OutputSpec, ...], raw: bool = False,
+                  model_pooling: str = "mean"):
+    """The encode stage's rows; stored columns carry their decoding in the column
+    metadata (outputs.column_metadata), which Delta keeps in the table's schema."""
     from pyspark.sql.types import BooleanType, IntegerType, StringType, StructField, StructType
 
     fields = [StructField("id", id_type, True), StructField("content_hash", StringType(), True)]
-    fields += [StructField(s.name, spark_type(s), False)
+    fields += [StructField(s.name, spark_type(s), False,
+                           metadata=None if raw else column_metadata(s, model_pooling))
                for s in (float_specs(outputs) if raw else outputs)]
     fields += [StructField("n_tokens", IntegerType(), False),
                StructField("truncated", BooleanType(), False)]
@@ -115,7 +119,8 @@ def encode(spark: SparkSession, cfg: RunConfig, rows: DataFrame, partitions: int
     """Rows (id, text, content_hash) -> (id, content_hash, every output column, n_tokens,
     truncated), encoded on the executors; the encode stage alone asks for GPUs."""
     fn = make_encode_fn(cfg.model, cfg.outputs, torch_threads, stats_acc, calibration)
-    schema = output_schema(rows.schema["id"].dataType, cfg.outputs)
+    schema = output_schema(rows.schema["id"].dataType, cfg.outputs,
+                           model_pooling=cfg.model.pooling)
     return (rows.repartition(partitions)
             .mapInArrow(fn, schema, profile=gpu_profile(spark, cfg.spark)))
 

@@ -124,11 +124,28 @@ def test_runs_table_records_lineage_and_the_failure(spark, runs):
     assert len(failed) == 1 and failed["error"].iloc[0].startswith("CanaryError: canary:")
 
 
-def test_openlineage_events_are_valid(runs):
-    from openlineage.client.uuid import generate_new_uuid  # noqa: F401  (client installed)
+def test_openlineage_events_follow_the_spec(runs):
+    """Every event of the five runs (four that succeeded, one that failed) against the
+    official schemas and the spec's rules (tests/openlineage_spec.py)."""
+    from pipeline import lineage
+    from tests.openlineage_spec import validate_event
 
     events = [json.loads(line) for line in runs["events"].read_text().splitlines()]
     assert [e["eventType"] for e in events] == ["START", "COMPLETE"] * 4 + ["START", "FAIL"]
+    version = lineage.package_version()
+    for event in events:
+        validate_event(event)
+        assert event["producer"] == f"{lineage.REPO}/tree/v{version}"
+        facet = event["run"]["facets"][lineage.EMBEDDING_FACET_KEY]
+        assert facet["_producer"] == event["producer"]
+        # the facet's schema URL names this release's tag and the file the package ships
+        assert facet["_schemaURL"].split("#")[0].endswith(
+            f"/v{version}/{lineage.EMBEDDING_FACET_FILE}")
+        assert "embedding" not in event["run"]["facets"]
+
+
+def test_openlineage_events_carry_the_run(runs):
+    events = [json.loads(line) for line in runs["events"].read_text().splitlines()]
     results = list(runs["results"].values())
     for i, event in enumerate(events):
         assert {"eventTime", "producer", "schemaURL", "run", "job", "inputs", "outputs"} \
@@ -137,8 +154,7 @@ def test_openlineage_events_are_valid(runs):
         assert event["job"] == {**event["job"], "namespace": "embed", "name": "embed.emb"}
         assert event["inputs"][0]["namespace"] == "file"
         assert event["outputs"][0]["name"] == runs["cfg"].sink.path
-        facet = event["run"]["facets"]["embedding"]
-        assert facet["_schemaURL"].startswith("https://") and facet["_producer"]
+        facet = event["run"]["facets"]["embedPipeline_embedding"]
         assert [o["dim"] for o in facet["outputs"]] == [384, 64]
         if event["eventType"] == "COMPLETE":
             result = results[i // 2]
@@ -222,3 +238,48 @@ def test_dag_drift_task_fails_on_a_breach_only(spark, runs, tmp_path):
     with pytest.raises(DriftBreach, match=f"run {shuffled} drifted: emb_384: "):
         check_drift(str(cfg_path), shuffled, spark=spark)
     assert check_drift(str(cfg_path), shuffled, fail_on_breach=False, spark=spark)["flags"]
+
+
+def _delta_rs(path: str):
+    from deltalake import DeltaTable
+
+    return DeltaTable(path)
+
+
+def test_delta_rs_reads_every_table_as_spark_does(spark, runs):
+    """The output, runs, canary, drift and sample tables through delta-rs (`deltalake`):
+    the same schema (column metadata included), rows and vectors as Spark's read, and
+    every commit tagged with JSON userMetadata naming its run."""
+    from pipeline import lineage
+
+    cfg = runs["cfg"]
+    tables = {"output": cfg.sink.path, "runs": lineage.runs_path(cfg.sink.path, None),
+              "canary": drift.canary_table(cfg), "drift": drift.drift_table(cfg),
+              "samples": drift.samples_table(cfg)}
+    for name, path in tables.items():
+        theirs, ours = _delta_rs(path), spark.read.format("delta").load(path)
+        assert json.loads(theirs.schema().to_json()) == json.loads(ours.schema.json()), name
+        assert theirs.to_pyarrow_dataset().count_rows() == ours.count(), name
+        history = theirs.history()
+        tags = [json.loads(h["userMetadata"]) for h in history if h.get("userMetadata")]
+        writes = [h for h in history if h["operation"] in ("WRITE", "MERGE")]
+        assert len(tags) == len(writes) and all(t["run_id"] for t in tags), (name, history)
+
+    arrow = _delta_rs(cfg.sink.path).to_pyarrow_table().sort_by("id")
+    pdf = spark.read.format("delta").load(cfg.sink.path).toPandas().sort_values("id")
+    assert arrow.column("id").to_pylist() == pdf["id"].tolist()
+    for column in ("emb_384", "emb_64"):
+        assert np.array_equal(np.stack(arrow.column(column).to_numpy(zero_copy_only=False)),
+                              np.stack(pdf[column].to_numpy())), column
+
+
+def test_column_metadata_says_how_to_decode_each_vector(runs):
+    fields = {f.name: f for f in _delta_rs(runs["cfg"].sink.path).schema().fields}
+    assert fields["emb_384"].metadata == {
+        "embed.dim": 384, "embed.dtype": "float32", "embed.length": 384, "embed.layer": "last",
+        "embed.reduce": "truncate", "embed.normalize": True, "embed.pooling": "mean",
+        "embed.encoding": "float32 array"}
+    assert {k: fields["emb_64"].metadata[k] for k in ("embed.dim", "embed.dtype",
+                                                     "embed.length")} == {
+        "embed.dim": 64, "embed.dtype": "int8", "embed.length": 64}
+    assert fields["id"].metadata == {}

@@ -5,7 +5,7 @@ checkout (so the demo warehouse they write is the test's own), with this
 checkout's .venv linked in, by a login shell started with an empty environment:
 no activated venv, no .venv/bin on PATH, no SPARK_HOME or PYSPARK_* variables.
 A block runs as one script (its ``export`` lines hold for the lines after them)
-and must exit 0.
+and must exit 0; ```python blocks then run with the checkout's interpreter.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ NOT_RUN = {
     "make test": "the command that runs this very test (.ci/run runs it)",
 }
 FENCE = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
+PYTHON_FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
 def readme_blocks(text: str) -> list[list[str]]:
@@ -108,6 +109,13 @@ def test_every_readme_command_runs_as_typed_in_a_fresh_shell(checkout_copy):
                 failures.append(f"block starting {commands[0]!r} failed (exit "
                                 f"{proc.returncode}) at {ran[-1] if ran else '?'}:\n"
                                 f"{proc.stdout[-1500:]}\n{proc.stderr[-2500:]}")
+        # python snippets run after the shell blocks (which made the demo tables)
+        for snippet in PYTHON_FENCE.findall((checkout_copy / "README.md").read_text()):
+            proc = subprocess.run([str(checkout_copy / ".venv" / "bin" / "python"), "-c",
+                                   snippet], cwd=checkout_copy, env=fresh_shell_env(),
+                                  capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                failures.append(f"python snippet failed:\n{snippet}\n{proc.stderr[-2500:]}")
     finally:
         # a block that starts a cluster must not leave it running when it fails
         subprocess.run([str(checkout_copy / ".venv" / "bin" / "embed"), "cluster", "stop"],

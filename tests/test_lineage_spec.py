@@ -1,0 +1,72 @@
+"""The OpenLineage events the emitter builds, checked offline against the official
+schemas and the spec's rules (tests/openlineage_spec.py), without Spark; and the
+checker itself catches each rule broken. test_drift.py checks a real run's events."""
+
+from __future__ import annotations
+
+import copy
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline import lineage
+from pipeline.config import load_config
+from tests.conftest import write_config
+from tests.openlineage_spec import validate_event
+
+
+def _events(tmp_path) -> dict[str, dict]:
+    from openlineage.client.serde import Serde
+
+    cfg = load_config(write_config(tmp_path, str(tmp_path / "src"), str(tmp_path / "out"),
+                                   extra="lineage: {transport: console}\n"))
+    emitter = lineage.Emitter(cfg, lineage.new_lineage_run_id(), "embed.out")
+    result = SimpleNamespace(source_version=3, output_version=7, rows_embedded=10,
+                             rows_quarantined=2, runtime="cpu fp32 sdpa", canary_summary="ok",
+                             drift_summary="ok")
+    schemas = {"source": [("id", "bigint"), ("text", "string")],
+               "output": [("id", "bigint"), ("emb_384", "array<float>")]}
+    built = {"START": emitter._event("START", None, "fp", "r1", None, None, schemas, None),
+             "COMPLETE": emitter._event("COMPLETE", None, "fp", "r1", result, None, schemas,
+                                        lineage.nominal_time("2024-01-02")),
+             "FAIL": emitter._event("FAIL", None, "fp", "r1", None, "ValueError: x", {}, None)}
+    # the client adds its own facets (tags) as it emits: check what it would send
+    assert emitter.client is not None
+    return {state: json.loads(Serde.to_json(emitter.client.update_event_tags_facets(event)))
+            for state, event in built.items()}
+
+
+def test_every_event_follows_the_spec(tmp_path):
+    events = _events(tmp_path)
+    for event in events.values():
+        validate_event(event)
+    done = events["COMPLETE"]
+    assert [o["outputFacets"]["outputStatistics"]["rowCount"] for o in done["outputs"]] == [10, 2]
+    assert done["run"]["facets"]["nominalTime"]["nominalStartTime"].startswith("2024-01-02")
+    assert events["FAIL"]["run"]["facets"]["errorMessage"]["message"] == "ValueError: x"
+
+
+@pytest.mark.parametrize("breaks, message", [
+    (lambda e: e["run"]["facets"].__setitem__(
+        "embedding", e["run"]["facets"].pop(lineage.EMBEDDING_FACET_KEY)), "project prefix"),
+    (lambda e: e["outputs"][0]["facets"].__setitem__(
+        "outputStatistics", e["outputs"][0]["outputFacets"].pop("outputStatistics")),
+     "sits where a DatasetFacet goes"),
+    (lambda e: e["run"]["facets"][lineage.EMBEDDING_FACET_KEY].__setitem__(
+        "_schemaURL", "https://example.com/docs/EmbeddingRunFacet.json"), "names no known"),
+], ids=["unprefixed-custom-key", "statistics-as-dataset-facet", "schema-url-to-nowhere"])
+def test_the_checker_catches_each_rule_broken(tmp_path, breaks, message):
+    event = copy.deepcopy(_events(tmp_path)["COMPLETE"])
+    breaks(event)
+    with pytest.raises(AssertionError, match=message):
+        validate_event(event)
+
+
+def test_a_facet_that_breaks_its_schema_is_caught(tmp_path):
+    from jsonschema import ValidationError
+
+    event = _events(tmp_path)["COMPLETE"]
+    del event["run"]["facets"][lineage.EMBEDDING_FACET_KEY]["modelFingerprint"]
+    with pytest.raises(ValidationError, match="modelFingerprint"):
+        validate_event(event)
