@@ -47,6 +47,8 @@ def print_summary(result, as_json: bool = False) -> None:
     table.add_row("columns", ", ".join(result.columns))
     table.add_row("model", f"{result.model} (sha256 {result.model_fingerprint[:12]})")
     table.add_row("runtime", result.runtime)
+    if result.placement:
+        table.add_row("placement", result.placement)
     table.add_row("Delta version", str(result.output_version))
     table.add_row("time", f"{result.seconds:.1f} s")
     table.add_row("texts/s", f"{result.texts_per_second:,.0f}")

@@ -155,6 +155,9 @@ class SparkConfig:
     # GPUs per encode task on a cluster (stage-level scheduling: only the encode
     # stage asks for GPUs). Ignored on local masters, which refuse ResourceProfiles.
     gpus_per_task: float | None = None
+    # Encode tasks sharing one GPU (pipeline.placement): 2 lets one tokenize while
+    # the other runs the GPU; each gets half the GPU's token budget.
+    tasks_per_gpu: int = 1
     conf: dict[str, Any] = field(default_factory=dict)
 
 
@@ -332,7 +335,8 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
 def _validate(cfg: RunConfig) -> None:
     m = cfg.model
     for key, value in (("model.max_length", m.max_length),
-                       ("spark.arrow_batch_rows", cfg.spark.arrow_batch_rows)):
+                       ("spark.arrow_batch_rows", cfg.spark.arrow_batch_rows),
+                       ("spark.tasks_per_gpu", cfg.spark.tasks_per_gpu)):
         if value <= 0:
             raise ConfigError(key, f"must be a positive integer, got {value}")
     if m.long_text == "chunk" and not 0 <= m.chunk_overlap < m.max_length // 2:

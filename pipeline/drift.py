@@ -44,6 +44,7 @@ from pipeline.sink import append_rows
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
+    from pipeline.placement import Placement
     from pipeline.run import RunResult
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def verdict(columns: list[ColumnParity], cfg: CanaryConfig) -> str:
     return "model_changed"
 
 
-def embed_canary(spark: SparkSession, cfg: RunConfig, threads: int,
+def embed_canary(spark: SparkSession, cfg: RunConfig, placement: Placement,
                  texts: list[str]) -> tuple[dict[str, np.ndarray], str]:
     """The canary texts through the run's own encode path (same executors, same
     cached encoders), as float32 before quantization. Returns ({column: [N, dim]},
@@ -177,7 +178,7 @@ def embed_canary(spark: SparkSession, cfg: RunConfig, threads: int,
     frame = pd.DataFrame({"id": np.arange(len(texts), dtype=np.int64), "text": texts,
                           "content_hash": [text_hash(t) for t in texts]})
     rows = spark.createDataFrame(frame, "id long, text string, content_hash string")
-    return udf.encode_floats(spark, cfg, threads, rows)
+    return udf.encode_floats(spark, cfg, placement, rows)
 
 
 def store_canary(spark: SparkSession, path: str, output_path: str, run_id: str, model_fp: str,
@@ -216,7 +217,8 @@ def load_canary(spark: SparkSession, path: str, output_path: str, run_id: str):
             str(pdf["model_fingerprint"].iloc[0]))
 
 
-def run_canary(spark: SparkSession, cfg: RunConfig, threads: int, baseline_run: str | None,
+def run_canary(spark: SparkSession, cfg: RunConfig, placement: Placement,
+               baseline_run: str | None,
                run_id: str, model_fp: str, rebaseline: bool) -> CanaryResult:
     """Embed the canary; compare it with the table's stored one, or store it as the baseline.
 
@@ -225,7 +227,7 @@ def run_canary(spark: SparkSession, cfg: RunConfig, threads: int, baseline_run: 
     :class:`CanaryError` before anything of the run is written.
     """
     texts = canary_texts(cfg.drift.canary.texts)
-    current, runtime = embed_canary(spark, cfg, threads, texts)
+    current, runtime = embed_canary(spark, cfg, placement, texts)
     path = canary_table(cfg)
     stored = None if not baseline_run else load_canary(spark, path, cfg.sink.path, baseline_run)
     result = CanaryResult(verdict="baseline", runtime=runtime, rows=len(texts))

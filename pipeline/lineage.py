@@ -70,7 +70,7 @@ RUNS_SCHEMA = (
     "rows_read long, rows_embedded long, rows_quarantined long, rows_skipped long, "
     "rows_deleted long, seconds double, stage_seconds string, versions string, error string, "
     "lineage_run_id string, source_files_hash string, canary string, drift_status string, "
-    "drift string, message string, plan_path string, plan_note string"
+    "drift string, message string, plan_path string, plan_note string, placement string"
 )
 
 
@@ -229,7 +229,8 @@ class RunRecorder:
 def _result_fields(result: RunResult) -> dict:
     return {
         "output_version": result.output_version, "source_version": result.source_version,
-        "runtime": result.runtime, "rows_read": result.rows_read,
+        "runtime": result.runtime, "placement": result.placement or None,
+        "rows_read": result.rows_read,
         "rows_embedded": result.rows_embedded, "rows_quarantined": result.rows_quarantined,
         "rows_skipped": result.rows_skipped, "rows_deleted": result.rows_deleted,
         "seconds": result.seconds, "stage_seconds": result.stage_seconds,

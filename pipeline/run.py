@@ -32,6 +32,7 @@ from pipeline.encoder.engine import validate_outputs
 from pipeline.encoder.model import ModelInfo, fingerprint, inspect_model
 from pipeline.errors import AlreadyCommitted, PipelineError, ReconciliationError
 from pipeline.outputs import Calibration, needs_calibration
+from pipeline.placement import Placement
 from pipeline.write_plan import CommitKind, PlanPath, WritePlan
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ class RunResult:
     output_version: int | None
     seconds: float
     status: str = "succeeded"  # succeeded | skipped (a partition already committed)
+    placement: str = ""  # where the encode stage ran (pipeline.placement label)
     message: str = ""
     rows_deleted: int = 0
     source_version: int | None = None
@@ -129,7 +131,7 @@ class RunContext:
     identity: dict[str, str]  # what this run would record as the table's identity
     stored: dict[str, str] | None  # the table's identity before this run (None: no table)
     plan: WritePlan
-    threads: int
+    placement: Placement  # where the encode stage runs (pipeline.placement)
     partition: Partition | None
     full_refresh: bool = False  # compare the whole source even where CDF could answer
 
@@ -287,7 +289,7 @@ def run(cfg: RunConfig, spark: SparkSession | None = None, progress: Progress | 
 
 def _context(cfg: RunConfig, spark: SparkSession, info: ModelInfo, model_fp: str,
              partition: Partition | None, full_refresh: bool) -> RunContext:
-    from pipeline import spark as spark_setup
+    from pipeline import udf
 
     started_at = datetime.now(UTC).replace(microsecond=0)
     identity = sink.table_identity(cfg, info.name, model_fp)
@@ -296,8 +298,8 @@ def _context(cfg: RunConfig, spark: SparkSession, info: ModelInfo, model_fp: str
                             backfill=partition is not None, filtered=partition is not None)
     return RunContext(cfg=cfg, spark=spark, run_id=new_run_id(started_at),
                       started_at=started_at, info=info, model_fp=model_fp, identity=identity,
-                      stored=stored, plan=plan, threads=spark_setup.torch_threads(
-                          spark, cfg.spark), partition=partition, full_refresh=full_refresh)
+                      stored=stored, plan=plan, placement=udf.placement_for(spark, cfg),
+                      partition=partition, full_refresh=full_refresh)
 
 
 def _stages(ctx: RunContext, timer: StageTimer, progress: Progress | None) -> RunResult:
@@ -369,7 +371,7 @@ class PendingCanary:
             return None
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-canary")
         baseline = (ctx.stored or {}).get("canary_run")
-        future = pool.submit(drift.run_canary, ctx.spark, ctx.cfg, ctx.threads, baseline,
+        future = pool.submit(drift.run_canary, ctx.spark, ctx.cfg, ctx.placement, baseline,
                              ctx.run_id, ctx.model_fp, ctx.plan.rebaseline)
         pool.shutdown(wait=False)
         return cls(future)
@@ -395,7 +397,7 @@ class Background:
         from pipeline import udf
 
         if self.warm is None:
-            self.warm = udf.warm_workers(self.ctx.spark, self.ctx.cfg, self.ctx.threads)
+            self.warm = udf.warm_workers(self.ctx.spark, self.ctx.cfg, self.ctx.placement)
         if self.canary is None:
             self.canary = PendingCanary.start(self.ctx)
 
@@ -520,7 +522,7 @@ def calibrate(ctx: RunContext, src: SourceRead) -> Calibrated:
     # A seeded hash order is a deterministic sample: same data + seed = same rows.
     sample = sampling.seeded_sample(src.valid, seed, size,
                                     src.rows_read - src.rows_quarantined)
-    floats, _ = udf.encode_floats(ctx.spark, cfg, ctx.threads, sample)
+    floats, _ = udf.encode_floats(ctx.spark, cfg, ctx.placement, sample)
     if not len(floats[need[0].name]):
         raise PipelineError("int8/uint8 columns need a calibration sample, but the source "
                             "has no valid rows to take it from")
@@ -537,7 +539,7 @@ def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
     identity = _final_identity(ctx, calibrated, canary)
     stats = udf.stats_accumulator(spark.sparkContext)
     encoded = sink.with_lineage_columns(
-        udf.encode(spark, cfg, rows.todo, _partitions(ctx, rows.rows_todo), ctx.threads, stats,
+        udf.encode(spark, cfg, rows.todo, _partitions(ctx, rows.rows_todo), ctx.placement, stats,
                    calibrated.calibration),
         ctx.info.name, ctx.model_fp, ctx.run_id, ctx.started_at)
     sink.ensure_table(spark, cfg.sink.path, encoded.schema, identity,
@@ -555,7 +557,8 @@ def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
             commit = sink.write(spark, encoded, cfg.sink.path, kind=rows.commit,
                                 merge_keys=ctx.plan.merge_keys,
                                 replace_matched=ctx.plan.replaces_matched, run_id=ctx.run_id,
-                                txn=txn, runtime=", ".join(sorted(loaded)) or None,
+                                txn=txn, meta={"runtime": ", ".join(sorted(loaded)),
+                                                      "placement": ctx.placement.label},
                                 deletes=rows.deleted_ids if rows.commit != "overwrite"
                                 else None)
     elif rows.commit == "mark_txn" and txn:  # nothing to embed: still mark it done, once
@@ -603,6 +606,9 @@ def _final_identity(ctx: RunContext, calibrated: Calibrated,
 def _partitions(ctx: RunContext, rows_todo: int) -> int:
     from pipeline import spark as spark_setup
 
+    if ctx.placement.kind == "local-gpu":
+        # exactly one task per GPU slot: a local master cannot limit GPU tasks otherwise
+        return ctx.placement.encode_tasks or 1
     slots = spark_setup.task_slots(ctx.spark)
     tasks = max(slots * MIN_WAVES, math.ceil(rows_todo / MAX_ROWS_PER_TASK))
     # A multiple of the task slots: an odd last wave would run on one core alone.
@@ -678,6 +684,7 @@ def _result(ctx: RunContext, src: SourceRead, counts: Counts, written: Written,
         quarantine_path=ctx.cfg.sink.quarantine, **asdict(counts),
         columns=[o.name for o in ctx.cfg.outputs], model=ctx.info.name,
         model_fingerprint=ctx.model_fp, runtime=s.runtime_label,
+        placement=ctx.placement.label,
         output_version=written.version, seconds=0.0, source_version=src.version,
         encode_seconds=s.seconds, prepare_seconds=s.prepare_seconds,
         encoder_cpu_seconds=s.cpu_seconds,

@@ -149,10 +149,10 @@ def with_lineage_columns(encoded: DataFrame, model: str, model_fingerprint: str,
         F.lit(run_id).alias("run_id"), F.lit(embedded_at).cast("timestamp").alias("embedded_at"))
 
 
-def commit_tag(run_id: str, runtime: str | None = None) -> str:
-    """An output-table commit's ``userMetadata``: the run id and, for a commit of
-    embeddings, the runtime that made them (device/precision/attention)."""
-    tag = {"run_id": run_id, **({"runtime": runtime} if runtime else {})}
+def commit_tag(run_id: str, meta: dict[str, str] | None = None) -> str:
+    """A commit's ``userMetadata``: the run id and, for a commit of embeddings, what
+    made them (``runtime``: device/precision/attention; ``placement``)."""
+    tag = {"run_id": run_id, **{k: v for k, v in (meta or {}).items() if v}}
     return json.dumps(tag, separators=(",", ":"))
 
 
@@ -235,8 +235,8 @@ def session_conf(spark: SparkSession, conf: dict[str, str]):
 
 
 def _commit_conf(run_id: str, txn: tuple[str, int] | None,
-                 runtime: str | None = None) -> dict[str, str]:
-    conf = {"spark.databricks.delta.commitInfo.userMetadata": commit_tag(run_id, runtime)}
+                 meta: dict[str, str] | None = None) -> dict[str, str]:
+    conf = {"spark.databricks.delta.commitInfo.userMetadata": commit_tag(run_id, meta)}
     if txn:
         conf["spark.databricks.delta.write.txnAppId"] = txn[0]
         conf["spark.databricks.delta.write.txnVersion"] = str(txn[1])
@@ -266,10 +266,10 @@ def conflicts_reported(path: str):
 
 def write(spark: SparkSession, df: DataFrame, path: str, *, kind: CommitKind,
           merge_keys: tuple[str, ...], replace_matched: bool, run_id: str,
-          txn: tuple[str, int] | None = None, runtime: str | None = None,
+          txn: tuple[str, int] | None = None, meta: dict[str, str] | None = None,
           deletes: DataFrame | None = None) -> Commit:
-    """ONE Delta commit tagged with the run id and runtime (and, for backfills, a txn
-    app id/version). ``kind`` (see :class:`~pipeline.write_plan.WritePlan`):
+    """ONE Delta commit tagged with the run id and ``meta`` (:func:`commit_tag`; and,
+    for backfills, a txn app id/version). ``kind`` (see :class:`~pipeline.write_plan.WritePlan`):
 
     merge: MERGE on ``merge_keys``, inserting rows not matched and, with
     ``replace_matched``, replacing matched ones; MERGE (not a blind append) reads
@@ -284,13 +284,13 @@ def write(spark: SparkSession, df: DataFrame, path: str, *, kind: CommitKind,
     try:
         if kind == "blind_append":  # writer options, no session state
             writer = df.write.format("delta").mode("append").option(
-                "userMetadata", commit_tag(run_id, runtime))
+                "userMetadata", commit_tag(run_id, meta))
             if txn:
                 writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])
             with conflicts_reported(path):
                 writer.save(path)
             return last_commit(spark, path, run_id, txn)
-        conf = _commit_conf(run_id, txn, runtime)
+        conf = _commit_conf(run_id, txn, meta)
         # The source holds a Python UDF: a MERGE that updates passes over its source
         # twice, so materialise it and never encode a row twice; an insert-only MERGE
         # passes once and needs no copy.

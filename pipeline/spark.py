@@ -8,7 +8,6 @@ gets the Delta jars, the Delta catalog and this interpreter on its workers.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -183,19 +182,6 @@ def _apply_runtime_conf(spark: SparkSession, cfg: SparkConfig) -> None:
 def task_slots(spark: SparkSession) -> int:
     """Concurrent tasks the cluster runs (local[N] -> N)."""
     return max(1, spark.sparkContext.defaultParallelism)
-
-
-def torch_threads(spark: SparkSession, cfg: SparkConfig) -> int:
-    """Threads per Python worker so that workers x threads <= cores."""
-    if cfg.torch_threads:
-        return cfg.torch_threads
-    master = spark.sparkContext.master or ""
-    match = re.match(r"local\[(\d+|\*)", master)
-    if match or master == "local":
-        cores = os.cpu_count() or 1
-        slots = cores if not match or match.group(1) == "*" else int(match.group(1))
-        return max(1, cores // max(1, slots))
-    return max(1, int(spark.conf.get("spark.task.cpus", "1") or "1"))
 
 
 def warm_jar_cache() -> None:

@@ -5,7 +5,8 @@ takes Arrow back, so no vector is ever boxed into a pandas object. The model is
 loaded once per Python worker (module-level cache, like
 ``pyspark.ml.functions.predict_batch_udf``) and reused across batches and,
 with ``spark.python.worker.reuse``, across tasks. Each task uses the GPU Spark
-assigned it (TaskContext resources), else cuda:0 / CPU.
+assigned it (TaskContext resources), else the one ``pipeline.placement`` gives
+its partition, else the CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import pyarrow as pa
 from pipeline.config import ModelConfig, OutputSpec, RunConfig
 from pipeline.encoder.stats import EncoderStats
 from pipeline.outputs import Calibration, column_metadata, spark_type, to_arrow, to_spark_arrow
+from pipeline.placement import ClusterView, Placement, local_slots
+from pipeline.placement import plan as plan_placement
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -38,8 +41,45 @@ def get_encoder(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], gpu: st
     if key not in _ENCODERS:
         from pipeline.encoder import Encoder
 
+        # One copy of a model per worker: a reused worker that gets another GPU (or
+        # other outputs) drops the copy it holds before loading the new one.
+        for old in [k for k in _ENCODERS if k[0].name_or_path == model_cfg.name_or_path]:
+            del _ENCODERS[old]
+        _free_cuda_cache()
         _ENCODERS[key] = Encoder(model_cfg, outputs, gpu_address=gpu)
     return _ENCODERS[key]
+
+
+def _free_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def placed_model(model_cfg: ModelConfig, placement: Placement) -> ModelConfig:
+    """The model config the workers load: the placement's token budget (one GPU's
+    budget shared by its tasks) where the config leaves it null."""
+    if placement.token_budget is None or model_cfg.token_budget is not None:
+        return model_cfg
+    return dataclasses.replace(model_cfg, token_budget=placement.token_budget)
+
+
+def task_encoder(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...],
+                 placement: Placement):
+    """This task's encoder, on the GPU its placement gives it, with its thread count."""
+    import os
+
+    import torch
+    from pyspark import TaskContext
+
+    if torch.get_num_threads() != placement.torch_threads:
+        torch.set_num_threads(placement.torch_threads)
+    if placement.tokenizer_threads > 1:
+        os.environ["RAYON_NUM_THREADS"] = str(placement.tokenizer_threads)
+    ctx = TaskContext.get()
+    gpu = placement.gpu_for(ctx.partitionId() if ctx else 0, task_gpu())
+    return get_encoder(placed_model(model_cfg, placement), outputs, gpu)
 
 
 def task_gpu() -> str | None:
@@ -73,8 +113,9 @@ def output_schema(id_type, outputs: tuple[OutputSpec, ...], raw: bool = False,
     return StructType(fields)
 
 
-def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], torch_threads: int,
-                   stats_acc=None, calibration: Calibration | None = None, raw: bool = False):
+def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...],
+                   placement: Placement, stats_acc=None, calibration: Calibration | None = None,
+                   raw: bool = False):
     """The function given to ``mapInArrow``; it closes over plain, picklable config.
 
     ``raw``: emit every column as float32 before quantization (the canary, the
@@ -84,11 +125,7 @@ def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], torc
     names = ["id", "content_hash", *(s.name for s in outputs), "n_tokens", "truncated"]
 
     def encode_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        import torch
-
-        if torch.get_num_threads() != torch_threads:
-            torch.set_num_threads(torch_threads)
-        encoder = get_encoder(model_cfg, outputs, task_gpu())
+        encoder = task_encoder(model_cfg, outputs, placement)
         before = encoder.stats  # the encoder counts; this task reports its share
         for batch, prepared in encoder.prefetched(batches, lambda b: b.column("text")):
             if raw:
@@ -115,17 +152,17 @@ def _peak_rss_mb() -> float:
 
 
 def encode(spark: SparkSession, cfg: RunConfig, rows: DataFrame, partitions: int,
-           torch_threads: int, stats_acc, calibration: Calibration | None) -> DataFrame:
+           placement: Placement, stats_acc, calibration: Calibration | None) -> DataFrame:
     """Rows (id, text, content_hash) -> (id, content_hash, every output column, n_tokens,
     truncated), encoded on the executors; the encode stage alone asks for GPUs."""
-    fn = make_encode_fn(cfg.model, cfg.outputs, torch_threads, stats_acc, calibration)
+    fn = make_encode_fn(cfg.model, cfg.outputs, placement, stats_acc, calibration)
     schema = output_schema(rows.schema["id"].dataType, cfg.outputs,
                            model_pooling=cfg.model.pooling)
     return (rows.repartition(partitions)
-            .mapInArrow(fn, schema, profile=gpu_profile(spark, cfg.spark)))
+            .mapInArrow(fn, schema, profile=gpu_profile(spark, placement)))
 
 
-def encode_floats(spark: SparkSession, cfg: RunConfig, torch_threads: int,
+def encode_floats(spark: SparkSession, cfg: RunConfig, placement: Placement,
                   rows: DataFrame) -> tuple[dict[str, np.ndarray], str]:
     """A small set of rows (the canary, a calibration sample) through the run's own
     encode path (same executors, same cached encoders), as float32 before
@@ -133,11 +170,11 @@ def encode_floats(spark: SparkSession, cfg: RunConfig, torch_threads: int,
     from pipeline import spark as spark_setup
 
     stats = stats_accumulator(spark.sparkContext)
-    fn = make_encode_fn(cfg.model, cfg.outputs, torch_threads, stats, raw=True)
+    fn = make_encode_fn(cfg.model, cfg.outputs, placement, stats, raw=True)
     schema = output_schema(rows.schema["id"].dataType, cfg.outputs, raw=True)
     table = (rows.select("id", "text", "content_hash")
-             .repartition(spark_setup.task_slots(spark))
-             .mapInArrow(fn, schema, profile=gpu_profile(spark, cfg.spark))
+             .repartition(placement.encode_tasks or spark_setup.task_slots(spark))
+             .mapInArrow(fn, schema, profile=gpu_profile(spark, placement))
              .select("id", *(s.name for s in cfg.outputs)).toArrow().sort_by("id"))
     vectors = {s.name: _matrix(table.column(s.name), s.dim) for s in cfg.outputs}
     return vectors, stats.value.runtime_label
@@ -159,30 +196,29 @@ class WarmUp(threading.Thread):
         self.runtimes: set[str] = set()
 
 
-def warm_workers(spark: SparkSession, cfg, torch_threads: int) -> WarmUp:
+def warm_workers(spark: SparkSession, cfg, placement: Placement) -> WarmUp:
     """Start every task slot's Python worker and load the model, in the background.
 
     Spark starts Python workers lazily, at the first Python task: each then
     imports torch and transformers and loads the model (seconds) while its
     core idles. This runs that start-up concurrently with the driver's source
     read and plan; the encode stage then finds warm, reused workers. Each
-    worker reports the runtime it loaded (device/precision/attention).
+    worker reports the runtime it loaded (device/precision/attention). As many
+    tasks as the encode stage runs at once, on the same GPUs.
     """
-    slots = max(1, spark.sparkContext.defaultParallelism)
+    slots = placement.encode_tasks or max(1, spark.sparkContext.defaultParallelism)
     outputs, model_cfg = cfg.outputs, cfg.model
 
     def warm(batches):
-        import torch
-
-        torch.set_num_threads(torch_threads)
-        encoder = get_encoder(model_cfg, outputs, task_gpu())
+        encoder = task_encoder(model_cfg, outputs, placement)
         for _ in batches:
             pass
         yield pa.RecordBatch.from_pydict({"runtime": [encoder.runtime.label]})
 
     def job():
         try:
-            rows = (spark.range(slots, numPartitions=slots).mapInArrow(warm, "runtime string")
+            rows = (spark.range(slots, numPartitions=slots)
+                    .mapInArrow(warm, "runtime string", profile=gpu_profile(spark, placement))
                     .collect())
             thread.runtimes = {r.runtime for r in rows}
         except Exception as exc:  # a failed warm-up only costs time, never the run
@@ -197,13 +233,13 @@ def is_local(spark: SparkSession) -> bool:
     return (spark.sparkContext.master or "").startswith("local")
 
 
-def gpu_profile(spark: SparkSession, cfg):
-    """A ResourceProfile asking ``gpus_per_task`` GPUs for the encode stage only.
+def gpu_profile(spark: SparkSession, placement: Placement):
+    """A ResourceProfile asking the placement's GPUs per task for the encode stage only.
 
-    None on local masters (Spark refuses ResourceProfiles there) or when no GPUs
-    are asked for; reading and writing stages keep the default profile.
+    None on local masters (Spark refuses ResourceProfiles there) or where the
+    executors have no GPUs; reading and writing stages keep the default profile.
     """
-    if not cfg.gpus_per_task or is_local(spark):
+    if not placement.task_gpu_amount or is_local(spark):
         return None
     from pyspark.resource import (
         ExecutorResourceRequests,
@@ -214,8 +250,49 @@ def gpu_profile(spark: SparkSession, cfg):
     # executor resource amounts are whole GPUs; only task amounts may be fractions
     gpus_per_executor = int(spark.conf.get("spark.executor.resource.gpu.amount", "1") or "1")
     executor = ExecutorResourceRequests().resource("gpu", gpus_per_executor)
-    task_req = TaskResourceRequests().resource("gpu", cfg.gpus_per_task)
+    task_req = TaskResourceRequests().resource("gpu", placement.task_gpu_amount)
     return ResourceProfileBuilder().require(executor).require(task_req).build
+
+
+def observe(spark: SparkSession, cfg: RunConfig) -> ClusterView:
+    """What the placement is decided from: the master, cores, this machine's CUDA
+    devices (local masters) and the cluster's GPU resource amounts."""
+    import os
+
+    conf = spark.sparkContext.getConf()
+    master = spark.sparkContext.master or "local[*]"
+    machine = os.cpu_count() or 1
+    task_cpus = int(conf.get("spark.task.cpus", "1") or "1")
+    slots = local_slots(master, machine)
+    executor_cores = int(conf.get("spark.executor.cores", "0") or "0")
+    task_gpus = cfg.spark.gpus_per_task or float(
+        conf.get("spark.task.resource.gpu.amount", "0") or "0") or None
+    return ClusterView(
+        master=master, machine_cores=machine if slots else executor_cores or task_cpus,
+        slots=slots or max(1, (executor_cores or task_cpus) // task_cpus),
+        cuda_devices=cuda_device_count() if slots and cfg.model.device != "cpu" else 0,
+        executor_gpus=float(conf.get("spark.executor.resource.gpu.amount", "0") or "0"),
+        task_gpus=task_gpus, task_cpus=task_cpus, device=cfg.model.device,
+        tasks_per_gpu=cfg.spark.tasks_per_gpu, token_budget=cfg.model.token_budget)
+
+
+def cuda_device_count() -> int:
+    """CUDA devices on this machine; no torch import (seconds) where there are none."""
+    import glob
+
+    if not glob.glob("/dev/nvidia[0-9]*"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def placement_for(spark: SparkSession, cfg: RunConfig) -> Placement:
+    """The run's placement; ``spark.torch_threads`` overrides its thread count."""
+    placed = plan_placement(observe(spark, cfg))
+    if cfg.spark.torch_threads:
+        placed = dataclasses.replace(placed, torch_threads=cfg.spark.torch_threads)
+    return placed
 
 
 def check_gpu_request(spark: SparkSession, cfg) -> None:

@@ -48,9 +48,11 @@ def test_table_carries_lineage_and_identity(spark, first_run):
     assert props["embed.model_fingerprint"] == result.model_fingerprint
     assert [o["dim"] for o in json.loads(props["embed.outputs"])] == [384, 128, 64]
     last = table.history(1).collect()[0]
-    # the commit names the run and the runtime that made its vectors
-    assert json.loads(last["userMetadata"]) == {"run_id": result.run_id,
-                                                "runtime": result.runtime}
+    # the commit names the run, the runtime that made its vectors and where they ran
+    assert json.loads(last["userMetadata"]) == {
+        "run_id": result.run_id, "runtime": result.runtime,
+        "placement": "local-cpu: 2 encode tasks, 1 torch / 1 tokenizer threads"}
+    assert result.placement == json.loads(last["userMetadata"])["placement"]
     assert last["version"] == result.output_version
     dtypes = dict(df.dtypes)
     assert dtypes["emb_64"] == "array<float>"
