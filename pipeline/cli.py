@@ -444,6 +444,50 @@ def _human(n: float) -> str:
     return f"{n}"
 
 
+@main.command("search")
+@click.option("--table", "table_path", required=True, help="Output table path.")
+@click.option("--column", required=True, help="Embedding column to search.")
+@click.option("--k", type=int, default=10, show_default=True, help="Hits to return.")
+@click.option("--prompt", default=None,
+              help="Query prompt (default: the prompt the table's rows were embedded with).")
+@click.option("--model", "model_path", default=None,
+              help="Model directory (default: the table's model; its fingerprint must match).")
+@click.option("--reader", type=click.Choice(["auto", "delta-rs", "spark"]), default="auto",
+              show_default=True, help="auto: delta-rs up to 4 GiB of data files, else Spark.")
+@click.option("--rescore-factor", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Binary columns: rescore the best k x this by a float column.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per hit.")
+@click.argument("query")
+def search_cmd(table_path: str, column: str, k: int, prompt: str | None,
+               model_path: str | None, reader: str, rescore_factor: int, as_json: bool,
+               query: str) -> None:
+    """Exact top-k rows of a table's column for QUERY, encoded as the rows were."""
+    from rich.table import Table
+
+    from pipeline.search import search
+
+    try:
+        result = search(table_path, column, query, k, prompt=prompt, model=model_path,
+                        reader=reader, rescore_factor=rescore_factor, snippets=not as_json)
+    except PipelineError as err:
+        _fail(err)
+    if as_json:
+        for hit in result.hits:
+            click.echo(json.dumps(hit.to_dict(), default=str))
+        return
+    how = "Hamming, rescored by cosine on " + result.rescored_with if result.rescored_with \
+        else "exact cosine"
+    out = Table(title=f"{query!r} in {column}",
+                caption=f"{how}, top {k} of {result.rows:,} rows, read with {result.reader} "
+                        f"in {result.seconds:.1f} s" + "".join(f"; {n}" for n in result.notes))
+    for col in ("#", "id", "score", "text"):
+        out.add_column(col, justify="right" if col in ("#", "score") else "left")
+    for rank, hit in enumerate(result.hits, 1):
+        ident = str(hit.id) + (f" #{hit.chunk_index}" if hit.chunk_index is not None else "")
+        out.add_row(str(rank), ident, f"{hit.score:.4f}", hit.snippet or "")
+    _console().print(out)
+
+
 @main.command("validate")
 @config_option
 @set_option

@@ -8,3 +8,6 @@ if [ ! -d warehouse/demo/docstrings/_delta_log ]; then
   .venv/bin/embed demo-data --out warehouse/demo/docstrings
 fi
 .venv/bin/embed run --config conf/demo.yaml "$@"
+# One example search over what just landed (the query encoded as the rows were).
+.venv/bin/embed search --table warehouse/demo/docstring_embeddings --column emb_384 --k 5 \
+  "parse command line arguments"

@@ -1,0 +1,397 @@
+"""``embed search``: the exact top-k of an output table's column for one query.
+
+The query is encoded exactly as the table's rows were: model, fingerprint,
+pooling, max length, prompt, layer and dim all come from the table's identity
+(its ``embed.*`` properties), so no config is needed. Scoring is exact cosine
+over every row (the stored vectors are unit length when ``normalize``; int8 /
+uint8 are dequantized with the table's calibration ranges; float16 decoded).
+Binary columns are scored by Hamming distance, and the best ``k x
+rescore_factor`` are then rescored by cosine on a float column of the same
+table, when it has one.
+
+Readers: delta-rs (``deltalake``, no JVM: starts in well under a second) for
+tables up to ``SPARK_ABOVE_BYTES`` of data files, else Spark, whose executors
+score their partitions and return their own top-k. Either way the vectors
+stream in Arrow batches: memory is a batch, not the table.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import ModelConfig, OutputSpec
+from pipeline.errors import PipelineError
+from pipeline.outputs import Calibration, dequantize
+
+if TYPE_CHECKING:
+    from pipeline.encoder import Encoder
+
+PROP_PREFIX = "embed."
+SPARK_ABOVE_BYTES = 4 << 30
+BATCH_ROWS = 65536
+
+
+class SearchError(PipelineError):
+    """A search that cannot run: no table, not an embed table, no such column, ..."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: Any
+    score: float
+    chunk_index: int | None = None
+    snippet: str | None = None
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"id": self.id, "score": round(self.score, 6)}
+        if self.chunk_index is not None:
+            out["chunk_index"] = self.chunk_index
+        return out
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    column: str
+    reader: str  # delta-rs | spark
+    rows: int  # rows scored
+    seconds: float
+    rescored_with: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    path: str
+    identity: dict[str, str]
+    specs: dict[str, OutputSpec]  # the table's embedding columns
+    calibration: Calibration
+    data_bytes: int
+    has_chunks: bool
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def open_table(path: str) -> TableInfo:
+    """The table's identity and columns (delta-rs: no Spark), or a SearchError."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    resolved = str(Path(path).resolve()) if "://" not in path else path
+    try:
+        table = DeltaTable(resolved)
+    except TableNotFoundError:
+        raise SearchError(f"no Delta table at {path}") from None
+    props = table.metadata().configuration
+    identity = {k[len(PROP_PREFIX):]: v for k, v in props.items() if k.startswith(PROP_PREFIX)}
+    if "model_fingerprint" not in identity or "outputs" not in identity:
+        raise SearchError(f"{path} is a Delta table, but not one embed made (it has no "
+                          "embed.model_fingerprint / embed.outputs properties)")
+    specs = {d["name"]: OutputSpec(**d) for d in json.loads(identity["outputs"])}
+    sizes = pa.table(cast(Any, table.get_add_actions(flatten=True))).column("size_bytes")
+    return TableInfo(path=resolved, identity=identity, specs=specs,
+                     calibration=Calibration.from_json(identity.get("calibration")),
+                     data_bytes=int(pa.compute.sum(sizes).as_py() or 0),
+                     has_chunks="chunk_index" in table.schema().to_arrow().names)
+
+
+def column_spec(info: TableInfo, column: str) -> OutputSpec:
+    if column not in info.specs:
+        raise SearchError(f"column {column!r} is not an embedding column of {info.path}; "
+                          f"its columns: {', '.join(info.specs)}")
+    return info.specs[column]
+
+
+def rescore_column(info: TableInfo, spec: OutputSpec) -> OutputSpec | None:
+    """For a binary column: the widest float column of the same layer and pooling."""
+    if spec.dtype not in ("binary", "ubinary"):
+        return None
+    floats = [s for s in info.specs.values() if s.dtype in ("float32", "float16")
+              and s.layer == spec.layer and s.pooling == spec.pooling]
+    return max(floats, key=lambda s: s.dim) if floats else None
+
+
+# --------------------------------------------------------------------------- the query
+
+
+def query_encoder(info: TableInfo, specs: list[OutputSpec], model: str | None,
+                  prompt: str | None) -> Encoder:
+    """An encoder that cuts the query as the table's rows were cut; refuses a model
+    directory whose weights no longer match the table's fingerprint."""
+    import dataclasses
+
+    from pipeline.encoder import Encoder
+    from pipeline.encoder.model import fingerprint, inspect_model
+
+    ident = info.identity
+    location = model or ident["model"]
+    found = fingerprint(inspect_model(location))
+    if found != ident["model_fingerprint"]:
+        raise SearchError(f"the model at {location} (sha256 {found[:12]}) is not the one "
+                          f"that made {info.path} (sha256 {ident['model_fingerprint'][:12]}); "
+                          "pass --model with the directory of the table's model")
+    cfg = ModelConfig(name_or_path=location, max_length=int(ident.get("max_length", 256)),
+                      pooling=ident.get("pooling", "mean"),  # type: ignore[arg-type]
+                      prompt=ident.get("prompt", "") if prompt is None else prompt,
+                      device="cpu")
+    return Encoder(cfg, [dataclasses.replace(s, dtype="float32") for s in specs])
+
+
+def encode_query(encoder: Encoder, text: str) -> dict[str, np.ndarray]:
+    """{column: float32 [dim]} of one query, from one forward pass."""
+    floats, _ = encoder.encode_float([text])
+    return {name: vecs[0] for name, vecs in floats.items()}
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def decode(column: pa.Array | pa.ChunkedArray, spec: OutputSpec,
+           calibration: Calibration) -> np.ndarray:
+    """A stored column's batch -> float32 [N, dim] (binary columns: uint8 [N, dim/8])."""
+    import pyarrow.compute as pc
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if spec.dtype in ("float32", "int8"):
+        flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+        values = flat.reshape(len(column), spec.dim)
+    else:
+        width = {"float16": 2 * spec.dim, "uint8": spec.dim}.get(spec.dtype, spec.dim // 8)
+        values = _fixed_binary(column, width)
+        if spec.dtype == "float16":
+            return values.view("<f2").astype(np.float32)
+        if spec.dtype == "binary":  # stored as packbits - 128 (signed bytes)
+            return (values.view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        if spec.dtype == "ubinary":
+            return values
+    if spec.dtype in ("int8", "uint8"):
+        return dequantize(values, spec, calibration)
+    return values.astype(np.float32, copy=False)
+
+
+def _fixed_binary(column: pa.Array, width: int) -> np.ndarray:
+    """A binary Arrow array whose every value has ``width`` bytes -> uint8 [N, width]."""
+    _, offset_buf, data_buf = column.buffers()
+    assert offset_buf is not None and data_buf is not None
+    start = column.offset
+    offsets = np.frombuffer(cast(Any, offset_buf), np.int32)[start:start + len(column) + 1]
+    data = np.frombuffer(cast(Any, data_buf), np.uint8)[offsets[0]:offsets[-1]]
+    return data.reshape(len(column), width)
+
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+
+
+def scores(values: np.ndarray, query: np.ndarray, spec: OutputSpec) -> np.ndarray:
+    """Cosine of each row with the query; binary: 1 - 2 x Hamming / dim (the cosine of
+    the +-1 vectors)."""
+    if spec.dtype in ("binary", "ubinary"):
+        bits = np.packbits(query > 0)
+        hamming = _POPCOUNT[np.bitwise_xor(values, bits)].sum(axis=1, dtype=np.int64)
+        return 1.0 - 2.0 * hamming / spec.dim
+    q = query / max(float(np.linalg.norm(query)), 1e-12)
+    norms = np.maximum(np.linalg.norm(values, axis=1), 1e-12)
+    return (values @ q) / norms
+
+
+class TopK:
+    """The running best k (score, key) over batches."""
+
+    def __init__(self, k: int):
+        self.k, self.heap = k, []  # type: ignore[var-annotated]
+        self._seq = 0
+
+    def add(self, keys: list, batch_scores: np.ndarray) -> None:
+        if len(batch_scores) > self.k:
+            top = np.argpartition(-batch_scores, self.k - 1)[: self.k]
+        else:
+            top = np.arange(len(batch_scores))
+        for i in top:
+            self._seq += 1
+            item = (float(batch_scores[i]), -self._seq, keys[i])
+            if len(self.heap) < self.k:
+                heapq.heappush(self.heap, item)
+            elif item > self.heap[0]:
+                heapq.heapreplace(self.heap, item)
+
+    def best(self) -> list[tuple[float, Any]]:
+        return [(s, key) for s, _, key in sorted(self.heap, reverse=True)]
+
+
+def score_batches(batches: Iterable[pa.RecordBatch], column: str, query: np.ndarray,
+                  spec: OutputSpec, calibration: Calibration, k: int,
+                  key_columns: list[str]) -> tuple[list[tuple[float, Any]], int]:
+    """Best k (score, key tuple) over Arrow batches; the rows scored."""
+    top, rows = TopK(k), 0
+    for batch in batches:
+        if not batch.num_rows:
+            continue
+        rows += batch.num_rows
+        values = decode(batch.column(column), spec, calibration)
+        keys = list(zip(*(batch.column(c).to_pylist() for c in key_columns), strict=True))
+        top.add(keys, scores(values, query, spec))
+    return top.best(), rows
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _delta_rs_batches(path: str, columns: list[str], ids: list | None = None
+                      ) -> Iterator[pa.RecordBatch]:
+    import pyarrow.dataset as ds
+    from deltalake import DeltaTable
+
+    dataset = DeltaTable(path).to_pyarrow_dataset()
+    where = ds.field("id").isin(ids) if ids is not None else None
+    yield from dataset.to_batches(columns=columns, filter=where, batch_size=BATCH_ROWS)
+
+
+def _spark_top(info: TableInfo, column: str, query: np.ndarray, spec: OutputSpec, k: int,
+               key_columns: list[str]) -> tuple[list[tuple[float, Any]], int]:
+    """Each partition's top-k on the executors; the driver merges k per partition."""
+    from pipeline.config import SparkConfig
+    from pipeline.spark import get_session
+
+    spark = get_session(SparkConfig(app_name="embed-search"))
+    calibration = info.calibration
+
+    def partition_top(batches):
+        best, rows = score_batches(batches, column, query, spec, calibration, k, key_columns)
+        yield pa.RecordBatch.from_pydict({
+            "scores": [[s for s, _ in best]], "keys": [[json.dumps(list(k)) for _, k in best]],
+            "rows": [rows]})
+
+    df = spark.read.format("delta").load(info.path).select(*key_columns, column)
+    parts = df.mapInArrow(partition_top, "scores array<double>, keys array<string>, rows long") \
+        .collect()
+    merged = sorted(((score, tuple(json.loads(key))) for r in parts
+                     for score, key in zip(r.scores, r.keys, strict=True)), reverse=True)
+    return merged[:k], sum(r.rows for r in parts)
+
+
+# --------------------------------------------------------------------------- search
+
+
+def search(table: str, column: str, query: str, k: int = 10, *, prompt: str | None = None,
+           model: str | None = None, reader: str = "auto", rescore_factor: int = 4,
+           snippets: bool = True) -> SearchResult:
+    """The exact top-k rows of ``column`` for ``query`` (see the module doc)."""
+    if not query.strip():
+        raise SearchError("the query is empty")
+    if k <= 0:
+        raise SearchError(f"--k must be a positive integer, got {k}")
+    started = time.perf_counter()
+    info = open_table(table)
+    spec = column_spec(info, column)
+    rescore = rescore_column(info, spec)
+    encoder = query_encoder(info, [spec, *([rescore] if rescore else [])], model, prompt)
+    queries = encode_query(encoder, query)
+    chosen = reader if reader != "auto" else (
+        "spark" if info.data_bytes > SPARK_ABOVE_BYTES else "delta-rs")
+    keys = ["id", *(["chunk_index"] if info.has_chunks else [])]
+    wanted = k * rescore_factor if rescore or spec.dtype in ("binary", "ubinary") else k
+    if chosen == "spark":
+        best, rows = _spark_top(info, column, queries[column], spec, wanted, keys)
+    else:
+        best, rows = score_batches(_delta_rs_batches(info.path, [*keys, column]), column,
+                                   queries[column], spec, info.calibration, wanted, keys)
+    if rescore:
+        best = _rescored(info, rescore, queries[rescore.name], best, keys)
+    hits = [Hit(id=key[0], score=score, chunk_index=key[1] if info.has_chunks else None)
+            for score, key in best[:k]]
+    result = SearchResult(hits=hits, column=column, reader=chosen, rows=rows,
+                          seconds=0.0, rescored_with=rescore.name if rescore else None)
+    if snippets and hits:
+        result.hits, note = with_snippets(info, hits)
+        if note:
+            result.notes.append(note)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _rescored(info: TableInfo, spec: OutputSpec, query: np.ndarray,
+              candidates: list[tuple[float, Any]], keys: list[str]) -> list[tuple[float, Any]]:
+    """Hamming candidates rescored by cosine on a float column (delta-rs, by id)."""
+    ids = list({key[0] for _, key in candidates})
+    wanted = {key for _, key in candidates}
+    batches = _delta_rs_batches(info.path, [*keys, spec.name], ids=ids)
+    best, _ = score_batches(batches, spec.name, query, spec, info.calibration,
+                            len(candidates), keys)
+    return [(score, key) for score, key in best if key in wanted]
+
+
+# --------------------------------------------------------------------------- snippets
+
+
+def with_snippets(info: TableInfo, hits: list[Hit], width: int = 160
+                  ) -> tuple[list[Hit], str | None]:
+    """Hits with the start of their source text, from the source the latest run read
+    (runs table); the hits unchanged, and why, when that source is out of reach."""
+    import dataclasses
+
+    source = _latest_source(info.path)
+    if source is None:
+        return hits, "no snippets: the runs table names no source"
+    path, fmt, id_col, text_col = source
+    try:
+        texts = _source_texts(path, fmt, id_col, text_col, [h.id for h in hits])
+    except Exception as exc:  # the source moved or is unreadable here: hits still stand
+        return hits, f"no snippets: source {path} not readable here ({type(exc).__name__})"
+    return [dataclasses.replace(h, snippet=_snippet(texts.get(h.id), width)) for h in hits], None
+
+
+def _snippet(text: str | None, width: int) -> str | None:
+    if text is None:
+        return None
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _latest_source(table_path: str) -> tuple[str, str, str, str] | None:
+    """(path, format, id column, text column) of the latest succeeded run's source."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    from pipeline.lineage import runs_path
+
+    try:
+        runs = DeltaTable(runs_path(table_path, None)).to_pyarrow_dataset()
+    except TableNotFoundError:
+        return None
+    import pyarrow.dataset as ds
+
+    done = runs.to_table(columns=["event_time", "output_path", "config_json"],
+                         filter=(ds.field("status") == "succeeded")
+                         & (ds.field("output_path") == table_path)).to_pylist()
+    for row in sorted(done, key=lambda r: r["event_time"], reverse=True):
+        if row["config_json"]:
+            src = json.loads(row["config_json"])["source"]
+            return src["path"], src["format"], src["id_column"], src["text_column"]
+    return None
+
+
+def _source_texts(path: str, fmt: str, id_col: str, text_col: str, ids: list) -> dict:
+    import pyarrow.dataset as ds
+
+    if fmt == "delta":
+        from deltalake import DeltaTable
+
+        dataset = DeltaTable(path).to_pyarrow_dataset()
+    else:
+        dataset = ds.dataset(path, format=cast(Any, fmt))
+    rows = dataset.to_table(columns=[id_col, text_col],
+                            filter=ds.field(id_col).isin(ids)).to_pylist()
+    return {r[id_col]: r[text_col] for r in rows}
