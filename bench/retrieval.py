@@ -11,7 +11,14 @@ relevant document. Reports recall@10 over all bodies for:
   the float query against the +-1 unpacked doc bits,
 - a shallow layer (2D Matryoshka) at full dim.
 
+``--pca``: the ``reduce`` comparison instead. ``--eval`` held-out pairs (seeded
+shuffle) against truncate and the product's ``reduce: pca`` projection (and
+``center: true``), fitted on ``--fit`` other docstrings through the same code
+path a run uses (outputs.Projection, outputs.cut), at 256/128/64/32; plus int8
+after pca (ranges from the fit texts).
+
     python bench/retrieval.py [--limit 3000]
+    python bench/retrieval.py --pca [--eval 1500 --fit 3000]
 """
 
 from __future__ import annotations
@@ -39,7 +46,13 @@ def main() -> None:
     parser.add_argument("--min-body", type=int, default=80)
     parser.add_argument("--rescore", type=int, default=40, help="binary candidates to rescore")
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--pca", action="store_true", help="truncate vs reduce: pca")
+    parser.add_argument("--eval", type=int, default=1500, help="--pca: held-out pairs")
+    parser.add_argument("--fit", type=int, default=3000, help="--pca: texts to fit on")
     args = parser.parse_args()
+    if args.pca:
+        reduce_comparison(args)
+        return
 
     import torch
 
@@ -92,6 +105,70 @@ def main() -> None:
 
     print(json.dumps({"pairs": len(pairs), "k": args.k,
                       "recall": {k: round(v, 4) for k, v in results.items()}}, indent=2))
+
+
+def summary_pairs(rows: list[dict], min_body: int) -> list[tuple[int, str, str]]:
+    """(row index, summary line, body) of docstrings with a long enough body."""
+    out = []
+    for i, row in enumerate(rows):
+        body = row["text"].split("\n", 1)[1].strip() if "\n" in row["text"] else ""
+        if len(body) >= min_body and len(row["summary"]) >= 10:
+            out.append((i, row["summary"], body))
+    return out
+
+
+def reduce_comparison(args) -> None:
+    import dataclasses
+
+    import torch
+
+    from pipeline.config import ModelConfig, OutputSpec
+    from pipeline.demo import demo_rows
+    from pipeline.encoder import Encoder
+    from pipeline.outputs import Calibration, Projection, cut, dequantize, quantize
+
+    torch.set_num_threads(2)
+    rows = demo_rows()
+    pairs = summary_pairs(rows, args.min_body)
+    order = np.random.default_rng(0).permutation(len(pairs))
+    held = [pairs[i] for i in order[: args.eval]]
+    used = {i for i, _, _ in held}
+    others = [r["text"] for j, r in enumerate(rows) if j not in used]
+    fit_texts = [others[i] for i in np.random.default_rng(1).permutation(len(others))[
+        : args.fit]]
+    full = OutputSpec(name="full", dim=384)
+    encoder = Encoder(ModelConfig(), (full,))
+    q = encoder.encode_float([s for _, s, _ in held])[0]["full"]
+    d = encoder.encode_float([b for _, _, b in held])[0]["full"]
+    f = encoder.encode_float(fit_texts)[0]["full"]
+
+    table: dict[str, dict[str, float]] = {"full 384": {"truncate": recall_at_k(q @ d.T, args.k)}}
+    for dim in (256, 128, 64, 32):
+        row = {}
+        trunc = OutputSpec(name="c", dim=dim)
+        row["truncate"] = recall_at_k(cut(q, trunc) @ cut(d, trunc).T, args.k)
+        for label, center in (("pca", False), ("pca centred", True)):
+            spec = dataclasses.replace(trunc, reduce="pca", center=center)
+            proj = Projection.fit(f, dim, center)
+            qp, dp = cut(q, spec, proj), cut(d, spec, proj)
+            row[label] = recall_at_k(qp @ dp.T, args.k)
+            if not center:
+                i8 = dataclasses.replace(spec, dtype="int8")
+                calibration = Calibration.fit({"c": cut(f, spec, proj)})
+                dq = dequantize(quantize(dp, i8, calibration), i8, calibration)
+                row["pca int8"] = recall_at_k(qp @ dq.T, args.k)
+        table[str(dim)] = row
+    print(f"recall@{args.k}, {len(held)} held-out summary->body pairs, projection fitted on "
+          f"{len(fit_texts)} other docstrings (all-MiniLM-L6-v2)", file=sys.stderr)
+    cols = ["truncate", "pca", "pca centred", "pca int8"]
+    print("| dim | " + " | ".join(cols) + " |", file=sys.stderr)
+    print("|---|" + "---|" * len(cols), file=sys.stderr)
+    for dim, row in table.items():
+        cells = [f"{row[c]:.3f}" if c in row else "" for c in cols]
+        print(f"| {dim} | " + " | ".join(cells) + " |", file=sys.stderr)
+    print(json.dumps({"pairs": len(held), "fit_texts": len(fit_texts), "k": args.k,
+                      "recall": {dim: {k: round(v, 4) for k, v in row.items()}
+                                 for dim, row in table.items()}}, indent=2))
 
 
 if __name__ == "__main__":

@@ -421,19 +421,26 @@ def sizes_cmd(config_path: Path, overrides: tuple[str, ...], rows: int) -> None:
     full = 4 * info.hidden_size
     table = Table(title=f"{info.name}: hidden {info.hidden_size}, {info.num_layers} layers; "
                         f"{rows:,} rows")
-    for col in ("column", "dim", "layer", "dtype", "bytes/row", "vs float32 full", "table"):
-        table.add_column(col, justify="left" if col in ("column", "dtype") else "right")
+    for col in ("column", "dim", "layer", "reduce", "dtype", "bytes/row", "vs float32 full",
+                "table"):
+        table.add_column(col, justify="left" if col in ("column", "reduce", "dtype")
+                         else "right")
     total = 0
     for spec in cfg.outputs:
         size = row_bytes(spec)
         total += size
         table.add_row(spec.name, str(spec.dim), str(resolve_layer(spec.layer, info.num_layers)),
-                      spec.dtype, f"{size:,}", f"{size / full:.1%}", _human(size * rows))
-    table.add_row("all columns", "", "", "", f"{total:,}", f"{total / full:.1%}",
+                      spec.reduce, spec.dtype, f"{size:,}", f"{size / full:.1%}",
+                      _human(size * rows))
+    table.add_row("all columns", "", "", "", "", f"{total:,}", f"{total / full:.1%}",
                   _human(total * rows), style="bold")
-    table.add_row(f"float32 x {info.hidden_size}", "", "", "", f"{full:,}", "100.0%",
+    table.add_row(f"float32 x {info.hidden_size}", "", "", "", "", f"{full:,}", "100.0%",
                   _human(full * rows), style="dim")
     Console().print(table)
+    click.echo("reduce: truncate keeps the first dim components (Matryoshka-trained models); "
+               "pca projects onto dim axes fitted once per table, which keeps more quality "
+               "at small dims for models not trained for truncation (README: Truncate or "
+               "project).")
 
 
 def _human(n: float) -> str:

@@ -32,6 +32,7 @@ Precision = Literal["fp32", "bf16", "fp16", "auto"]
 AttentionBackend = Literal["auto", "flash", "varlen", "sdpa", "eager"]
 Device = Literal["auto", "cpu", "cuda"]
 OutputDtype = Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"]
+Reduce = Literal["truncate", "pca"]
 SinkMode = Literal["incremental", "append", "overwrite"]
 LongText = Literal["truncate", "chunk"]
 Deletes = Literal["keep", "delete"]
@@ -96,8 +97,9 @@ class ModelConfig:
 class OutputSpec:
     """One output column cut from the shared forward pass.
 
-    Order of operations: the layer's hidden states -> pool -> truncate to
-    ``dim`` -> L2-renormalize -> quantize to ``dtype``.
+    Order of operations: the layer's hidden states -> pool -> truncate to ``dim``
+    (or, ``reduce: pca``, L2-normalize and project onto the table's ``dim`` axes)
+    -> L2-renormalize -> quantize to ``dtype``.
     """
 
     name: str
@@ -109,6 +111,12 @@ class OutputSpec:
     normalize: bool = True
     # Overrides model.pooling for this column.
     pooling: Pooling | None = None
+    # How the pooled vector becomes ``dim`` wide: keep its first ``dim`` components
+    # (Matryoshka-trained models), or project it onto ``dim`` principal axes fitted
+    # once on a seeded sample of the table's first run (models not trained for
+    # truncation keep more quality). ``center``: subtract the sample mean first.
+    reduce: Reduce = "truncate"
+    center: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -379,6 +387,9 @@ def _validate(cfg: RunConfig) -> None:
         if spec.layer == 0:
             raise ConfigError(f"{key}.layer", "layers count from 1 (first) or -1 (last); "
                               "null means the last layer")
+        if spec.center and spec.reduce != "pca":
+            raise ConfigError(f"{key}.center", "only applies to reduce: pca "
+                              f"(column {spec.name!r} has reduce: {spec.reduce})")
     if cfg.sink.calibration.size <= 0:
         raise ConfigError("sink.calibration.size", "must be a positive integer, "
                           f"got {cfg.sink.calibration.size}")

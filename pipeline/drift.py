@@ -178,7 +178,9 @@ def embed_canary(spark: SparkSession, cfg: RunConfig, placement: Placement,
     frame = pd.DataFrame({"id": np.arange(len(texts), dtype=np.int64), "text": texts,
                           "content_hash": [text_hash(t) for t in texts]})
     rows = spark.createDataFrame(frame, "id long, text string, content_hash string")
-    return udf.encode_floats(spark, cfg, placement, rows)
+    # reduce: pca columns are checked on their layer's vector truncated to the same
+    # dim: the same forward pass, independent of the projection the table fixes
+    return udf.encode_floats(spark, cfg, placement, rows, pca="truncate")
 
 
 def store_canary(spark: SparkSession, path: str, output_path: str, run_id: str, model_fp: str,

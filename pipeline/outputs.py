@@ -1,7 +1,9 @@
 """Output columns: cut one pooled vector into several stored columns.
 
 Order of operations per column (as sentence-transformers does it):
-pool -> truncate to ``dim`` -> L2-renormalize -> quantize.
+pool -> truncate to ``dim`` -> L2-renormalize -> quantize; with ``reduce: pca``:
+pool -> L2-normalize -> (centre) -> project onto the table's ``dim`` axes ->
+L2-renormalize -> quantize (int8 ranges are fitted on the projected values).
 
 Stored types (Arrow -> Spark):
 
@@ -24,6 +26,7 @@ Spark-free: numpy in, Arrow out.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -32,16 +35,70 @@ import pyarrow as pa
 from pipeline.config import CALIBRATED_DTYPES, OutputSpec
 
 
-class Calibration:
-    """Per-column, per-dimension (min, max) ranges for int8/uint8 columns."""
+class Projection:
+    """A ``reduce: pca`` column's map from the pooled vector to ``dim``: the top
+    ``dim`` principal axes of the (uncentred, or with ``center`` centred) second-
+    moment matrix of a sample's L2-normalized vectors. Fitted once per table."""
 
-    def __init__(self, ranges: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
-        self.ranges = {k: (np.asarray(lo, np.float32), np.asarray(hi, np.float32))
-                       for k, (lo, hi) in (ranges or {}).items()}
+    def __init__(self, matrix: np.ndarray, mean: np.ndarray | None = None):
+        self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)  # [H, dim]
+        self.mean = None if mean is None else np.asarray(mean, np.float32)  # [H]
 
     @classmethod
-    def fit(cls, vectors: dict[str, np.ndarray]) -> Calibration:
-        return cls({k: (v.min(axis=0), v.max(axis=0)) for k, v in vectors.items()})
+    def fit(cls, vectors: np.ndarray, dim: int, center: bool = False) -> Projection:
+        x = _unit(np.asarray(vectors, np.float64))
+        if len(x) < dim:
+            raise ValueError(f"a {dim}-dim projection needs at least {dim} sample rows, "
+                             f"got {len(x)}: raise sink.calibration.size")
+        mean = x.mean(axis=0) if center else None
+        if mean is not None:
+            x = x - mean
+        _, axes = np.linalg.eigh(x.T @ x / len(x))  # ascending eigenvalues
+        top = axes[:, ::-1][:, :dim]
+        # a sign per axis, so that the same sample always gives the same matrix
+        signs = np.sign(top[np.abs(top).argmax(axis=0), np.arange(dim)])
+        return cls(top * np.where(signs == 0, 1, signs), mean)
+
+    def apply(self, pooled: np.ndarray) -> np.ndarray:
+        x = _unit(pooled.astype(np.float32, copy=False))
+        if self.mean is not None:
+            x = x - self.mean
+        return x @ self.matrix
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return self.matrix.shape[0], self.matrix.shape[1]
+
+    @property
+    def digest(self) -> str:
+        """sha256 prefix of the matrix and mean: how the table's identity names it."""
+        h = hashlib.sha256(np.asarray(self.matrix.shape, np.int64).tobytes())
+        h.update(self.matrix.tobytes())
+        if self.mean is not None:
+            h.update(self.mean.tobytes())
+        return h.hexdigest()[:16]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+class Calibration:
+    """What a table's columns fitted once on a sample: per-column, per-dimension
+    (min, max) ranges for int8/uint8 columns, and the projections of ``reduce: pca``
+    columns. Kept with the table; every later run reuses them."""
+
+    def __init__(self, ranges: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                 projections: dict[str, Projection] | None = None):
+        self.ranges = {k: (np.asarray(lo, np.float32), np.asarray(hi, np.float32))
+                       for k, (lo, hi) in (ranges or {}).items()}
+        self.projections = dict(projections or {})
+
+    @classmethod
+    def fit(cls, vectors: dict[str, np.ndarray],
+            projections: dict[str, Projection] | None = None) -> Calibration:
+        return cls({k: (v.min(axis=0), v.max(axis=0)) for k, v in vectors.items()},
+                   projections)
 
     def to_json(self) -> str:
         return json.dumps({k: {"min": lo.tolist(), "max": hi.tolist()}
@@ -53,7 +110,11 @@ class Calibration:
         return cls({k: (v["min"], v["max"]) for k, v in data.items()})
 
     def __bool__(self) -> bool:
-        return bool(self.ranges)
+        return bool(self.ranges or self.projections)
+
+    def projection_ids(self) -> str:
+        """The identity's ``projections``: {column: digest} (matrices live in a side table)."""
+        return json.dumps({k: p.digest for k, p in sorted(self.projections.items())})
 
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -66,9 +127,23 @@ def needs_calibration(specs) -> list[OutputSpec]:
     return [s for s in specs if s.dtype in CALIBRATED_DTYPES]
 
 
-def cut(pooled: np.ndarray, spec: OutputSpec) -> np.ndarray:
-    """Truncate a [B, H] float32 matrix to ``spec.dim`` and renormalize."""
-    vecs = pooled[:, : spec.dim]
+def needs_projection(specs) -> list[OutputSpec]:
+    return [s for s in specs if s.reduce == "pca"]
+
+
+def cut(pooled: np.ndarray, spec: OutputSpec, projection: Projection | None = None,
+        pca: str = "project") -> np.ndarray:
+    """A [B, H] float32 matrix to ``spec.dim`` (truncate, or ``reduce: pca``: project),
+    renormalized. ``pca``: ``project`` (the column), ``full`` (the normalized pooled
+    vector, to fit a projection on) or ``truncate`` (the canary's parity check)."""
+    if spec.reduce == "pca" and pca == "full":
+        return np.ascontiguousarray(_unit(pooled), dtype=np.float32)
+    if spec.reduce == "pca" and pca == "project":
+        if projection is None:
+            raise ValueError(f"column {spec.name!r} (reduce: pca) needs its projection")
+        vecs = projection.apply(pooled)
+    else:
+        vecs = pooled[:, : spec.dim]
     if spec.normalize:
         norms = np.linalg.norm(vecs, axis=1, keepdims=True)
         vecs = vecs / np.maximum(norms, 1e-12)
@@ -170,11 +245,15 @@ def column_metadata(spec: OutputSpec, model_pooling: str) -> dict:
     length = spec.dim if spec.dtype in ("float32", "int8") else row_bytes(spec)
     return {"embed.dim": spec.dim, "embed.dtype": spec.dtype, "embed.length": length,
             "embed.layer": spec.layer if spec.layer is not None else "last",
-            "embed.reduce": "truncate", "embed.normalize": spec.normalize,
+            "embed.reduce": spec.reduce + (" (centred)" if spec.center else ""),
+            "embed.normalize": spec.normalize,
             "embed.pooling": spec.pooling or model_pooling, "embed.encoding": ENCODING[spec.dtype]}
 
 
 def describe(specs) -> list[dict]:
     """The part of each spec that decides the stored bytes (kept in table properties)."""
+    # reduce/center only where not the default: identities of older tables stay equal
     return [{"name": s.name, "dim": s.dim, "layer": s.layer, "dtype": s.dtype,
-             "normalize": s.normalize, "pooling": s.pooling} for s in specs]
+             "normalize": s.normalize, "pooling": s.pooling,
+             **({"reduce": s.reduce, "center": s.center} if s.reduce != "truncate" else {})}
+            for s in specs]

@@ -26,12 +26,12 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from pipeline import changes, drift, lineage, sampling, sink, source
+from pipeline import changes, drift, lineage, projections, sampling, sink, source
 from pipeline.config import RunConfig
 from pipeline.encoder.engine import validate_outputs
 from pipeline.encoder.model import ModelInfo, fingerprint, inspect_model
 from pipeline.errors import AlreadyCommitted, PipelineError, ReconciliationError
-from pipeline.outputs import Calibration, needs_calibration
+from pipeline.outputs import Calibration, Projection, needs_calibration, needs_projection
 from pipeline.placement import Placement
 from pipeline.write_plan import CommitKind, PlanPath, WritePlan
 
@@ -502,31 +502,59 @@ def plan_rows(ctx: RunContext, src: SourceRead) -> RowPlan:
 
 
 def calibrate(ctx: RunContext, src: SourceRead) -> Calibrated:
-    """int8/uint8 ranges: the table's stored ones, else fitted once on a seeded sample,
-    encoded on the executors (the canary's path and cached encoders).
+    """What the columns fit once per table: ``reduce: pca`` projections, then int8/uint8
+    ranges (on the projected values). The table's stored ones, else fitted once on
+    a seeded sample encoded on the executors (the canary's path and cached encoders).
 
     Never per batch and never per run: every later run and backfill reuses what
-    the table stores, so the same text always quantizes to the same bytes.
+    the table stores, so the same text always gets the same bytes.
     """
-    from pipeline import udf
-
     cfg = ctx.cfg
-    need = needs_calibration(cfg.outputs)
-    if not need:
+    need, pca = needs_calibration(cfg.outputs), needs_projection(cfg.outputs)
+    if not need and not pca:
         return Calibrated(None, "none")
     if ctx.plan.calibration_source == "table":
-        stored = Calibration.from_json((ctx.stored or {}).get("calibration"))
-        if all(s.name in stored.ranges for s in need):
+        stored = _stored_calibration(ctx)
+        if all(s.name in stored.ranges for s in need) and all(
+                s.name in stored.projections for s in pca):
             return Calibrated(stored, "table")
     size, seed = cfg.sink.calibration.size, cfg.sink.calibration.seed
     # A seeded hash order is a deterministic sample: same data + seed = same rows.
     sample = sampling.seeded_sample(src.valid, seed, size,
-                                    src.rows_read - src.rows_quarantined)
-    floats, _ = udf.encode_floats(ctx.spark, cfg, ctx.placement, sample)
+                                    src.rows_read - src.rows_quarantined).cache()
+    try:
+        return Calibrated(_fit(ctx, sample, need, pca), "fit")
+    finally:
+        sample.unpersist()
+
+
+def _stored_calibration(ctx: RunContext) -> Calibration:
+    """The table's ranges (a property) and projections (the side table, by digest)."""
+    stored = ctx.stored or {}
+    ranges = Calibration.from_json(stored.get("calibration")).ranges
+    found = projections.load(ctx.cfg.sink.path, projections.digests_of(stored))
+    return Calibration(ranges, found)
+
+
+def _fit(ctx: RunContext, sample: DataFrame, need: list, pca: list) -> Calibration:
+    from pipeline import udf
+
+    fitted: dict[str, Projection] = {}
+    if pca:  # the normalized pooled vectors of the sample, at full width
+        full, _ = udf.encode_floats(ctx.spark, ctx.cfg, ctx.placement, sample, pca="full")
+        rows = len(full[pca[0].name])
+        try:
+            fitted = {s.name: Projection.fit(full[s.name], s.dim, s.center) for s in pca}
+        except ValueError as exc:
+            raise PipelineError(f"reduce: pca: {exc} (the sample has {rows} rows)") from None
+    if not need:
+        return Calibration(None, fitted)
+    floats, _ = udf.encode_floats(ctx.spark, ctx.cfg, ctx.placement, sample,
+                                  Calibration(None, fitted))
     if not len(floats[need[0].name]):
         raise PipelineError("int8/uint8 columns need a calibration sample, but the source "
                             "has no valid rows to take it from")
-    return Calibrated(Calibration.fit({s.name: floats[s.name] for s in need}), "fit")
+    return Calibration.fit({s.name: floats[s.name] for s in need}, fitted)
 
 
 def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
@@ -537,6 +565,9 @@ def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
 
     cfg, spark = ctx.cfg, ctx.spark
     identity = _final_identity(ctx, calibrated, canary)
+    fitted = calibrated.calibration.projections if calibrated.calibration else {}
+    if calibrated.source == "fit" and fitted:  # stored before the commit that names them
+        projections.store(spark, cfg.sink.path, fitted, cfg.sink.calibration.size, ctx.run_id)
     stats = udf.stats_accumulator(spark.sparkContext)
     encoded = sink.with_lineage_columns(
         udf.encode(spark, cfg, rows.todo, _partitions(ctx, rows.rows_todo), ctx.placement, stats,
@@ -583,9 +614,9 @@ def _update_identity(ctx: RunContext, identity: dict[str, str], calibrated: Cali
         return
     if ctx.stored is None:
         return  # made with this identity by ensure_table
-    update = {}
+    update: dict[str, str] = {}
     if calibrated.source == "fit" and calibrated.calibration:
-        update["calibration"] = identity["calibration"]
+        update.update({k: identity[k] for k in ("calibration", "projections") if k in identity})
     if canary and ctx.plan.stores_canary_reference(canary.stored_baseline):
         update["canary_run"] = ctx.run_id
     if update:
@@ -595,8 +626,10 @@ def _update_identity(ctx: RunContext, identity: dict[str, str], calibrated: Cali
 def _final_identity(ctx: RunContext, calibrated: Calibrated,
                     canary: drift.CanaryResult | None) -> dict[str, str]:
     identity = dict(ctx.identity)
-    if calibrated.calibration:
+    if calibrated.calibration and calibrated.calibration.ranges:
         identity["calibration"] = calibrated.calibration.to_json()
+    if calibrated.calibration and calibrated.calibration.projections:
+        identity["projections"] = calibrated.calibration.projection_ids()
     if canary is not None:
         identity["canary_run"] = (ctx.run_id if canary.stored_baseline
                                   else canary.baseline_run or "")

@@ -149,9 +149,14 @@ def query_encoder(info: TableInfo, specs: list[OutputSpec], model: str | None,
     return Encoder(cfg, [dataclasses.replace(s, dtype="float32") for s in specs])
 
 
-def encode_query(encoder: Encoder, text: str) -> dict[str, np.ndarray]:
-    """{column: float32 [dim]} of one query, from one forward pass."""
-    floats, _ = encoder.encode_float([text])
+def encode_query(encoder: Encoder, text: str, info: TableInfo | None = None
+                 ) -> dict[str, np.ndarray]:
+    """{column: float32 [dim]} of one query, from one forward pass; ``reduce: pca``
+    columns through the table's own projections."""
+    from pipeline import projections
+
+    fitted = projections.load(info.path, projections.digests_of(info.identity)) if info else {}
+    floats, _ = encoder.encode_float([text], Calibration(None, fitted))
     return {name: vecs[0] for name, vecs in floats.items()}
 
 
@@ -298,7 +303,7 @@ def search(table: str, column: str, query: str, k: int = 10, *, prompt: str | No
     spec = column_spec(info, column)
     rescore = rescore_column(info, spec)
     encoder = query_encoder(info, [spec, *([rescore] if rescore else [])], model, prompt)
-    queries = encode_query(encoder, query)
+    queries = encode_query(encoder, query, info)
     chosen = reader if reader != "auto" else (
         "spark" if info.data_bytes > SPARK_ABOVE_BYTES else "delta-rs")
     keys = ["id", *(["chunk_index"] if info.has_chunks else [])]

@@ -115,11 +115,12 @@ def output_schema(id_type, outputs: tuple[OutputSpec, ...], raw: bool = False,
 
 def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...],
                    placement: Placement, stats_acc=None, calibration: Calibration | None = None,
-                   raw: bool = False):
+                   raw: bool = False, pca: str = "project"):
     """The function given to ``mapInArrow``; it closes over plain, picklable config.
 
     ``raw``: emit every column as float32 before quantization (the canary, the
-    calibration sample), from the same cached encoder as the run's encode tasks.
+    calibration sample), from the same cached encoder as the run's encode tasks;
+    ``pca``: what ``reduce: pca`` columns emit then (``outputs.cut``).
     """
     raw_specs = float_specs(outputs)
     names = ["id", "content_hash", *(s.name for s in outputs), "n_tokens", "truncated"]
@@ -129,8 +130,10 @@ def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...],
         before = encoder.stats  # the encoder counts; this task reports its share
         for batch, prepared in encoder.prefetched(batches, lambda b: b.column("text")):
             if raw:
-                floats, result = encoder.encode_float(prepared)
-                columns = {s.name: to_arrow(floats[s.name], s) for s in raw_specs}
+                floats, result = encoder.encode_float(prepared, calibration, pca)
+                # (pca: full: the pooled width, not the column's dim)
+                columns = {s.name: to_arrow(floats[s.name], dataclasses.replace(
+                    s, dim=floats[s.name].shape[1])) for s in raw_specs}
             else:
                 result = encoder.encode(prepared, calibration)
                 columns = result.columns
@@ -163,29 +166,32 @@ def encode(spark: SparkSession, cfg: RunConfig, rows: DataFrame, partitions: int
 
 
 def encode_floats(spark: SparkSession, cfg: RunConfig, placement: Placement,
-                  rows: DataFrame) -> tuple[dict[str, np.ndarray], str]:
+                  rows: DataFrame, calibration: Calibration | None = None,
+                  pca: str = "project") -> tuple[dict[str, np.ndarray], str]:
     """A small set of rows (the canary, a calibration sample) through the run's own
     encode path (same executors, same cached encoders), as float32 before
     quantization. Returns ({column: [N, dim] in id order}, the runtime that ran)."""
     from pipeline import spark as spark_setup
 
     stats = stats_accumulator(spark.sparkContext)
-    fn = make_encode_fn(cfg.model, cfg.outputs, placement, stats, raw=True)
+    fn = make_encode_fn(cfg.model, cfg.outputs, placement, stats, calibration, raw=True,
+                        pca=pca)
     schema = output_schema(rows.schema["id"].dataType, cfg.outputs, raw=True)
     table = (rows.select("id", "text", "content_hash")
              .repartition(placement.encode_tasks or spark_setup.task_slots(spark))
              .mapInArrow(fn, schema, profile=gpu_profile(spark, placement))
              .select("id", *(s.name for s in cfg.outputs)).toArrow().sort_by("id"))
-    vectors = {s.name: _matrix(table.column(s.name), s.dim) for s in cfg.outputs}
+    vectors = {s.name: _matrix(table.column(s.name)) for s in cfg.outputs}
     return vectors, stats.value.runtime_label
 
 
-def _matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
-    """An Arrow list<float> column of fixed-length rows -> float32 [N, dim]."""
+def _matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """An Arrow list<float> column of equal-length rows -> float32 [N, width]."""
     import pyarrow.compute as pc
 
     flat = pc.list_flatten(column).to_numpy() if column.num_chunks else np.zeros(0, np.float32)
-    return flat.astype(np.float32, copy=False).reshape(-1, dim)
+    width = len(flat) // len(column) if len(column) else 1
+    return flat.astype(np.float32, copy=False).reshape(-1, width)
 
 
 class WarmUp(threading.Thread):

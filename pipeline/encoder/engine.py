@@ -416,11 +416,14 @@ class Encoder:
                                  cpu_seconds=time.thread_time() - cpu))
         return prepared
 
-    def encode_float(self, texts: Sequence[str] | pa.Array | Prepared):
+    def encode_float(self, texts: Sequence[str] | pa.Array | Prepared,
+                     calibration: Calibration | None = None, pca: str = "project"):
         """Texts (or a prepared batch) -> ({column: float32 [N, dim]}, info).
 
         ``info``: per-row tokens and cut-off flags, and the unit lengths and
-        batches (for padding statistics).
+        batches (for padding statistics). ``reduce: pca`` columns use the
+        projections in ``calibration``; ``pca`` (see ``outputs.cut``) asks for the
+        full pooled vector (to fit one) or a truncation (the canary) instead.
         """
         prep = texts if isinstance(texts, Prepared) else self.prepare(texts)
         n_rows, flat, offsets, lengths = prep.n_rows, prep.flat, prep.offsets, prep.lengths
@@ -460,7 +463,9 @@ class Encoder:
                 rows = np.zeros((n_rows, units.shape[1]), dtype=np.float64)
                 np.add.at(rows, owner, units * weights[:, None])
                 pooled[group] = (rows / row_weight).astype(np.float32)
-        floats = {s.name: cut(pooled[self.spec_group[s.name]], s) for s in self.outputs}
+        projections = calibration.projections if calibration else {}
+        floats = {s.name: cut(pooled[self.spec_group[s.name]], s, projections.get(s.name), pca)
+                  for s in self.outputs}
         return floats, EncodeInfo(n_tokens=total, truncated=cut_off, unit_lengths=lengths,
                                   batches=batches)
 
@@ -477,7 +482,7 @@ class Encoder:
         if missing:
             raise ValueError(f"int8/uint8 columns {missing} need calibration ranges")
         start, cpu = time.perf_counter(), time.thread_time()
-        floats, info = self.encode_float(texts)
+        floats, info = self.encode_float(texts, calibration)
         columns = {s.name: to_arrow(quantize(floats[s.name], s, calibration), s)
                    for s in self.outputs}
         lengths = info.unit_lengths
