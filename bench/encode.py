@@ -13,6 +13,7 @@ batch 32; on CUDA also its best setting, bf16 batch 512).
     python bench/encode.py --attention varlen,sdpa  # packed vs padded batches, same texts
     python bench/encode.py --corpus canary --attention varlen,sdpa   # mixed lengths
     python bench/encode.py --random-model bert-large --precision bf16 --no-st   # MFU
+    python bench/encode.py --host-only --threads 1,2   # the CPU side of a GPU job
 
 Prints texts/s, tokens/s, padding efficiency, backend, precision, a profile
 (seconds in the tokenizer alone vs in the model; which one bounds the run) and,
@@ -139,7 +140,15 @@ def main() -> None:
                         help="also run at this layer and report the time ratio")
     parser.add_argument("--st-bf16", action="store_true", help="also run ST in bf16")
     parser.add_argument("--no-st", action="store_true")
+    parser.add_argument("--host-only", action="store_true",
+                        help="everything but the forward pass vs the raw tokenizer (bench/host.py)")
+    parser.add_argument("--threads", default="1,2", help="--host-only: thread counts")
     args = parser.parse_args()
+    if args.host_only:
+        from bench import host
+
+        host.main([int(t) for t in args.threads.split(",")], args.limit, args.chunk)
+        return
 
     import torch
 
