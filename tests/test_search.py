@@ -110,3 +110,34 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(table, tmp_path, model_dir)
         assert result.exit_code != 0, (args, result.output)
         assert message in result.output and "Traceback" not in result.output, result.output
         assert len([line for line in result.output.splitlines() if line.strip()]) == 1
+
+
+def test_binary_rescore_equals_a_numpy_reference(table):
+    """Hamming top k x factor over the stored bits (earlier rows win ties, as the search
+    reads them), rescored by cosine on emb_384: the same ids and scores."""
+    from pipeline.search import (
+        _delta_rs_batches,
+        decode,
+        encode_query,
+        open_table,
+        query_encoder,
+        search,
+    )
+
+    info = open_table(table["path"])
+    bits_spec, float_spec = info.specs["emb_bits"], info.specs["emb_384"]
+    q = encode_query(query_encoder(info, [bits_spec, float_spec], None, None), QUERY, info)
+    batches = list(_delta_rs_batches(info.path, ["id", "emb_bits", "emb_384"]))
+    ids = np.concatenate([b.column("id").to_numpy() for b in batches])
+    bits = np.concatenate([decode(b.column("emb_bits"), bits_spec, info.calibration)
+                           for b in batches])
+    floats = np.concatenate([decode(b.column("emb_384"), float_spec, info.calibration)
+                             for b in batches])
+    query_bits = np.packbits(q["emb_bits"] > 0)
+    hamming = np.unpackbits(bits ^ query_bits, axis=1).sum(axis=1)
+    candidates = np.lexsort((np.arange(len(ids)), hamming))[:5 * 3]
+    cosine = floats[candidates] @ q["emb_384"] / np.linalg.norm(floats[candidates], axis=1)
+    want = candidates[np.argsort(-cosine, kind="stable")[:5]]
+    got = search(table["path"], "emb_bits", QUERY, 5, rescore_factor=3)
+    assert [h.id for h in got.hits] == ids[want].tolist()
+    assert np.allclose([h.score for h in got.hits], np.sort(cosine)[::-1][:5], atol=1e-5)
