@@ -52,14 +52,15 @@ def load(output_path: str, digests: dict[str, str]) -> dict[str, Projection]:
     """The projections a table's identity names (delta-rs: no Spark needed), each
     checked against its digest; a missing one is an error, never a silent re-fit."""
     import pyarrow.dataset as ds
-    from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
+
+    from pipeline import deltars
 
     if not digests:
         return {}
     path = table_path(output_path)
     try:
-        dataset = DeltaTable(path).to_pyarrow_dataset()
+        dataset = deltars.dataset(path)
         rows = dataset.to_table(filter=ds.field("digest").isin(list(digests.values()))
                                 ).to_pylist()
     except TableNotFoundError:

@@ -79,6 +79,7 @@ class TableInfo:
     calibration: Calibration
     data_bytes: int
     has_chunks: bool
+    arrow_readable: bool  # no deletion vectors / column mapping (pipeline.deltars)
 
 
 # --------------------------------------------------------------------------- the table
@@ -88,6 +89,8 @@ def open_table(path: str) -> TableInfo:
     """The table's identity and columns (delta-rs: no Spark), or a SearchError."""
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
+
+    from pipeline import deltars
 
     resolved = str(Path(path).resolve()) if "://" not in path else path
     try:
@@ -101,10 +104,16 @@ def open_table(path: str) -> TableInfo:
                           "embed.model_fingerprint / embed.outputs properties)")
     specs = {d["name"]: OutputSpec(**d) for d in json.loads(identity["outputs"])}
     sizes = pa.table(cast(Any, table.get_add_actions(flatten=True))).column("size_bytes")
+    try:
+        deltars.arrow_dataset(table)
+        readable = True
+    except deltars.NotReadableHere:
+        readable = False
     return TableInfo(path=resolved, identity=identity, specs=specs,
                      calibration=Calibration.from_json(identity.get("calibration")),
                      data_bytes=int(pa.compute.sum(sizes).as_py() or 0),
-                     has_chunks="chunk_index" in table.schema().to_arrow().names)
+                     has_chunks="chunk_index" in table.schema().to_arrow().names,
+                     arrow_readable=readable)
 
 
 def column_spec(info: TableInfo, column: str) -> OutputSpec:
@@ -257,9 +266,10 @@ def score_batches(batches: Iterable[pa.RecordBatch], column: str, query: np.ndar
 def _delta_rs_batches(path: str, columns: list[str], ids: list | None = None
                       ) -> Iterator[pa.RecordBatch]:
     import pyarrow.dataset as ds
-    from deltalake import DeltaTable
 
-    dataset = DeltaTable(path).to_pyarrow_dataset()
+    from pipeline import deltars
+
+    dataset = deltars.dataset(path)
     where = ds.field("id").isin(ids) if ids is not None else None
     yield from dataset.to_batches(columns=columns, filter=where, batch_size=BATCH_ROWS)
 
@@ -305,7 +315,8 @@ def search(table: str, column: str, query: str, k: int = 10, *, prompt: str | No
     encoder = query_encoder(info, [spec, *([rescore] if rescore else [])], model, prompt)
     queries = encode_query(encoder, query, info)
     chosen = reader if reader != "auto" else (
-        "spark" if info.data_bytes > SPARK_ABOVE_BYTES else "delta-rs")
+        "spark" if info.data_bytes > SPARK_ABOVE_BYTES or not info.arrow_readable
+        else "delta-rs")
     keys = ["id", *(["chunk_index"] if info.has_chunks else [])]
     wanted = k * rescore_factor if rescore or spec.dtype in ("binary", "ubinary") else k
     if chosen == "spark":
@@ -367,13 +378,13 @@ def _snippet(text: str | None, width: int) -> str | None:
 
 def _latest_source(table_path: str) -> tuple[str, str, str, str] | None:
     """(path, format, id column, text column) of the latest succeeded run's source."""
-    from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
+    from pipeline import deltars
     from pipeline.lineage import runs_path
 
     try:
-        runs = DeltaTable(runs_path(table_path, None)).to_pyarrow_dataset()
+        runs = deltars.dataset(runs_path(table_path, None))
     except TableNotFoundError:
         return None
     import pyarrow.dataset as ds
@@ -392,9 +403,9 @@ def _source_texts(path: str, fmt: str, id_col: str, text_col: str, ids: list) ->
     import pyarrow.dataset as ds
 
     if fmt == "delta":
-        from deltalake import DeltaTable
+        from pipeline import deltars
 
-        dataset = DeltaTable(path).to_pyarrow_dataset()
+        dataset = deltars.dataset(path)
     else:
         dataset = ds.dataset(path, format=cast(Any, fmt))
     rows = dataset.to_table(columns=[id_col, text_col],

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import random
 import re
+import subprocess
+import sys
 import uuid
 
 import numpy as np
@@ -15,7 +17,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pipeline import drift, drift_stats
+from pipeline import deltars, drift, drift_stats
 from pipeline.config import load_config
 from pipeline.errors import CanaryError
 from pipeline.run import run
@@ -259,18 +261,31 @@ def test_delta_rs_reads_every_table_as_spark_does(spark, runs):
     for name, path in tables.items():
         theirs, ours = _delta_rs(path), spark.read.format("delta").load(path)
         assert json.loads(theirs.schema().to_json()) == json.loads(ours.schema.json()), name
-        assert theirs.to_pyarrow_dataset().count_rows() == ours.count(), name
+        assert deltars.arrow_dataset(theirs).count_rows() == ours.count(), name
         history = theirs.history()
         tags = [json.loads(h["userMetadata"]) for h in history if h.get("userMetadata")]
         writes = [h for h in history if h["operation"] in ("WRITE", "MERGE")]
         assert len(tags) == len(writes) and all(t["run_id"] for t in tags), (name, history)
 
-    arrow = _delta_rs(cfg.sink.path).to_pyarrow_table().sort_by("id")
+    arrow = deltars.dataset(cfg.sink.path).to_table().sort_by("id")
     pdf = spark.read.format("delta").load(cfg.sink.path).toPandas().sort_values("id")
     assert arrow.column("id").to_pylist() == pdf["id"].tolist()
     for column in ("emb_384", "emb_64"):
         assert np.array_equal(np.stack(arrow.column(column).to_numpy(zero_copy_only=False)),
                               np.stack(pdf[column].to_numpy())), column
+    # delta-rs' own scan too, in a process of its own: it may abort at interpreter exit
+    # (pipeline/deltars.py), so the child reports and leaves with os._exit
+    script = ("import json, os, sys, numpy as np\nfrom deltalake import DeltaTable\n"
+              "t = DeltaTable(sys.argv[1]).to_pyarrow_table(columns=['id', 'emb_384'])\n"
+              "v = np.stack(t.column('emb_384').to_numpy(zero_copy_only=False))\n"
+              "print(json.dumps([t.num_rows, float(v.astype(np.float64).sum())]), flush=True)\n"
+              "os._exit(0)\n")
+    child = subprocess.run([sys.executable, "-c", script, cfg.sink.path], capture_output=True,
+                           text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-2000:]
+    rows, total = json.loads(child.stdout)
+    assert rows == len(pdf)
+    assert total == pytest.approx(float(np.stack(pdf["emb_384"]).astype(np.float64).sum()))
 
 
 def test_column_metadata_says_how_to_decode_each_vector(runs):
