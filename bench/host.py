@@ -5,7 +5,7 @@ the raw Rust tokenizer (``encode_batch``, truncation 256) on the same texts.
 At 40,000 texts/s for MiniLM on an H100 this path, not the GPU, sets the pace.
 
 Each thread count runs in its own process (the tokenizer's Rust thread pool is
-sized once per process: ``RAYON_NUM_THREADS``).
+sized once per process: ``RAYON_NUM_THREADS``), pinned to that many cores.
 
     python bench/encode.py --host-only [--threads 1,2] [--limit N]
 """
@@ -33,6 +33,8 @@ def measure(threads: int, limit: int | None, chunk: int, repeats: int = 2) -> di
     from pipeline.encoder import Encoder
 
     torch.set_num_threads(threads)
+    if hasattr(os, "sched_setaffinity"):  # N threads on N cores, not on every core
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:threads]))
     texts = [r["text"] for r in demo_rows(limit)]
     specs = (OutputSpec(name="emb", dim=384), OutputSpec(name="emb_64", dim=64))
     encoder = Encoder(ModelConfig(), specs)
