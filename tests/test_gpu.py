@@ -98,3 +98,27 @@ def test_packed_decoder_causal_gqa_on_cuda(gpu_model, texts, tmp_path):
         out[key] = enc.encode_float(texts[:100])[0]["e"]
     assert np.isfinite(out["gpu"]).all()
     assert cosine_rows(out["gpu"], out["cpu"]).min() >= 0.999
+
+
+def test_a_real_cuda_out_of_memory_splits_the_batch_and_loses_no_row(gpu_model, texts,
+                                                                     cpu_reference):
+    """A token budget far beyond what fits, in a process capped to a small share of the
+    GPU: the allocator's own OutOfMemoryError halves the batch until it fits; every row
+    comes back, equal to the CPU reference."""
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (2 << 30) / total), 0)  # ~2 GiB
+    try:
+        cfg = ModelConfig(name_or_path=gpu_model, attention="sdpa", precision="fp32",
+                          token_budget=1 << 24, max_batch_rows=1 << 16)
+        enc = Encoder(cfg, SPECS)
+        many = texts * 40  # 12,000 rows in one planned batch
+        before = enc.stats.oom_splits
+        ours = enc.encode_float(many)[0]
+        assert enc.stats.oom_splits > before, "the oversized batch did not run out of memory"
+        for name, ref in cpu_reference.items():
+            assert cosine_rows(ours[name][: len(texts)], ref).min() >= 0.9999, name
+        assert len(ours["full"]) == len(many)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+        torch.cuda.empty_cache()
