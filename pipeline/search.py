@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from pipeline.config import ModelConfig, OutputSpec
 from pipeline.errors import PipelineError
-from pipeline.outputs import Calibration, dequantize
+from pipeline.outputs import Calibration, dequantize, row_bytes
 
 if TYPE_CHECKING:
     from pipeline.encoder import Encoder
@@ -183,8 +183,7 @@ def decode(column: pa.Array | pa.ChunkedArray, spec: OutputSpec,
         flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
         values = flat.reshape(len(column), spec.dim)
     else:
-        width = {"float16": 2 * spec.dim, "uint8": spec.dim}.get(spec.dtype, spec.dim // 8)
-        values = _fixed_binary(column, width)
+        values = _fixed_binary(column, row_bytes(spec))
         if spec.dtype == "float16":
             return values.view("<f2").astype(np.float32)
         if spec.dtype == "binary":  # stored as packbits - 128 (signed bytes)
