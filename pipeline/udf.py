@@ -253,11 +253,24 @@ def gpu_profile(spark: SparkSession, placement: Placement):
         TaskResourceRequests,
     )
 
-    # executor resource amounts are whole GPUs; only task amounts may be fractions
-    gpus_per_executor = int(spark.conf.get("spark.executor.resource.gpu.amount", "1") or "1")
-    executor = ExecutorResourceRequests().resource("gpu", gpus_per_executor)
-    task_req = TaskResourceRequests().resource("gpu", placement.task_gpu_amount)
-    return ResourceProfileBuilder().require(executor).require(task_req).build
+    conf = spark.sparkContext.getConf()
+    executor_gpus, task_gpus = profile_requests(
+        conf.get("spark.dynamicAllocation.enabled", "false") == "true",
+        conf.get("spark.executor.resource.gpu.amount", "1") or "1", placement.task_gpu_amount)
+    builder = ResourceProfileBuilder().require(TaskResourceRequests().resource("gpu", task_gpus))
+    if executor_gpus is not None:
+        builder = builder.require(ExecutorResourceRequests().resource("gpu", executor_gpus))
+    return builder.build
+
+
+def profile_requests(dynamic_allocation: bool, executor_amount: str,
+                     task_amount: float) -> tuple[int | None, float]:
+    """(executor GPUs, task GPUs) the encode stage's profile asks for. Without dynamic
+    allocation Spark cannot start executors for a new profile, so the profile asks for
+    task resources only (a TaskResourceProfile, served by the default executors, which
+    must have GPUs: SPARK-39853 standalone, SPARK-45495 Kubernetes); with it, executors
+    of their own. Executor amounts are whole GPUs; only task amounts may be fractions."""
+    return (int(float(executor_amount)) if dynamic_allocation else None), task_amount
 
 
 def observe(spark: SparkSession, cfg: RunConfig) -> ClusterView:

@@ -115,3 +115,10 @@ def test_a_worker_keeps_one_copy_of_a_model(model_dir):
     udf.get_encoder(model, outputs, "1")  # the same model asked for on another GPU
     assert len(udf._ENCODERS) == 1 and (model, outputs, "1") in udf._ENCODERS
     udf._ENCODERS.clear()
+
+
+def test_the_encode_profile_asks_executors_only_under_dynamic_allocation():
+    from pipeline.udf import profile_requests
+
+    assert profile_requests(False, "4", 0.5) == (None, 0.5)  # task-only: default executors
+    assert profile_requests(True, "4", 0.5) == (4, 0.5)
