@@ -114,12 +114,24 @@ def ensure_table(spark: SparkSession, path: str, schema: StructType,
     try:
         builder.execute()
     except Exception:
-        # Two runs creating the table at once: the loser finds it made; then the
-        # identity check decides, as for any existing table.
-        stored = read_identity(spark, path)
+        # Two runs creating the table at once: the loser finds it made (or, a moment
+        # before its first commit lands, a folder that is not a table yet: wait for
+        # it); then the identity check decides, as for any existing table.
+        stored = _identity_once_made(spark, path)
         if stored is None:
             raise
         check_compatible(stored, identity, path)
+
+
+def _identity_once_made(spark: SparkSession, path: str, wait: float = 10.0):
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        stored = read_identity(spark, path) if is_delta_table(path) else None
+        if stored is not None or time.monotonic() > deadline:
+            return stored
+        time.sleep(0.5)
 
 
 def set_identity(spark: SparkSession, path: str, identity: dict[str, str]) -> None:
@@ -179,7 +191,11 @@ def last_commit(spark: SparkSession, path: str, run_id: str,
         if txn and committed_txn(spark, path, txn[0]) >= txn[1]:
             raise AlreadyCommitted(f"{txn[0]} v{txn[1]} was committed to {path} by another "
                                    "run while this one was writing")
-        raise RuntimeError(f"run {run_id} finds no commit of its own in {path}")
+        # A MERGE that found every row already written (another run in this process
+        # committed them between this run's plan and its MERGE) commits nothing.
+        raise ConcurrentRunError(
+            f"another run holds this table: it wrote these rows to {path} while this run "
+            "was writing (nothing of this run was written); re-run to embed what it did not")
     metrics = row["operationMetrics"] or {}
     if row["operation"] == "MERGE":
         written = int(metrics.get("numTargetRowsInserted", 0)) + int(

@@ -220,6 +220,7 @@ def test_two_runs_at_once_never_double_rows(spark, kill_source, tmp_path):
         t.start()
     for t in threads:
         t.join()
+    assert len(outcomes) == 2, outcomes  # a thread that died of anything else fails here
     table = spark.read.format("delta").load(out)
     assert table.count() == 400 and table.select("id").distinct().count() == 400
     errors = [o for o in outcomes if isinstance(o, ConcurrentRunError)]

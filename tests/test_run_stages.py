@@ -102,13 +102,20 @@ def test_two_runs_of_one_partition_at_once_commit_it_once(spark, daily_source, t
     fp = model_module.fingerprint(model_module.inspect_model(cfg.model.name_or_path))
     part = backfill.partition(cfg, fp, "2024-01-03")
     results: list = []
-    threads = [threading.Thread(target=lambda: results.append(
-        run(cfg, spark=spark, partition=part))) for _ in range(2)]
+
+    def go():
+        try:
+            results.append(run(cfg, spark=spark, partition=part))
+        except Exception as exc:  # recorded, so the assertion below names it
+            results.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(r.status for r in results) == ["skipped", "succeeded"], results
+    assert sorted(getattr(r, "status", repr(r)) for r in results) == ["skipped", "succeeded"], \
+        results
     table = spark.read.format("delta").load(str(tmp_path / "out"))
     assert table.count() == 30 and table.select("id").distinct().count() == 30
 
