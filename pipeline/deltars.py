@@ -33,13 +33,21 @@ def open_table(path: str) -> DeltaTable:
     return DeltaTable(str(Path(path).resolve()) if "://" not in path else path)
 
 
+def unreadable_because(table: DeltaTable) -> str | None:
+    """The feature this reader would not apply (its rows would be wrong), or None."""
+    if "deletionVectors" in (table.protocol().reader_features or []):
+        return "deletion vectors"
+    if table.metadata().configuration.get("delta.columnMapping.mode", "none") != "none":
+        return "column mapping"
+    return None
+
+
 def arrow_dataset(table: DeltaTable) -> ds.Dataset:
     """The snapshot's rows as a pyarrow dataset, in the table's schema (files written
     before a column was added read it as null)."""
-    features = table.protocol().reader_features or []
-    mapping = table.metadata().configuration.get("delta.columnMapping.mode", "none")
-    if "deletionVectors" in features or mapping != "none":
-        raise NotReadableHere(f"{table.table_uri} uses deletion vectors or column mapping")
+    why = unreadable_because(table)
+    if why:
+        raise NotReadableHere(f"{table.table_uri} uses {why}")
     schema = pa.schema(cast(Any, table.schema().to_arrow()))  # arro3 -> pyarrow (C data)
     partitions = table.metadata().partition_columns
     base = table.table_uri.removeprefix("file://")

@@ -121,7 +121,7 @@ def _local_gpu(view: ClusterView, gpus: int) -> Placement:
     return Placement(kind="local-gpu", encode_tasks=tasks, gpus=gpus,
                      tasks_per_gpu=view.tasks_per_gpu, gpu_from="partition",
                      torch_threads=threads, tokenizer_threads=threads,
-                     token_budget=_gpu_budget(view))
+                     token_budget=_gpu_budget(view, view.tasks_per_gpu))
 
 
 def _cluster_gpu(view: ClusterView, gpus: int) -> Placement:
@@ -133,7 +133,7 @@ def _cluster_gpu(view: ClusterView, gpus: int) -> Placement:
     return Placement(kind="cluster-gpu", encode_tasks=None, gpus=gpus, tasks_per_gpu=per_gpu,
                      gpu_from="task-resources", torch_threads=threads,
                      tokenizer_threads=threads,
-                     token_budget=view.token_budget or GPU_TOKEN_BUDGET // per_gpu,
+                     token_budget=_gpu_budget(view, per_gpu),
                      task_gpu_amount=amount)
 
 
@@ -144,8 +144,9 @@ def _cluster_cpu(view: ClusterView) -> Placement:
                      token_budget=view.token_budget)
 
 
-def _gpu_budget(view: ClusterView) -> int:
-    return view.token_budget or GPU_TOKEN_BUDGET // max(1, view.tasks_per_gpu)
+def _gpu_budget(view: ClusterView, tasks_per_gpu: int) -> int:
+    """One GPU's token budget shared by its tasks (model.token_budget wins)."""
+    return view.token_budget or GPU_TOKEN_BUDGET // max(1, tasks_per_gpu)
 
 
 def local_slots(master: str, machine_cores: int) -> int | None:

@@ -35,7 +35,6 @@ from pipeline.outputs import Calibration, dequantize, row_bytes
 if TYPE_CHECKING:
     from pipeline.encoder import Encoder
 
-PROP_PREFIX = "embed."
 SPARK_ABOVE_BYTES = 4 << 30
 BATCH_ROWS = 65536
 
@@ -87,14 +86,13 @@ class TableInfo:
 
 def open_table(path: str) -> TableInfo:
     """The table's identity and columns (delta-rs: no Spark), or a SearchError."""
-    from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
     from pipeline import deltars
+    from pipeline.sink import PROP_PREFIX
 
-    resolved = str(Path(path).resolve()) if "://" not in path else path
     try:
-        table = DeltaTable(resolved)
+        table = deltars.open_table(path)
     except TableNotFoundError:
         raise SearchError(f"no Delta table at {path}") from None
     props = table.metadata().configuration
@@ -104,16 +102,12 @@ def open_table(path: str) -> TableInfo:
                           "embed.model_fingerprint / embed.outputs properties)")
     specs = {d["name"]: OutputSpec(**d) for d in json.loads(identity["outputs"])}
     sizes = pa.table(cast(Any, table.get_add_actions(flatten=True))).column("size_bytes")
-    try:
-        deltars.arrow_dataset(table)
-        readable = True
-    except deltars.NotReadableHere:
-        readable = False
+    resolved = str(Path(path).resolve()) if "://" not in path else path
     return TableInfo(path=resolved, identity=identity, specs=specs,
                      calibration=Calibration.from_json(identity.get("calibration")),
                      data_bytes=int(pa.compute.sum(sizes).as_py() or 0),
                      has_chunks="chunk_index" in table.schema().to_arrow().names,
-                     arrow_readable=readable)
+                     arrow_readable=deltars.unreadable_because(table) is None)
 
 
 def column_spec(info: TableInfo, column: str) -> OutputSpec:

@@ -193,9 +193,7 @@ def last_commit(spark: SparkSession, path: str, run_id: str,
                                    "run while this one was writing")
         # A MERGE that found every row already written (another run in this process
         # committed them between this run's plan and its MERGE) commits nothing.
-        raise ConcurrentRunError(
-            f"another run holds this table: it wrote these rows to {path} while this run "
-            "was writing (nothing of this run was written); re-run to embed what it did not")
+        raise lost_race(path)
     metrics = row["operationMetrics"] or {}
     if row["operation"] == "MERGE":
         written = int(metrics.get("numTargetRowsInserted", 0)) + int(
@@ -261,11 +259,15 @@ def _commit_conf(run_id: str, txn: tuple[str, int] | None,
 
 def _concurrent(exc: Exception, path: str) -> ConcurrentRunError | None:
     text = str(exc)
-    if any(marker in text for marker in _CONFLICT_MARKERS):
-        return ConcurrentRunError(
-            f"another run holds this table: it committed to {path} while this run was writing "
-            "(nothing of this run was written); re-run to embed what it did not")
-    return None
+    return lost_race(path) if any(marker in text for marker in _CONFLICT_MARKERS) else None
+
+
+def lost_race(path: str) -> ConcurrentRunError:
+    """Another run committed to the table while this one was writing: Delta's conflict
+    check stopped this run, or its MERGE found every row already written."""
+    return ConcurrentRunError(
+        f"another run holds this table: it committed to {path} while this run was writing "
+        "(nothing of this run was written); re-run to embed what it did not")
 
 
 @contextlib.contextmanager
