@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
@@ -92,22 +92,21 @@ def validate_config(config_path: str, logical_date: str,
     }
 
 
-def check_run(config_path: str, partition: str, spark: SparkSession | None = None) -> dict:
+def check_run(config_path: str, partition: str) -> dict:
     """The run that spark-submit just made must have succeeded and reconciled.
 
     A partition found already committed (an Airflow retry, a second backfill
     over the same dates) is a recorded skip, not a failure: the run that
     committed the partition is reported (its drift is what the drift task
-    checks), with ``skipped_by`` naming the run that found it done.
+    checks), with ``skipped_by`` naming the run that found it done. The runs
+    table is read with delta-rs: no JVM for a check.
     """
     from pipeline import lineage
-    from pipeline.config import SparkConfig
-    from pipeline.spark import get_session
 
     cfg = load_config(config_path)
-    spark = spark or get_session(SparkConfig(master="local[1]", app_name="embed-dag-check"))
     path = lineage.runs_path(cfg.sink.path, cfg.sink.runs_path)
-    runs = lineage.latest_runs(spark, path, limit=1, output_path=cfg.sink.path)
+    runs = _local_or_spark(lambda: lineage.latest_runs_local(path, 1, cfg.sink.path),
+                           lambda spark: lineage.latest_runs(spark, path, 1, cfg.sink.path))
     if runs.empty:
         raise RuntimeError(f"no run of {cfg.sink.path} is recorded")
     last = _plain(runs.iloc[0].to_dict())
@@ -117,8 +116,11 @@ def check_run(config_path: str, partition: str, spark: SparkSession | None = Non
     skipped_by = None
     if last["status"] == "skipped":
         skipped_by = last["run_id"]
-        done = lineage.latest_runs(spark, path, limit=1, output_path=cfg.sink.path,
-                                   partition=partition or None, status="succeeded")
+        done = _local_or_spark(
+            lambda: lineage.latest_runs_local(path, 1, cfg.sink.path, partition or None,
+                                              "succeeded"),
+            lambda spark: lineage.latest_runs(spark, path, 1, cfg.sink.path,
+                                              partition or None, "succeeded"))
         if not done.empty:
             last = _plain(done.iloc[0].to_dict())
     elif last["status"] != "succeeded":
@@ -133,31 +135,40 @@ def check_run(config_path: str, partition: str, spark: SparkSession | None = Non
             "skipped_by": skipped_by, **counts}
 
 
+def _local_or_spark(local: Callable[[], Any], with_spark: Callable[[SparkSession], Any]) -> Any:
+    """``local()`` (delta-rs); a local Spark session only for a table it cannot read."""
+    from pipeline.config import SparkConfig
+    from pipeline.deltars import NotReadableHere
+    from pipeline.spark import get_session
+
+    try:
+        return local()
+    except NotReadableHere:
+        return with_spark(get_session(SparkConfig(master="local[1]", app_name="embed-dag")))
+
+
 def _plain(record: dict) -> dict:
     """A runs-table row from pandas, with NaN (a null number) as None: XCom is JSON."""
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
 
 
-def check_drift(config_path: str, run_id: str, fail_on_breach: bool = True,
-                spark: SparkSession | None = None) -> dict:
+def check_drift(config_path: str, run_id: str, fail_on_breach: bool = True) -> dict:
     """The run's drift results (canary + distribution); a breach fails the task.
 
     Raises :class:`~pipeline.errors.DriftBreach` naming the checks that tripped
     and the command that draws the report. The rows are committed already; the
-    point is that the publish step does not run.
+    point is that the publish step does not run. Read with delta-rs, like check_run.
     """
     from pipeline import drift
-    from pipeline.config import SparkConfig
     from pipeline.errors import DriftBreach
     from pipeline.sink import is_delta_table
-    from pipeline.spark import get_session
 
     cfg = load_config(config_path)
     path = drift.drift_table(cfg)
     if not is_delta_table(path):
         return {"status": "none", "canary": "-", "flags": []}
-    spark = spark or get_session(SparkConfig(master="local[1]", app_name="embed-dag-drift"))
-    rows = drift.latest(spark, path, cfg.sink.path, run_id)
+    rows = _local_or_spark(lambda: drift.latest_local(path, cfg.sink.path, run_id),
+                           lambda spark: drift.latest(spark, path, cfg.sink.path, run_id))
     if rows.empty:
         return {"status": "none", "canary": "-", "flags": []}
     status = str(rows["status"].iloc[0])

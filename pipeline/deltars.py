@@ -58,3 +58,15 @@ def arrow_dataset(table: DeltaTable) -> ds.Dataset:
 
 def dataset(path: str) -> ds.Dataset:
     return arrow_dataset(open_table(path))
+
+
+def read_pandas(path: str, equal: dict[str, Any] | None = None):
+    """The rows of a small table (a runs or drift table) as pandas, filtered on
+    ``column == value`` for each item of ``equal`` (pushed down to the Parquet scan)."""
+    import pyarrow.compute as pc
+
+    filt = None
+    for column, value in (equal or {}).items():
+        term = pc.field(column) == value
+        filt = term if filt is None else filt & term
+    return dataset(path).to_table(filter=filt).to_pandas()

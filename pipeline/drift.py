@@ -455,6 +455,13 @@ def stored_flags(rows) -> list[str]:
     return [f"{r.column}: {f}" for r in rows.itertuples() for f in json.loads(r.flags or "[]")]
 
 
+def latest_local(path: str, output_path: str, run_id: str):
+    """One run's drift rows without Spark (delta-rs), as pandas: the Airflow drift task."""
+    from pipeline import deltars
+
+    return deltars.read_pandas(path, {"output_path": output_path, "run_id": run_id})
+
+
 def latest(spark: SparkSession, path: str, output_path: str | None = None,
            run_id: str | None = None):
     """Drift rows of one run (default: the latest run with rows), as pandas."""

@@ -181,6 +181,20 @@ def latest_runs(spark: SparkSession, path: str, limit: int = 20, output_path: st
     return latest.orderBy(F.col("started_at").desc()).limit(limit).toPandas()
 
 
+def latest_runs_local(path: str, limit: int = 20, output_path: str | None = None,
+                      partition: str | None = None, status: str | None = None):
+    """:func:`latest_runs` without Spark (delta-rs): what the Airflow check tasks read,
+    where a JVM start would cost more than the check (the runs table is small)."""
+    from pipeline import deltars
+
+    equal = {k: v for k, v in (("output_path", output_path), ("partition", partition)) if v}
+    events = deltars.read_pandas(path, equal)
+    latest = events.sort_values("event_time").groupby("run_id", sort=False).tail(1)
+    if status:
+        latest = latest[latest["status"] == status]
+    return latest.sort_values("started_at", ascending=False).head(limit).reset_index(drop=True)
+
+
 class RunRecorder:
     """One run's records: the runs table (``running`` -> ``succeeded`` | ``failed``, or a
     lone ``skipped``) and its OpenLineage events (START -> COMPLETE | FAIL)."""

@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import socket
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,21 +68,84 @@ def test_standalone_cluster_matches_local_mode(spark, deploy_source, tmp_path):
         assert cosine_rows(np.stack(a[col]), np.stack(b[col])).min() >= 0.99999
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def airflow_services(env: dict, logs: Path):
+    """A real scheduler (LocalExecutor) and the api-server that its task processes
+    report to (Airflow 3's execution API), as `airflow standalone` runs them; DAGs come
+    from `dags reserialize`. The scheduler makes no runs of its own (use_job_schedule off):
+    only the backfills that the test creates run."""
+    procs = []
+    try:
+        for name in ("api-server", "scheduler"):
+            out = open(logs / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+            procs.append((subprocess.Popen([str(BIN / "airflow"), name], cwd=ROOT, env=env,
+                                           stdout=out, stderr=subprocess.STDOUT,
+                                           start_new_session=True), out))
+        yield
+    finally:
+        for proc, _ in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc, out in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            out.close()
+
+
+def _wait_for_backfill(db: Path, backfill_id: int, logs: Path, timeout: float = 900) -> dict:
+    """{logical date: state} of a backfill's DAG runs, once the scheduler has marked the
+    backfill complete (read from Airflow's own database)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            done = con.execute("SELECT completed_at FROM backfill WHERE id = ?",
+                               (backfill_id,)).fetchone()
+            if done and done[0]:
+                rows = con.execute(
+                    "SELECT substr(r.logical_date, 1, 10), r.state FROM dag_run r JOIN "
+                    "backfill_dag_run b ON b.dag_run_id = r.id WHERE b.backfill_id = ?",
+                    (backfill_id,)).fetchall()
+                return dict(rows)
+        time.sleep(2)
+    tails = {p.name: p.read_text()[-2000:] for p in logs.glob("*.log")}
+    raise AssertionError(f"backfill {backfill_id} did not complete: {tails}")
+
+
 def test_airflow_dag_runs_dates_as_partitions_and_refuses_dates_before_start(
         spark, deploy_source, tmp_path):
-    """The real DAG through `airflow dags test`: a date before EMBED_START_DATE fails
-    naming both dates and writes nothing; a date embeds its partition; the same date
-    again is a recorded skip, not a failure; a date with no rows succeeds with 0."""
+    """The real DAG: `airflow dags test` for a date before EMBED_START_DATE fails naming
+    both dates and writes nothing; `airflow backfill create` over three dates, run by a
+    real scheduler, embeds exactly those partitions, each once; the same backfill again
+    (reprocessing completed runs) succeeds with every date a recorded skip; a date with
+    no rows succeeds with 0."""
     airflow_home = tmp_path / "airflow"
     out = str(tmp_path / "dag_out")
     cfg_path = write_config(tmp_path, deploy_source, out, drift=True)
     cfg_path.write_text(cfg_path.read_text().replace(
         "format: delta}", "format: delta, partition_column: day}", 1))
+    api_port = _free_port()
     env = _env(
         AIRFLOW_HOME=str(airflow_home),
         AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "airflow_dags"),
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         AIRFLOW__CORE__UNIT_TEST_MODE="False",
+        AIRFLOW__CORE__EXECUTOR="LocalExecutor",
+        AIRFLOW__CORE__PARALLELISM="2",
+        AIRFLOW__API__PORT=str(api_port), AIRFLOW__API__WORKERS="1",
+        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{api_port}/execution/",
+        AIRFLOW__API_AUTH__JWT_SECRET="embed-pipeline-test",
+        AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(_free_port()),
+        AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE="False",
+        AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="1",
         AIRFLOW_CONN_SPARK_DEFAULT='{"conn_type": "spark", "host": "local[2]"}',
         EMBED_CONFIG=str(cfg_path), EMBED_START_DATE="2024-01-01",
     )
@@ -114,22 +182,36 @@ def test_airflow_dag_runs_dates_as_partitions_and_refuses_dates_before_start(
             in early), early[-3000:]
     assert not Path(out).exists()
 
-    day = airflow("dags", "test", "embed_pipeline", "2024-01-02")
-    assert "embedded 8 rows" in day and "canary baseline, drift no_reference" in day
+    days = ["2024-01-02", "2024-01-03", "2024-01-04"]
+    db = airflow_home / "airflow.db"
+    # Each backfill is created while no scheduler runs: Airflow's SQLite database takes
+    # one writer at a time ("database is locked" otherwise); production runs Postgres.
+    airflow("dags", "unpause", "embed_pipeline")  # a paused DAG's backfill stays queued
+    backfill = ["backfill", "create", "--dag-id", "embed_pipeline", "--from-date", days[0],
+                "--to-date", days[-1], "--max-active-runs", "1"]
+    airflow(*backfill)
+    with airflow_services(env, tmp_path):
+        assert _wait_for_backfill(db, 1, tmp_path) == dict.fromkeys(days, "success")
     table = spark.read.format("delta").load(out)
-    assert table.count() == 8 and table.filter("id % 10 != 1").count() == 0
+    assert table.count() == 24 and table.select("id").distinct().count() == 24
+    assert table.filter("id % 10 NOT IN (1, 2, 3)").count() == 0  # demo day = id % 10
+    version = spark.sql(f"DESCRIBE HISTORY delta.`{out}`").count()
 
-    again = airflow("dags", "test", "embed_pipeline", "2024-01-02")
-    assert "partition 2024-01-02 was already committed by run" in again, again[-3000:]
+    airflow(*backfill, "--reprocess-behavior", "completed")
+    with airflow_services(env, tmp_path):
+        assert _wait_for_backfill(db, 2, tmp_path) == dict.fromkeys(days, "success")
+    assert spark.sql(f"DESCRIBE HISTORY delta.`{out}`").count() == version  # no commit
+    assert spark.read.format("delta").load(out).count() == 24
+
     empty = airflow("dags", "test", "embed_pipeline", "2024-03-01")
     assert "partition 2024-03-01 has no rows in the source: embedded 0 rows" in empty
 
     from pipeline import lineage
 
-    runs = lineage.latest_runs(spark, lineage.runs_path(out, None), 5, output_path=out)
-    assert list(runs["status"]) == ["succeeded", "skipped", "succeeded"]
-    assert list(runs["rows_embedded"].fillna(0)) == [0, 0, 8]
-    assert spark.read.format("delta").load(out).count() == 8
+    runs = lineage.latest_runs(spark, lineage.runs_path(out, None), 10, output_path=out)
+    assert list(runs["status"]) == ["succeeded"] + ["skipped"] * 3 + ["succeeded"] * 3
+    assert list(runs["rows_embedded"].fillna(0)) == [0] * 4 + [8] * 3
+    assert sorted(runs["partition"][1:4]) == sorted(runs["partition"][4:]) == days
 
 
 def test_gpu_conf_parses_and_cuda_without_gpus_fails_clearly(deploy_source, tmp_path):

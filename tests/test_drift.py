@@ -234,12 +234,12 @@ def test_dag_drift_task_fails_on_a_breach_only(spark, runs, tmp_path):
 
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(json.dumps(runs["cfg"].to_dict()))  # JSON is YAML
-    ok = check_drift(str(cfg_path), runs["results"]["split"].run_id, spark=spark)
+    ok = check_drift(str(cfg_path), runs["results"]["split"].run_id)
     assert ok["status"] == "ok" and ok["canary"] == "same_runtime" and ok["flags"] == []
     shuffled = runs["results"]["shuffled"].run_id
     with pytest.raises(DriftBreach, match=f"run {shuffled} drifted: emb_384: "):
-        check_drift(str(cfg_path), shuffled, spark=spark)
-    assert check_drift(str(cfg_path), shuffled, fail_on_breach=False, spark=spark)["flags"]
+        check_drift(str(cfg_path), shuffled)
+    assert check_drift(str(cfg_path), shuffled, fail_on_breach=False)["flags"]
 
 
 def _delta_rs(path: str):

@@ -74,9 +74,14 @@ def test_committed_partition_is_a_recorded_skip(spark, daily_source, tmp_path):
     assert (skips.partition == "2024-01-02").all()
     assert spark.read.format("delta").load(str(tmp_path / "out")).count() == 30
 
-    checked = check_run(str(cfg_path), "2024-01-02", spark=spark)
+    checked = check_run(str(cfg_path), "2024-01-02")  # delta-rs, as the DAG's task reads
     assert checked["run_id"] == committed_by and checked["rows_embedded"] == 30
     assert checked["skipped_by"] == summary["run_id"]
+    out = str(tmp_path / "out")
+    by_spark = lineage.latest_runs(spark, runs_path, 5, out)
+    local = lineage.latest_runs_local(runs_path, 5, out)
+    assert list(local["run_id"]) == list(by_spark["run_id"]) and len(local) == 3
+    assert list(local["status"]) == list(by_spark["status"])
 
 
 def test_partition_run_and_backfill_share_one_partition_id(spark, daily_source, tmp_path):
