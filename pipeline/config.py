@@ -143,6 +143,11 @@ class SinkConfig:
     # readers must support them (Spark, delta-rs' QueryBuilder, DuckDB do; delta-rs
     # 1.6's to_pyarrow / pandas and polars' scan_delta do not).
     deletion_vectors: bool = False
+    # A source column carried into the output table as its Delta partition column
+    # (e.g. the backfill's day): a run that re-embeds one day's rows rewrites that
+    # day's files only, and OPTIMIZE compacts per day. Low cardinality only (a
+    # partition per value); an id's value should not change (rows move partitions).
+    partition_by: str | None = None
 
     @property
     def quarantine(self) -> str:
@@ -394,10 +399,23 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("sink.calibration.size", "must be a positive integer, "
                           f"got {cfg.sink.calibration.size}")
     _validate_drift(cfg)
+    _validate_partition_by(cfg)
     for key, col in (("source.id_column", cfg.source.id_column),
                      ("source.text_column", cfg.source.text_column)):
         if not col:
             raise ConfigError(key, "must name a column")
+
+
+def _validate_partition_by(cfg: RunConfig) -> None:
+    col = cfg.sink.partition_by
+    if col is None:
+        return
+    if not _IDENT.match(col):
+        raise ConfigError("sink.partition_by", f"{col!r} is not a valid column name")
+    taken = {*RESERVED_COLUMNS, *(s.name for s in cfg.outputs), cfg.source.text_column}
+    if col in taken:
+        raise ConfigError("sink.partition_by", f"{col!r} is an output table column or the "
+                          "text; name a source column such as the backfill's partition column")
 
 
 def _validate_drift(cfg: RunConfig) -> None:

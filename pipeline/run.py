@@ -152,8 +152,8 @@ class SourceRead:
     def valid(self) -> DataFrame:
         from pyspark.sql import functions as F
 
-        return self.tagged.filter(F.col("reason").isNull()).select("id", "text",
-                                                                   "content_hash")
+        # id, text, content_hash and the sink.partition_by column, if any
+        return self.tagged.filter(F.col("reason").isNull()).drop("reason", "raw_value")
 
     @property
     def quarantined(self) -> DataFrame:
@@ -422,7 +422,7 @@ def read_validate(ctx: RunContext) -> SourceRead:
     """Read the source once (a Delta source at one pinned version): the whole of it, or
     with a Change Data Feed only what changed since the last run. Tag every row valid
     or quarantined and keep that snapshot for every later pass."""
-    df, version = source.read_source(ctx.spark, ctx.cfg.source)
+    df, version = source.read_source(ctx.spark, ctx.cfg.source, ctx.cfg.sink.partition_by)
     files_hash = source.files_hash(df) if version is None else None
     if ctx.partition:
         df = df.filter(ctx.partition.filter)
@@ -467,7 +467,7 @@ def _read_changes(ctx: RunContext, snapshot: DataFrame, version: int, last: int,
 def _tagged(df: DataFrame, cfg: RunConfig, **fields: Any) -> SourceRead:
     from pyspark.sql import functions as F
 
-    tagged = source.tag_rows(df, cfg.source).persist()
+    tagged = source.tag_rows(df, cfg.source, cfg.sink.partition_by).persist()
     counts = tagged.agg(F.count(F.lit(1)).alias("n"), F.count("reason").alias("bad")).first()
     assert counts is not None
     return SourceRead(df=df, tagged=tagged, rows_read=int(counts["n"]),
@@ -572,7 +572,7 @@ def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
     encoded = sink.with_lineage_columns(
         udf.encode(spark, cfg, rows.todo, _partitions(ctx, rows.rows_todo), ctx.placement, stats,
                    calibrated.calibration),
-        ctx.info.name, ctx.model_fp, ctx.run_id, ctx.started_at)
+        ctx.info.name, ctx.model_fp, ctx.run_id, ctx.started_at, cfg.sink.partition_by)
     sink.ensure_table(spark, cfg.sink.path, encoded.schema, identity,
                       deletion_vectors=cfg.sink.deletion_vectors)
     _update_identity(ctx, identity, calibrated, canary)
@@ -585,13 +585,12 @@ def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
         spark.sparkContext.setJobGroup(ENCODE_JOB_GROUP, f"embed run {ctx.run_id}")
         with (progress(spark, f"embedding {rows.rows_todo:,} rows") if progress
               else contextlib.nullcontext()):
-            commit = sink.write(spark, encoded, cfg.sink.path, kind=rows.commit,
-                                merge_keys=ctx.plan.merge_keys,
-                                replace_matched=ctx.plan.replaces_matched, run_id=ctx.run_id,
-                                txn=txn, meta={"runtime": ", ".join(sorted(loaded)),
-                                                      "placement": ctx.placement.label},
-                                deletes=rows.deleted_ids if rows.commit != "overwrite"
-                                else None)
+            commit = sink.write(spark, encoded, cfg.sink.path, sink.CommitRequest(
+                kind=rows.commit, merge_keys=ctx.plan.merge_keys,
+                replace_matched=ctx.plan.replaces_matched, run_id=ctx.run_id, txn=txn,
+                meta={"runtime": ", ".join(sorted(loaded)), "placement": ctx.placement.label},
+                deletes=rows.deleted_ids if rows.commit != "overwrite" else None,
+                partition_by=cfg.sink.partition_by))
     elif rows.commit == "mark_txn" and txn:  # nothing to embed: still mark it done, once
         sink.mark_txn(spark, cfg.sink.path, ctx.run_id, txn)
     if commit is not None:

@@ -35,7 +35,29 @@ MERGE_LOCK = threading.Lock()
 _CONFLICT_MARKERS = ("ConcurrentAppendException", "ConcurrentDeleteReadException",
                      "ConcurrentDeleteDeleteException", "ConcurrentTransactionException",
                      "ConcurrentWriteException", "DELTA_CONCURRENT")
-IDENTITY_KEYS = ("model", "model_fingerprint", "pooling", "max_length", "prompt", "outputs")
+# partition_by is there only when set, so tables made before it existed keep matching.
+IDENTITY_KEYS = ("model", "model_fingerprint", "pooling", "max_length", "prompt", "outputs",
+                 "partition_by")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommitRequest:
+    """What one run's commit of embeddings is (:func:`write`). ``kind`` (see
+    :class:`~pipeline.write_plan.WritePlan`): merge: MERGE on ``merge_keys``, inserting
+    rows not matched and, with ``replace_matched``, replacing matched ones; insert: the
+    insert-only MERGE; blind_append: a plain append with the txn id (backfill partitions
+    of new ids only); overwrite: replace the table (partitioned by ``partition_by``).
+    ``deletes`` (ids, with a merge or insert): deleted in the same MERGE, so the rows and
+    the deletes of a run are one commit. ``meta`` goes in the commit's userMetadata."""
+
+    kind: CommitKind
+    merge_keys: tuple[str, ...]
+    replace_matched: bool
+    run_id: str
+    txn: tuple[str, int] | None = None
+    meta: dict[str, str] | None = None
+    deletes: DataFrame | None = None
+    partition_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +78,7 @@ def table_identity(cfg: RunConfig, model_name: str, model_fingerprint: str) -> d
         "max_length": str(cfg.model.max_length),
         "prompt": cfg.model.prompt,
         "outputs": json.dumps(describe(cfg.outputs), sort_keys=True),
+        **({"partition_by": cfg.sink.partition_by} if cfg.sink.partition_by else {}),
     }
 
 
@@ -107,6 +130,8 @@ def ensure_table(spark: SparkSession, path: str, schema: StructType,
     from delta.tables import DeltaTable
 
     builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(schema)
+    if identity.get("partition_by"):
+        builder = builder.partitionedBy(identity["partition_by"])
     for key, value in identity.items():
         builder = builder.property(PROP_PREFIX + key, value)
     if deletion_vectors:
@@ -149,16 +174,18 @@ def existing_keys(spark: SparkSession, path: str) -> DataFrame:
 
 
 def with_lineage_columns(encoded: DataFrame, model: str, model_fingerprint: str, run_id: str,
-                         embedded_at: datetime) -> DataFrame:
-    """The output table's row layout: the encoder's columns plus what made each row."""
+                         embedded_at: datetime, carry: str | None = None) -> DataFrame:
+    """The output table's row layout: the encoder's columns plus what made each row,
+    then the ``carry`` column (sink.partition_by)."""
     from pyspark.sql import functions as F
 
     vectors = [c for c in encoded.columns if c not in ("id", "content_hash", "n_tokens",
-                                                         "truncated")]
+                                                         "truncated", carry)]
     return encoded.select(
         "id", "content_hash", *vectors, "n_tokens", "truncated",
         F.lit(model).alias("model"), F.lit(model_fingerprint).alias("model_fingerprint"),
-        F.lit(run_id).alias("run_id"), F.lit(embedded_at).cast("timestamp").alias("embedded_at"))
+        F.lit(run_id).alias("run_id"), F.lit(embedded_at).cast("timestamp").alias("embedded_at"),
+        *([carry] if carry else []))
 
 
 def commit_tag(run_id: str, meta: dict[str, str] | None = None) -> str:
@@ -282,45 +309,38 @@ def conflicts_reported(path: str):
         raise
 
 
-def write(spark: SparkSession, df: DataFrame, path: str, *, kind: CommitKind,
-          merge_keys: tuple[str, ...], replace_matched: bool, run_id: str,
-          txn: tuple[str, int] | None = None, meta: dict[str, str] | None = None,
-          deletes: DataFrame | None = None) -> Commit:
-    """ONE Delta commit tagged with the run id and ``meta`` (:func:`commit_tag`; and,
-    for backfills, a txn app id/version). ``kind`` (see :class:`~pipeline.write_plan.WritePlan`):
-
-    merge: MERGE on ``merge_keys``, inserting rows not matched and, with
-    ``replace_matched``, replacing matched ones; MERGE (not a blind append) reads
-    the target, so two runs writing the same table at once conflict in Delta's
-    commit check instead of doubling rows. insert: the insert-only MERGE (rows
-    whose keys are not in the table): one pass over the encoded rows, no file
-    rewritten, still conflict-checked. blind_append: a plain append with the txn
-    id (backfill partitions of new ids only). overwrite: replace the table.
-    ``deletes`` (ids, with a merge or insert): deleted in the same MERGE, so the
-    rows and the deletes of a run are one commit.
-    """
+def write(spark: SparkSession, df: DataFrame, path: str, req: CommitRequest) -> Commit:
+    """ONE Delta commit of ``df`` as ``req`` says, tagged with the run id and its meta
+    (:func:`commit_tag`; and, for backfills, a txn app id/version). MERGE (not a blind
+    append) reads the target, so two runs writing the same table at once conflict in
+    Delta's commit check instead of doubling rows; the insert-only MERGE is one pass
+    over the encoded rows, no file rewritten, still conflict-checked."""
+    run_id, txn = req.run_id, req.txn
     try:
-        if kind == "blind_append":  # writer options, no session state
+        if req.kind == "blind_append":  # writer options, no session state
             writer = df.write.format("delta").mode("append").option(
-                "userMetadata", commit_tag(run_id, meta))
+                "userMetadata", commit_tag(run_id, req.meta))
             if txn:
                 writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])
             with conflicts_reported(path):
                 writer.save(path)
             return last_commit(spark, path, run_id, txn)
-        conf = _commit_conf(run_id, txn, meta)
+        conf = _commit_conf(run_id, txn, req.meta)
         # The source holds a Python UDF: a MERGE that updates passes over its source
         # twice, so materialise it and never encode a row twice; an insert-only MERGE
         # passes once and needs no copy.
-        insert_only = kind == "insert" and deletes is None
+        insert_only = req.kind == "insert" and req.deletes is None
         conf["spark.databricks.delta.merge.materializeSource"] = "none" if insert_only else "all"
         with conflicts_reported(path), MERGE_LOCK, session_conf(spark, conf):
-            if kind == "overwrite":
-                df.write.format("delta").mode("overwrite").option("overwriteSchema", "true") \
-                    .save(path)
+            if req.kind == "overwrite":
+                writer = df.write.format("delta").mode("overwrite") \
+                    .option("overwriteSchema", "true")
+                if req.partition_by:
+                    writer = writer.partitionBy(req.partition_by)
+                writer.save(path)
             else:
-                _merge(spark, df, path, merge_keys, replace_matched and kind == "merge",
-                       deletes)
+                _merge(spark, df, path, req.merge_keys,
+                       req.replace_matched and req.kind == "merge", req.deletes)
         return last_commit(spark, path, run_id, txn)
     except ConcurrentRunError:
         # The run we lost to may have committed this very txn (the same partition

@@ -52,7 +52,7 @@ def files_hash(df: DataFrame) -> str:
     return digest.hexdigest()
 
 
-def read_source(spark: SparkSession, cfg: SourceConfig):
+def read_source(spark: SparkSession, cfg: SourceConfig, carry: str | None = None):
     """Returns (DataFrame, source_version); the version is the Delta version read, if any."""
     from pyspark.errors import AnalysisException
 
@@ -72,15 +72,16 @@ def read_source(spark: SparkSession, cfg: SourceConfig):
         raise SourceError(f"cannot read source {cfg.path} as {cfg.format}: "
                           f"{str(exc).splitlines()[0]}") from None
     for key, column in (("source.id_column", cfg.id_column),
-                        ("source.text_column", cfg.text_column)):
-        if column not in df.columns:
+                        ("source.text_column", cfg.text_column), ("sink.partition_by", carry)):
+        if column is not None and column not in df.columns:
             raise ConfigError(key, f"column {column!r} is not in the source {cfg.path}; "
                               f"its columns are: {', '.join(df.columns)}")
     return df, version
 
 
-def tag_rows(df: DataFrame, cfg: SourceConfig) -> DataFrame:
-    """Columns: id, text, content_hash, reason (null for rows to embed), raw_value."""
+def tag_rows(df: DataFrame, cfg: SourceConfig, carry: str | None = None) -> DataFrame:
+    """Columns: id, text, content_hash, reason (null for rows to embed), raw_value, and
+    the ``carry`` column (sink.partition_by) as it is."""
     from pyspark.sql import functions as F
     from pyspark.sql.types import BinaryType, StringType
 
@@ -109,6 +110,7 @@ def tag_rows(df: DataFrame, cfg: SourceConfig) -> DataFrame:
         F.sha2(text, 256).alias("content_hash"),
         reason.alias("reason"),
         raw.alias("raw_value"),
+        *([F.col(carry)] if carry else []),
     )
 
 

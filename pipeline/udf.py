@@ -115,15 +115,17 @@ def output_schema(id_type, outputs: tuple[OutputSpec, ...], raw: bool = False,
 
 def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...],
                    placement: Placement, stats_acc=None, calibration: Calibration | None = None,
-                   raw: bool = False, pca: str = "project"):
+                   raw: bool = False, pca: str = "project", carry: str | None = None):
     """The function given to ``mapInArrow``; it closes over plain, picklable config.
 
     ``raw``: emit every column as float32 before quantization (the canary, the
     calibration sample), from the same cached encoder as the run's encode tasks;
-    ``pca``: what ``reduce: pca`` columns emit then (``outputs.cut``).
+    ``pca``: what ``reduce: pca`` columns emit then (``outputs.cut``); ``carry``: an
+    input column passed through as it is (sink.partition_by).
     """
     raw_specs = float_specs(outputs)
     names = ["id", "content_hash", *(s.name for s in outputs), "n_tokens", "truncated"]
+    names += [carry] if carry else []
 
     def encode_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         encoder = task_encoder(model_cfg, outputs, placement)
@@ -140,6 +142,7 @@ def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...],
             arrays = [batch.column("id"), batch.column("content_hash")]
             arrays += [to_spark_arrow(columns[s.name]) for s in outputs]
             arrays += [pa.array(result.n_tokens, pa.int32()), pa.array(result.truncated)]
+            arrays += [batch.column(carry)] if carry else []
             yield pa.RecordBatch.from_arrays(arrays, names=names)
         if stats_acc is not None:
             stats_acc.add(dataclasses.replace(encoder.stats - before, peak_rss_mb=_peak_rss_mb()))
@@ -158,9 +161,12 @@ def encode(spark: SparkSession, cfg: RunConfig, rows: DataFrame, partitions: int
            placement: Placement, stats_acc, calibration: Calibration | None) -> DataFrame:
     """Rows (id, text, content_hash) -> (id, content_hash, every output column, n_tokens,
     truncated), encoded on the executors; the encode stage alone asks for GPUs."""
-    fn = make_encode_fn(cfg.model, cfg.outputs, placement, stats_acc, calibration)
+    carry = cfg.sink.partition_by
+    fn = make_encode_fn(cfg.model, cfg.outputs, placement, stats_acc, calibration, carry=carry)
     schema = output_schema(rows.schema["id"].dataType, cfg.outputs,
                            model_pooling=cfg.model.pooling)
+    if carry:
+        schema = schema.add(rows.schema[carry])
     return (rows.repartition(partitions)
             .mapInArrow(fn, schema, profile=gpu_profile(spark, placement)))
 

@@ -132,6 +132,9 @@ def test_missing_source_and_model_are_one_line_errors_before_spark(tmp_path):
     ({"lineage": {"transport": "file"}}, r"lineage\.path.*file transport"),
     ({"lineage": {"transport": "http"}}, r"lineage\.url.*Marquez"),
     ({"lineage": {"transport": "kafka"}}, r"lineage\.transport.*none, console, file, http"),
+    ({"sink": {"path": "o", "partition_by": "run_id"}}, r"sink\.partition_by.*output table"),
+    ({"sink": {"path": "o", "partition_by": "text"}}, r"sink\.partition_by.*or the text"),
+    ({"sink": {"path": "o", "partition_by": "a-b"}}, r"sink\.partition_by.*not a valid"),
 ])
 def test_model_drift_and_lineage_validation(section, pattern):
     with pytest.raises(ConfigError, match=pattern):

@@ -194,3 +194,71 @@ def _run_or_conflict(cfg, spark):
         return run(cfg, spark=spark)
     except ConcurrentRunError as err:
         return err
+
+
+def _files_by_day(path: str) -> dict[str, set[str]]:
+    """{day: the data files of that partition} in the table's current snapshot (delta-rs)."""
+    from pipeline import deltars
+
+    files: dict[str, set[str]] = {}
+    for uri in deltars.open_table(path).file_uris():
+        day = next(p.split("=", 1)[1] for p in uri.split("/") if p.startswith("day="))
+        files.setdefault(day, set()).add(uri)
+    return files
+
+
+def test_partitioned_output_rewrites_only_the_changed_days_files(spark, tiny_model, tmp_path):
+    """sink.partition_by: the output is partitioned by the source's day; an incremental
+    run that replaces one day's edited rows rewrites that day's files only, a backfill
+    partition adds files to its own day only; Spark and delta-rs read the same rows; a
+    run without the partitioning is refused, naming it."""
+    from pyspark.sql import functions as F
+
+    from pipeline import deltars
+    from pipeline.demo import write_varied_table
+    from pipeline.errors import SinkConflictError
+
+    varied, src = str(tmp_path / "varied"), str(tmp_path / "src")
+    write_varied_table(spark, varied, 3_000)
+    day = F.concat(F.lit("2024-01-0"), (F.col("id") % 3 + 1).cast("string"))
+    spark.read.format("delta").load(varied).withColumn("day", day) \
+        .write.format("delta").save(src)
+    folder = tmp_path / "p"
+    folder.mkdir()
+    cfg_path = write_config(folder, src, str(folder / "out"), outputs=OUTPUTS, extra=(
+        f"model: {{name_or_path: '{tiny_model}', token_budget: 65536, max_batch_rows: 1024}}\n"))
+    sets = ["sink.partition_by=day", "source.partition_column=day"]
+    cfg = load_config(cfg_path, sets)
+    assert run(cfg, spark=spark).rows_embedded == 3_000
+    assert deltars.open_table(cfg.sink.path).metadata().partition_columns == ["day"]
+    before = _files_by_day(cfg.sink.path)
+    assert sorted(before) == ["2024-01-01", "2024-01-02", "2024-01-03"]
+
+    spark.sql(f"UPDATE delta.`{src}` SET text = concat(text, ' (edited)') "
+              "WHERE day = '2024-01-02' AND id % 10 = 1")
+    edited = run(cfg, spark=spark)
+    assert edited.rows_embedded == 100  # ids 1, 11, ...: id % 30 == 11 of 3,000
+    after = _files_by_day(cfg.sink.path)
+    assert after["2024-01-01"] == before["2024-01-01"]
+    assert after["2024-01-03"] == before["2024-01-03"]
+    assert after["2024-01-02"] != before["2024-01-02"]
+
+    spark.sql(f"INSERT INTO delta.`{src}` SELECT id, concat('new text ', id), '2024-01-04' "
+              "FROM range(3000, 3090)")
+    added = CliRunner().invoke(main, ["run", "--config", str(cfg_path), "--partition",
+                                      "2024-01-04", "--no-progress", *sum((["--set", s] for s in
+                                                                           sets), [])])
+    assert added.exit_code == 0, added.output
+    days = _files_by_day(cfg.sink.path)
+    assert {d: days[d] for d in after} == after and days["2024-01-04"]
+
+    by_spark = spark.read.format("delta").load(cfg.sink.path).select("id", "day").toPandas()
+    by_rs = deltars.dataset(cfg.sink.path).to_table(columns=["id", "day"]).to_pandas()
+    assert len(by_spark) == 3_090 and by_spark["id"].is_unique
+    assert (by_spark.sort_values("id").values.tolist()
+            == by_rs.sort_values("id").values.tolist())
+    assert (by_spark["day"] == by_spark["id"].map(lambda i: "2024-01-04" if i >= 3000
+                                                  else f"2024-01-0{i % 3 + 1}")).all()
+
+    with pytest.raises(SinkConflictError, match="partition_by=day"):
+        run(load_config(cfg_path), spark=spark)
