@@ -70,7 +70,7 @@ def main() -> None:
 
         torch.set_num_threads(cores)
         st_s = st_encode_seconds(texts, resolve_model_dir(cfg.model.name_or_path),
-                                 args.st_batch_size, args.st_precision == "bf16", "cpu",
+                                 args.st_batch_size, args.st_precision, "cpu",
                                  cfg.model.max_length)
         report = {
             "texts": len(texts),

@@ -13,7 +13,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def st_encode_seconds(texts, model_dir, batch_size: int, bf16: bool, device: str,
+def st_encode_seconds(texts, model_dir, batch_size: int, dtype: str, device: str,
                       max_length: int | None = None) -> float:
     """Seconds for ``SentenceTransformer.encode(texts)``, model load and a 64-text
     warm-up excluded. The dtype is explicit (a directory saved in fp16 would
@@ -22,8 +22,9 @@ def st_encode_seconds(texts, model_dir, batch_size: int, bf16: bool, device: str
     import torch
     from sentence_transformers import SentenceTransformer
 
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    model = SentenceTransformer(str(model_dir), device=device, model_kwargs={"dtype": dtype})
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    model = SentenceTransformer(str(model_dir), device=device,
+                                model_kwargs={"dtype": torch_dtype})
     if max_length:
         model.max_seq_length = max_length
     model.encode(texts[:64], batch_size=batch_size)

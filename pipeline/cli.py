@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, raised_on_worker
 
 
 def _fail(err: PipelineError) -> None:
@@ -49,6 +49,8 @@ def print_summary(result, as_json: bool = False) -> None:
     table.add_row("runtime", result.runtime)
     if result.placement:
         table.add_row("placement", result.placement)
+    if result.gpus:
+        table.add_row("gpus", result.gpus)
     table.add_row("Delta version", str(result.output_version))
     table.add_row("time", f"{result.seconds:.1f} s")
     table.add_row("texts/s", f"{result.texts_per_second:,.0f}")
@@ -107,6 +109,11 @@ def run_cmd(config_path: Path, overrides: tuple[str, ...], as_json: bool, progre
         _fail(breach)
     except PipelineError as err:
         _fail(err)
+    except Exception as exc:  # noqa: BLE001 - a task's own error, else re-raised
+        on_worker = raised_on_worker(exc)
+        if on_worker is None:
+            raise
+        _fail(on_worker)
     if result.status == "skipped" and not as_json:
         click.echo(f"nothing to do: {result.message} (run {result.run_id}, recorded as skipped)")
         return
@@ -348,12 +355,15 @@ state_option = click.option("--state-dir", type=click.Path(path_type=Path),
 @click.option("--cores", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Cores per worker.")
 @click.option("--memory", default="2g", show_default=True, help="Memory per worker.")
-def cluster_start(state_dir: Path, workers: int, cores: int, memory: str) -> None:
+@click.option("--gpus", type=click.IntRange(0, 64), default=0, show_default=True,
+              help="GPUs each worker advertises (addresses 0..N-1, real or not): tries "
+                   "Spark's GPU scheduling on any machine.")
+def cluster_start(state_dir: Path, workers: int, cores: int, memory: str, gpus: int) -> None:
     """Start a master and N workers; prints the master URL for spark-submit --master."""
     from pipeline.cluster import Cluster
 
     try:
-        cluster = Cluster(state_dir.resolve()).start(workers, cores, memory)
+        cluster = Cluster(state_dir.resolve()).start(workers, cores, memory, gpus=gpus)
     except RuntimeError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)

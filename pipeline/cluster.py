@@ -37,10 +37,12 @@ class Cluster:
     def _pidfile(self, name: str) -> Path:
         return self.state_dir / f"{name}.pid"
 
-    def _spawn(self, name: str, *args: str) -> int:
+    def _spawn(self, name: str, *args: str, opts: str = "") -> int:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, SPARK_LOCAL_IP=HOST, SPARK_HOME=str(spark_home()),
                    SPARK_WORKER_DIR=str(self.state_dir / f"{name}-work"))
+        if opts:
+            env["SPARK_WORKER_OPTS"] = f"{env.get('SPARK_WORKER_OPTS', '')} {opts}".strip()
         log = open(self.state_dir / f"{name}.log", "w")
         proc = subprocess.Popen([str(spark_home() / "bin" / "spark-class"), *args],
                                 stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -49,20 +51,32 @@ class Cluster:
         return proc.pid
 
     def start(self, workers: int = 2, cores: int = 1, memory: str = "2g",
-              timeout: float = 90) -> Cluster:
+              timeout: float = 90, gpus: int = 0) -> Cluster:
+        """``gpus``: each worker advertises that many GPUs ("0", "1", ...) through a
+        discovery script, whether or not the machine has them: Spark's GPU scheduling
+        (stage-level profiles, task addresses) runs for real on a CPU machine."""
         if self.alive_workers() is not None:
             raise RuntimeError(f"a master already answers on {HOST}:{self.webui_port}; "
                                "stop it first (embed cluster stop)")
         self._spawn("master", "org.apache.spark.deploy.master.Master", "--host", HOST,
                     "--port", str(self.port), "--webui-port", str(self.webui_port))
         _wait(lambda: _port_open(self.port), timeout, "the master")
+        opts = self._gpu_opts(gpus) if gpus else ""
         for i in range(workers):
             self._spawn(f"worker-{i}", "org.apache.spark.deploy.worker.Worker",
                         self.master_url, "--host", HOST, "--cores", str(cores),
-                        "--memory", memory, "--webui-port", "0")
+                        "--memory", memory, "--webui-port", "0", opts=opts)
         _wait(lambda: (self.alive_workers() or 0) >= workers, timeout,
               f"{workers} workers to register")
         return self
+
+    def _gpu_opts(self, gpus: int) -> str:
+        script = self.state_dir / "advertise_gpus.sh"
+        found = json.dumps({"name": "gpu", "addresses": [str(i) for i in range(gpus)]})
+        script.write_text(f"#!/bin/sh\necho '{found}'\n")
+        script.chmod(0o755)
+        return (f"-Dspark.worker.resource.gpu.amount={gpus} "
+                f"-Dspark.worker.resource.gpu.discoveryScript={script}")
 
     def alive_workers(self) -> int | None:
         """Workers the master reports ALIVE; None when no master answers."""

@@ -6,6 +6,8 @@ Entry points (CLI, spark-submit job, Airflow) print ``str(err)`` and exit with
 
 from __future__ import annotations
 
+import re
+
 
 class PipelineError(Exception):
     """Base class: an error the user can act on, with a one-line message."""
@@ -77,3 +79,28 @@ class DriftBreach(PipelineError):
     def __init__(self, message: str, result: object | None = None):
         super().__init__(message)
         self.result = result
+
+
+_WORKER_ERROR = re.compile(r"pipeline\.errors\.(\w+): (.+)")
+_CONFIG_MESSAGE = re.compile(r"config error at '([^']+)': (.+)")
+
+
+def raised_on_worker(exc: BaseException) -> PipelineError | None:
+    """The PipelineError a Spark task raised on an executor (Spark hands the driver a
+    PythonException, or a Py4J error, holding the worker's traceback as text), rebuilt
+    so that entry points print its one line and exit with its code; None otherwise.
+    Example: ``device: cuda`` on workers without CUDA."""
+    found = _WORKER_ERROR.findall(str(exc))
+    if not found:
+        return None
+    name, message = found[-1]
+    kind = globals().get(name)
+    if not (isinstance(kind, type) and issubclass(kind, PipelineError)):
+        return None
+    if kind is ConfigError:
+        parts = _CONFIG_MESSAGE.match(message.strip())
+        key, text = parts.groups() if parts else ("?", message)
+        return ConfigError(key, f"{text.strip()} (raised on an executor)")
+    if kind is DriftBreach:
+        return None
+    return kind(f"{message.strip()} (raised on an executor)")

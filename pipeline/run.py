@@ -73,6 +73,7 @@ class RunResult:
     seconds: float
     status: str = "succeeded"  # succeeded | skipped (a partition already committed)
     placement: str = ""  # where the encode stage ran (pipeline.placement label)
+    gpus: str = ""  # the GPU addresses the encode tasks were given (EncoderStats.gpu_summary)
     message: str = ""
     rows_deleted: int = 0
     source_version: int | None = None
@@ -409,6 +410,8 @@ class Background:
         if self.warm is None:
             return set()
         self.warm.join()
+        if self.warm.error is not None:
+            raise self.warm.error
         return self.warm.runtimes
 
     def join(self) -> None:
@@ -573,6 +576,9 @@ def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
         udf.encode(spark, cfg, rows.todo, _partitions(ctx, rows.rows_todo), ctx.placement, stats,
                    calibrated.calibration),
         ctx.info.name, ctx.model_fp, ctx.run_id, ctx.started_at, cfg.sink.partition_by)
+    # The encode waits for the warm workers anyway; a config the workers refused
+    # (device: cuda without CUDA) fails here, before the table is made.
+    loaded = background.runtimes() if rows.embeds else set()
     sink.ensure_table(spark, cfg.sink.path, encoded.schema, identity,
                       deletion_vectors=cfg.sink.deletion_vectors)
     _update_identity(ctx, identity, calibrated, canary)
@@ -581,7 +587,7 @@ def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
     if rows.embeds:
         # The commit names the runtime the workers loaded (the warm-up is done by
         # now, or the encode would wait for the same workers anyway).
-        loaded = background.runtimes() or ({canary.runtime} if canary else set())
+        loaded = loaded or ({canary.runtime} if canary else set())
         spark.sparkContext.setJobGroup(ENCODE_JOB_GROUP, f"embed run {ctx.run_id}")
         with (progress(spark, f"embedding {rows.rows_todo:,} rows") if progress
               else contextlib.nullcontext()):
@@ -716,7 +722,7 @@ def _result(ctx: RunContext, src: SourceRead, counts: Counts, written: Written,
         quarantine_path=ctx.cfg.sink.quarantine, **asdict(counts),
         columns=[o.name for o in ctx.cfg.outputs], model=ctx.info.name,
         model_fingerprint=ctx.model_fp, runtime=s.runtime_label,
-        placement=ctx.placement.label,
+        placement=ctx.placement.label, gpus=s.gpu_summary,
         output_version=written.version, seconds=0.0, source_version=src.version,
         encode_seconds=s.seconds, prepare_seconds=s.prepare_seconds,
         encoder_cpu_seconds=s.cpu_seconds,

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from pipeline.config import ModelConfig, OutputSpec, RunConfig
 from pipeline.encoder.stats import EncoderStats
+from pipeline.errors import PipelineError, raised_on_worker
 from pipeline.outputs import Calibration, column_metadata, spark_type, to_arrow, to_spark_arrow
 from pipeline.placement import ClusterView, Placement, local_slots
 from pipeline.placement import plan as plan_placement
@@ -145,7 +146,8 @@ def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...],
             arrays += [batch.column(carry)] if carry else []
             yield pa.RecordBatch.from_arrays(arrays, names=names)
         if stats_acc is not None:
-            stats_acc.add(dataclasses.replace(encoder.stats - before, peak_rss_mb=_peak_rss_mb()))
+            stats_acc.add(dataclasses.replace(encoder.stats - before, peak_rss_mb=_peak_rss_mb(),
+                                              tasks=1, gpu_tasks=int(bool(encoder.stats.gpus))))
 
     return encode_batches
 
@@ -201,11 +203,13 @@ def _matrix(column: pa.ChunkedArray) -> np.ndarray:
 
 
 class WarmUp(threading.Thread):
-    """The warm-up job's thread; ``runtimes`` holds what the workers loaded."""
+    """The warm-up job's thread; ``runtimes`` holds what the workers loaded, ``error``
+    a PipelineError the workers raised (a bad config that no retry mends)."""
 
     def __init__(self, job):
         super().__init__(target=job, name="embed-warm-workers", daemon=True)
         self.runtimes: set[str] = set()
+        self.error: PipelineError | None = None
 
 
 def warm_workers(spark: SparkSession, cfg, placement: Placement) -> WarmUp:
@@ -233,8 +237,10 @@ def warm_workers(spark: SparkSession, cfg, placement: Placement) -> WarmUp:
                     .mapInArrow(warm, "runtime string", profile=gpu_profile(spark, placement))
                     .collect())
             thread.runtimes = {r.runtime for r in rows}
-        except Exception as exc:  # a failed warm-up only costs time, never the run
-            log.warning("worker warm-up failed: %s", exc)
+        except Exception as exc:  # a failed warm-up only costs time, never the run ...
+            thread.error = raised_on_worker(exc)  # ... unless the workers refused the config
+            if thread.error is None:
+                log.warning("worker warm-up failed: %s", exc)
 
     thread = WarmUp(job)
     thread.start()

@@ -2,7 +2,7 @@
 # The GPU checks of the Spark-free encoder core, in one go (made for the `device`
 # tool: run `bash scripts/gpu_bundle.sh` here first, carry `.gpu`):
 #   the placement on the real device count, GPU tests (tests/test_gpu.py), then bench/encode.py on MiniLM (engine vs
-#   sentence-transformers fp32 bs32 and bf16 bs512, same run) and on a random
+#   sentence-transformers fp32 bs32, fp16 bs256 and bf16 bs512, same run) and on a random
 #   BERT-large in bf16 (MFU). Results land in $OUT (or /tmp/gpu-out).
 set -uo pipefail
 cd "$(dirname "$0")/.."

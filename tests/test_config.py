@@ -155,3 +155,20 @@ def test_drift_and_lineage_paths_resolve_against_the_config(tmp_path):
     assert canary_texts(cfg.drift.canary.texts) == ["one", "two"]
     assert drift_table(cfg) == str(tmp_path / "_embedding_drift")
     assert canary_table(cfg) == str(tmp_path / "_embedding_canary")
+
+
+def test_an_error_raised_on_an_executor_comes_back_as_its_own_one_line_error():
+    from pipeline.errors import ConfigError, ModelError, raised_on_worker
+
+    trace = ("An exception was thrown from the Python worker.\nTraceback (most recent call "
+             "last):\n  File \"engine.py\", line 138, in __init__\npipeline.errors.ConfigError: "
+             "config error at 'model.device': cuda was asked for but no CUDA device is "
+             "visible\n\tat org.apache.spark.api.python.BasePythonRunner")
+    err = raised_on_worker(RuntimeError(trace))
+    assert isinstance(err, ConfigError) and err.key == "model.device" and err.exit_code == 2
+    assert str(err) == ("config error at 'model.device': cuda was asked for but no CUDA "
+                        "device is visible (raised on an executor)")
+    model = raised_on_worker(RuntimeError("pipeline.errors.ModelError: no weights in /m"))
+    assert isinstance(model, ModelError) and model.exit_code == 4
+    assert raised_on_worker(RuntimeError("ValueError: something else")) is None
+    assert raised_on_worker(RuntimeError("pipeline.errors.Nope: x")) is None

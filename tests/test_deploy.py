@@ -36,28 +36,93 @@ def deploy_source(spark, tmp_path_factory):
     return demo_table(spark, tmp_path_factory.mktemp("deploy"), 80)
 
 
+def _event_log(folder: Path) -> list[dict]:
+    """The events of the one application logged in ``folder`` (Spark 4 writes a folder
+    per application, with rolling event files in order)."""
+    files = sorted(p for p in folder.rglob("events_*") if p.is_file())
+    assert files, list(folder.rglob("*"))
+    return [json.loads(line) for f in files for line in f.read_text().splitlines()]
+
+
+def _stage_profiles(events: list[dict]) -> tuple[set[int], dict[int, int], dict[int, list]]:
+    """(ids of the profiles that ask tasks for GPUs, {stage id: profile id},
+    {stage id: the RDD scopes it runs}) from a Spark event log."""
+    gpu_profiles = {e["Resource Profile Id"] for e in events
+                    if e["Event"] == "SparkListenerResourceProfileAdded"
+                    and "gpu" in e.get("Task Resource Requests", {})}
+    stages = {e["Stage Info"]["Stage ID"]: e["Stage Info"]["Resource Profile Id"]
+              for e in events if e["Event"] == "SparkListenerStageSubmitted"}
+    scopes = {e["Stage Info"]["Stage ID"]: [json.loads(r["Scope"])["name"]
+                                            for r in e["Stage Info"]["RDD Info"] if "Scope" in r]
+              for e in events if e["Event"] == "SparkListenerStageSubmitted"}
+    return gpu_profiles, stages, scopes
+
+
 @pytest.mark.cluster
-def test_standalone_cluster_matches_local_mode(spark, deploy_source, tmp_path):
+def test_standalone_cluster_with_fake_gpus_matches_local_mode(spark, deploy_source, tmp_path):
+    """A real master and a worker that advertises two GPUs ("0", "1") through a discovery
+    script, on this CPU machine; spark-submit with spark.gpus_per_task: 1, device: auto.
+    From the event log: only stages that run the encoder (mapInArrow) carry the GPU
+    profile, the rest the default one; the encode tasks were given GPUs 0 and 1, each
+    task one, and encoded on the CPU, as the summary says. The vectors equal a local
+    run's; the processes are gone after stop."""
     from pipeline.cluster import Cluster, _alive
 
     cluster = Cluster(tmp_path / "cluster", port=7177, webui_port=8180)
+    events = tmp_path / "events"
+    events.mkdir()
     pids = []
     try:
-        cluster.start(workers=2, cores=1, memory="2g")
+        cluster.start(workers=1, cores=2, memory="3g", gpus=2)
         pids = [int(p.read_text()) for p in (tmp_path / "cluster").glob("*.pid")]
-        assert cluster.alive_workers() == 2 and len(pids) == 3
+        assert cluster.alive_workers() == 1 and len(pids) == 2
         cfg_path = write_config(tmp_path, deploy_source, str(tmp_path / "cluster_out"))
         proc = subprocess.run(
             [str(BIN / "spark-submit"), "--master", cluster.master_url,
-             "--conf", "spark.executor.cores=1", "--conf", "spark.cores.max=2",
-             "jobs/embed.py", "--config", str(cfg_path), "--json"],
+             "--conf", "spark.executor.cores=2", "--conf", "spark.cores.max=2",
+             "--conf", "spark.executor.resource.gpu.amount=2",
+             "--conf", "spark.eventLog.enabled=true", "--conf", "spark.eventLog.compress=false",
+             "--conf", f"spark.eventLog.dir=file://{events}",
+             "jobs/embed.py", "--config", str(cfg_path), "--json",
+             "--set", "spark.gpus_per_task=1", "--set", "model.device=auto"],
             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         summary = json.loads(proc.stdout.strip().splitlines()[-1])
         assert summary["rows_embedded"] == 80
+
+        # device: cuda on workers given GPUs but without CUDA: the executors' config
+        # error comes back as one line and exit 2, and nothing is written
+        cuda = subprocess.run(
+            [str(BIN / "spark-submit"), "--master", cluster.master_url,
+             "--conf", "spark.executor.cores=2", "--conf", "spark.cores.max=2",
+             "--conf", "spark.executor.resource.gpu.amount=2",
+             "--conf", "spark.task.maxFailures=1",
+             "jobs/embed.py", "--config", str(cfg_path), "--set", "spark.gpus_per_task=1",
+             "--set", "model.device=cuda", "--set", f"sink.path={tmp_path / 'cuda_out'}"],
+            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        # (spark-submit hands the driver's stderr to stdout)
+        said = [line for line in (cuda.stdout + cuda.stderr).splitlines()
+                if line.startswith("error: ")]
+        assert cuda.returncode == 2, cuda.stdout[-3000:] + cuda.stderr[-3000:]
+        assert said == ["error: config error at 'model.device': cuda was asked for but no "
+                        "CUDA device is visible (raised on an executor)"], said
+        assert not (tmp_path / "cuda_out").exists()
     finally:
         cluster.stop()
     assert pids and not any(_alive(pid) for pid in pids)
+
+    assert summary["runtime"].startswith("cpu/"), summary["runtime"]
+    assert summary["gpus"].startswith("0, 1 ("), summary["gpus"]
+    assert "no CUDA device visible on the workers: encoded on the CPU" in summary["gpus"]
+    given, tasks = summary["gpus"].split("(")[1].split(" encode")[0].split(" of ")
+    assert given == tasks and int(tasks) >= 2  # every encode task was given a GPU
+    gpu_profiles, stages, scopes = _stage_profiles(_event_log(events))
+    on_gpus = {s for s, p in stages.items() if p in gpu_profiles}
+    assert gpu_profiles and on_gpus, (gpu_profiles, stages)
+    assert all("MapInArrow" in scopes[s] for s in on_gpus), {s: scopes[s] for s in on_gpus}
+    others = set(stages) - on_gpus
+    assert others and all(stages[s] == 0 for s in others)  # reads, plans, commits
+    assert not any("MapInArrow" in scopes[s] for s in others)
 
     local_cfg = load_config(write_config(tmp_path, deploy_source, str(tmp_path / "local_out")))
     run(local_cfg, spark=spark)

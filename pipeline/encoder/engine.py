@@ -136,6 +136,9 @@ class Encoder:
         self.info = inspect_model(model_cfg.name_or_path, model_cfg.allow_pickle)
         validate_outputs(self.outputs, self.info.hidden_size, self.info.num_layers)
         device = attention.pick_device(model_cfg.device, gpu_address)
+        if gpu_address is not None and device == "cpu":
+            log.warning("GPU %s was assigned to this task but no CUDA device is visible: "
+                        "encoding on the CPU (model.device: auto; cuda would fail)", gpu_address)
         precision = attention.pick_precision(model_cfg.precision, device)
         if device.startswith("cuda"):
             # The GPU waits on the tokenizer: let it use the otherwise idle cores,
@@ -163,7 +166,8 @@ class Encoder:
         self.runtime = attention.Runtime(device=device, precision=precision, attention=backend)
         # Running totals; a caller's share of them is ``after - before``. prepare() runs
         # on a prefetch thread, encode() on the caller's: one lock for both.
-        self.stats = EncoderStats(runtime=frozenset({self.runtime.label}))
+        self.stats = EncoderStats(runtime=frozenset({self.runtime.label}),
+                                  gpus=frozenset({gpu_address}) if gpu_address else frozenset())
         self._stats_lock = threading.Lock()
         self.token_budget, self.max_batch_rows = batch_limits(model_cfg, device)
         self._setup_layers()

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-_KEPT = ("runtime", "peak_rss_mb")  # not counters: a difference keeps the later value
+_KEPT = ("runtime", "peak_rss_mb", "gpus")  # not counters: a difference keeps the later value
 
 
 def _combine(name: str, a: Any, b: Any) -> Any:
-    if name == "runtime":
+    if name in ("runtime", "gpus"):
         return a | b
     if name == "peak_rss_mb":
         return max(a, b)
@@ -36,6 +36,12 @@ class EncoderStats:
     cpu_seconds: float = 0.0
     runtime: frozenset[str] = field(default_factory=frozenset)  # device/precision/attention
     peak_rss_mb: float = 0.0  # the largest resident set of a worker that reported (max)
+    # GPU addresses Spark (or the local placement) gave the encoders, whether or not
+    # CUDA was there to use them (runtime says what ran); the tasks that reported, and
+    # those of them that were given a GPU
+    gpus: frozenset[str] = field(default_factory=frozenset)
+    tasks: int = 0
+    gpu_tasks: int = 0
 
     def __add__(self, other: EncoderStats) -> EncoderStats:
         return EncoderStats(**{f.name: _combine(f.name, getattr(self, f.name),
@@ -51,6 +57,18 @@ class EncoderStats:
     @property
     def padding_efficiency(self) -> float:
         return self.tokens / self.padded_tokens if self.padded_tokens else 1.0
+
+    @property
+    def gpu_summary(self) -> str:
+        """The GPUs the encode tasks were given, and what ran where none was usable:
+        a task given a GPU on a worker without CUDA encodes on the CPU (device: auto)."""
+        if not self.gpus:
+            return ""
+        line = (f"{', '.join(sorted(self.gpus))} ({self.gpu_tasks} of {self.tasks} encode "
+                "tasks given a GPU)")
+        if self.runtime and all(r.startswith("cpu") for r in self.runtime):
+            line += "; no CUDA device visible on the workers: encoded on the CPU"
+        return line
 
     @property
     def runtime_label(self) -> str:
