@@ -482,6 +482,11 @@ def plan_rows(ctx: RunContext, src: SourceRead) -> RowPlan:
     plan, valid = ctx.plan, src.valid
     existing = sink.existing_keys(ctx.spark, ctx.cfg.sink.path) \
         if plan.compares_existing else None
+    if existing is not None and src.changed_ids is not None:
+        # cdf: only the ids the feed names can be new, changed or gone. The output's
+        # keys of those ids, found in one scan, serve the anti-join, the replacement
+        # probe and the deletes below (each would scan the whole output again).
+        existing = existing.join(src.changed_ids.distinct(), "id", "left_semi").persist()
     todo = valid if existing is None else valid.join(existing, ["id", "content_hash"],
                                                      "left_anti")
     rows_todo = todo.count()
@@ -495,9 +500,7 @@ def plan_rows(ctx: RunContext, src: SourceRead) -> RowPlan:
         todo = todo.localCheckpoint(eager=True)
     deleted = None
     if plan.applies_deletes and existing is not None:
-        stored_ids = existing.select("id")
-        if src.changed_ids is not None:  # cdf: only ids the feed names can have gone
-            stored_ids = stored_ids.join(src.changed_ids, "id", "left_semi")
+        stored_ids = existing.select("id")  # cdf: only the ids the feed names (above)
         deleted = stored_ids.join(valid.select("id"), "id", "left_anti")
     return RowPlan(todo=todo, rows_todo=rows_todo,
                    rows_skipped=src.rows_read - src.rows_quarantined - rows_todo,
