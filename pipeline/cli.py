@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import PipelineError, raised_on_worker
+from pipeline.errors import PipelineError
 
 
 def _fail(err: PipelineError) -> None:
@@ -109,11 +109,6 @@ def run_cmd(config_path: Path, overrides: tuple[str, ...], as_json: bool, progre
         _fail(breach)
     except PipelineError as err:
         _fail(err)
-    except Exception as exc:  # noqa: BLE001 - a task's own error, else re-raised
-        on_worker = raised_on_worker(exc)
-        if on_worker is None:
-            raise
-        _fail(on_worker)
     if result.status == "skipped" and not as_json:
         click.echo(f"nothing to do: {result.message} (run {result.run_id}, recorded as skipped)")
         return

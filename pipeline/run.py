@@ -30,7 +30,7 @@ from pipeline import changes, drift, lineage, projections, sampling, sink, sourc
 from pipeline.config import RunConfig
 from pipeline.encoder.engine import validate_outputs
 from pipeline.encoder.model import ModelInfo, fingerprint, inspect_model
-from pipeline.errors import AlreadyCommitted, PipelineError, ReconciliationError
+from pipeline.errors import AlreadyCommitted, PipelineError, ReconciliationError, raised_on_worker
 from pipeline.outputs import Calibration, Projection, needs_calibration, needs_projection
 from pipeline.placement import Placement
 from pipeline.write_plan import CommitKind, PlanPath, WritePlan
@@ -279,7 +279,12 @@ def run(cfg: RunConfig, spark: SparkSession | None = None, progress: Progress | 
     except AlreadyCommitted:  # another run committed this partition meanwhile
         return _skipped(ctx, recorder, timer)
     except Exception as exc:
-        recorder.fail(exc, timer.seconds)
+        # A PipelineError raised in a Spark task reaches the driver as a Spark error
+        # holding the worker's traceback: every entry point gets the error itself.
+        on_worker = raised_on_worker(exc)
+        recorder.fail(on_worker or exc, timer.seconds)
+        if on_worker is not None:
+            raise on_worker from exc
         raise
     result = replace(result, seconds=time.perf_counter() - started,
                      lineage_run_id=recorder.lineage_run_id, stage_seconds=dict(timer.seconds))
