@@ -35,6 +35,8 @@ OutputDtype = Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"
 Reduce = Literal["truncate", "pca"]
 SinkMode = Literal["incremental", "append", "overwrite"]
 LongText = Literal["truncate", "chunk"]
+ChunkMode = Literal["none", "split", "late"]
+ChunkBoundary = Literal["tokens", "sentences"]
 Deletes = Literal["keep", "delete"]
 OnBreach = Literal["warn", "fail"]
 LineageTransport = Literal["none", "console", "file", "http"]
@@ -51,7 +53,8 @@ SINK_MODES: tuple[str, ...] = typing.get_args(SinkMode)
 LINEAGE_TRANSPORTS: tuple[str, ...] = typing.get_args(LineageTransport)
 # Columns the sink writes next to the embedding columns; outputs may not reuse them.
 RESERVED_COLUMNS = ("id", "content_hash", "model", "model_fingerprint", "run_id", "embedded_at",
-                    "n_tokens", "truncated")
+                    "n_tokens", "truncated", "chunk_index", "chunk_count", "char_start",
+                    "char_end", "chunk_text")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Free-form mappings: their keys are passed through (Spark conf keys contain dots).
 _FREEFORM = {("source", "options"), ("spark", "conf")}
@@ -120,6 +123,30 @@ class OutputSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ChunkingConfig:
+    """Documents -> passages: one output row per chunk, keyed (id, chunk_index).
+
+    ``split``: each chunk is encoded alone (as sentence-transformers would encode
+    the chunk's text). ``late`` (late chunking, Günther et al. 2024): the whole
+    document is encoded once, in macro-windows of ``model.max_length`` tokens
+    when longer, and each chunk's vector is the mean of its tokens' states, so it
+    sees its document's context. Chunks are cut between words, at most
+    ``max_tokens`` tokens (special tokens and prompt not counted), consecutive
+    ones sharing at least ``overlap_tokens``; ``boundary: sentences`` cuts at the
+    last sentence end inside the window when there is one.
+    """
+
+    mode: ChunkMode = "none"
+    max_tokens: int = 128
+    overlap_tokens: int = 16
+    boundary: ChunkBoundary = "tokens"
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
+@dataclass(frozen=True, kw_only=True)
 class CalibrationConfig:
     """Sample for int8/uint8 ranges: computed once per output table, then reused."""
 
@@ -148,6 +175,9 @@ class SinkConfig:
     # day's files only, and OPTIMIZE compacts per day. Low cardinality only (a
     # partition per value); an id's value should not change (rows move partitions).
     partition_by: str | None = None
+    # Chunked tables (chunking.mode split or late): store each passage's text too
+    # (chunk_text); else readers slice it out of the source by char_start/char_end.
+    store_chunk_text: bool = False
 
     @property
     def quarantine(self) -> str:
@@ -239,6 +269,7 @@ class LineageConfig:
 class RunConfig:
     source: SourceConfig
     model: ModelConfig = field(default_factory=ModelConfig)
+    chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
     outputs: tuple[OutputSpec, ...]
     sink: SinkConfig
     spark: SparkConfig = field(default_factory=SparkConfig)
@@ -400,6 +431,7 @@ def _validate(cfg: RunConfig) -> None:
                           f"got {cfg.sink.calibration.size}")
     _validate_drift(cfg)
     _validate_partition_by(cfg)
+    _validate_chunking(cfg)
     for key, col in (("source.id_column", cfg.source.id_column),
                      ("source.text_column", cfg.source.text_column)):
         if not col:
@@ -416,6 +448,36 @@ def _validate_partition_by(cfg: RunConfig) -> None:
     if col in taken:
         raise ConfigError("sink.partition_by", f"{col!r} is an output table column or the "
                           "text; name a source column such as the backfill's partition column")
+
+
+def _validate_chunking(cfg: RunConfig) -> None:
+    """What can be checked without the model; the tokenizer's special tokens and the
+    model's window are checked in the run's preflight (pipeline.encoder.chunking)."""
+    c, m = cfg.chunking, cfg.model
+    if not c.enabled:
+        if cfg.sink.store_chunk_text:
+            raise ConfigError("sink.store_chunk_text", "only applies to chunked tables "
+                              "(chunking.mode: split or late)")
+        return
+    if not 0 < c.max_tokens <= m.max_length:
+        raise ConfigError("chunking.max_tokens", f"must be in [1, model.max_length = "
+                          f"{m.max_length}], got {c.max_tokens}")
+    if not 0 <= c.overlap_tokens <= c.max_tokens // 2:
+        raise ConfigError("chunking.overlap_tokens", f"must be in [0, max_tokens / 2 = "
+                          f"{c.max_tokens // 2}], got {c.overlap_tokens}")
+    if m.long_text == "chunk":
+        raise ConfigError("model.long_text", "chunk averages a text's windows into one "
+                          f"vector; chunking.mode: {c.mode} makes each passage a row: "
+                          "leave long_text: truncate")
+    if c.mode == "late":
+        mean = [("model.pooling", m.pooling)] + [
+            (f"outputs[{i}].pooling", s.pooling) for i, s in enumerate(cfg.outputs)
+            if s.pooling is not None]
+        for key, pooling in mean:
+            if pooling != "mean":
+                raise ConfigError(key, f"chunking.mode: late mean-pools each chunk's token "
+                                  f"states; pooling {pooling} does not apply (use mean, or "
+                                  "chunking.mode: split)")
 
 
 def _validate_drift(cfg: RunConfig) -> None:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import changes, drift, lineage, projections, sampling, sink, source
 from pipeline.config import RunConfig
+from pipeline.encoder import chunking as chunker
 from pipeline.encoder.engine import validate_outputs
 from pipeline.encoder.model import ModelInfo, fingerprint, inspect_model
 from pipeline.errors import AlreadyCommitted, PipelineError, ReconciliationError, raised_on_worker
@@ -238,6 +239,9 @@ def preflight(cfg: RunConfig) -> ModelInfo:
     """Everything that can be checked without Spark; returns the model info."""
     info = inspect_model(cfg.model.name_or_path, cfg.model.allow_pickle)
     validate_outputs(cfg.outputs, info.hidden_size, info.num_layers)
+    if cfg.chunking.enabled:
+        around = chunker.tokens_around(info.path, cfg.model.prompt)
+        chunker.check_fits(cfg.chunking, cfg.model.max_length, around or 0, info.max_positions)
     source.check_source_path(cfg.source)
     return info
 

@@ -19,10 +19,11 @@ from typing import cast
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import ModelConfig, OutputSpec
+from pipeline.config import ChunkingConfig, ModelConfig, OutputSpec
 from pipeline.encoder import attention
+from pipeline.encoder import chunking as chunker
 from pipeline.encoder.batching import pad_batch, padded_tokens, plan_batches
-from pipeline.encoder.model import inspect_model, pool, pool_packed
+from pipeline.encoder.model import inspect_model, pool, pool_packed, pool_spans
 from pipeline.encoder.stats import EncoderStats
 from pipeline.encoder.varlen import pack_batch
 from pipeline.errors import ConfigError
@@ -47,12 +48,36 @@ def batch_limits(model_cfg: ModelConfig, device: str) -> tuple[int, int]:
 
 
 @dataclass
+class ChunkRows:
+    """Per output row of a chunked batch (chunking.mode split or late): which input
+    document it is a passage of, and where in that document's text it lies."""
+
+    doc: np.ndarray  # int64: the input row
+    chunk_index: np.ndarray  # int32: 0.. within the document
+    chunk_count: np.ndarray  # int32: the document's chunks
+    char_start: np.ndarray  # int32: text[char_start:char_end] is the passage
+    char_end: np.ndarray
+    n_tokens: np.ndarray  # int32: the passage's own tokens (no special tokens, no prompt)
+
+
+@dataclass
+class Spans:
+    """Late chunking: output row r is the mean of unit ``unit[r]``'s token states
+    ``[start[r], end[r])`` (positions within the unit)."""
+
+    unit: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+
+
+@dataclass
 class EncodeResult:
     columns: dict[str, pa.Array]
     n_tokens: np.ndarray  # tokens per row after truncation (prompt included)
     truncated: np.ndarray  # bool per row: the text reached max_length
     padding_efficiency: float
     seconds: float = 0.0
+    chunks: ChunkRows | None = None  # chunked: the rows are passages (see ChunkRows)
 
 
 @dataclass
@@ -67,6 +92,8 @@ class Prepared:
     weights: np.ndarray
     total: np.ndarray
     cut_off: np.ndarray
+    chunks: ChunkRows | None = None  # chunking: the output rows are these passages
+    spans: Spans | None = None  # late chunking: each output row's token span
 
 
 @dataclass
@@ -75,6 +102,24 @@ class EncodeInfo:
     truncated: np.ndarray  # per row: text was cut (max_length, or past max_chunks)
     unit_lengths: np.ndarray  # per forward unit (row or window)
     batches: list
+    chunks: ChunkRows | None = None
+
+
+def _chunk_rows(plans: list[list[chunker.Chunk]]) -> ChunkRows:
+    counts = np.fromiter((len(p) for p in plans), dtype=np.int32, count=len(plans))
+    flat = [c for p in plans for c in p]
+
+    def column(values) -> np.ndarray:
+        return np.fromiter(values, dtype=np.int32, count=len(flat))
+
+    return ChunkRows(
+        doc=np.repeat(np.arange(len(plans), dtype=np.int64), counts),
+        chunk_index=np.concatenate([np.arange(k, dtype=np.int32) for k in counts])
+        if len(plans) else np.zeros(0, np.int32),
+        chunk_count=np.repeat(counts, counts),
+        char_start=column(c.char_start for c in flat),
+        char_end=column(c.char_end for c in flat),
+        n_tokens=column(c.n_tokens for c in flat))
 
 
 class _EarlyExit(Exception):
@@ -125,7 +170,7 @@ class Encoder:
     """Tokenizer + model + output specs, loaded once and reused for every batch."""
 
     def __init__(self, model_cfg: ModelConfig, outputs: Sequence[OutputSpec],
-                 gpu_address: str | None = None):
+                 gpu_address: str | None = None, chunking: ChunkingConfig | None = None):
         import torch
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -133,6 +178,7 @@ class Encoder:
         hf_logging.disable_progress_bar()  # one bar per worker per load is noise in job logs
         self.cfg = model_cfg
         self.outputs = tuple(outputs)
+        self.chunking = chunking if chunking is not None and chunking.enabled else None
         self.info = inspect_model(model_cfg.name_or_path, model_cfg.allow_pickle)
         validate_outputs(self.outputs, self.info.hidden_size, self.info.num_layers)
         device = attention.pick_device(model_cfg.device, gpu_address)
@@ -170,6 +216,9 @@ class Encoder:
                                   gpus=frozenset({gpu_address}) if gpu_address else frozenset())
         self._stats_lock = threading.Lock()
         self.token_budget, self.max_batch_rows = batch_limits(model_cfg, device)
+        if self.chunking is not None:
+            chunker.check_fits(self.chunking, model_cfg.max_length, self.chunk_budget()[0],
+                               self.info.max_positions)
         self._setup_layers()
 
     def _count(self, delta: EncoderStats) -> None:
@@ -357,24 +406,42 @@ class Encoder:
             return {(layer, mode): pooler(self._captured[layer], mode).cpu().numpy()
                     for layer, mode in self.groups}
 
-    def forward(self, ids: np.ndarray, mask: np.ndarray,
-                model=None) -> dict[tuple[int, str], np.ndarray]:
-        """One padded batch -> {(layer, pooling): pooled [B, H] float32 (numpy)}."""
+    def forward(self, ids: np.ndarray, mask: np.ndarray, model=None,
+                spans: tuple[np.ndarray, ...] | None = None) -> dict[tuple[int, str], np.ndarray]:
+        """One padded batch -> {(layer, pooling): pooled [B, H] float32 (numpy)}.
+
+        ``spans`` (late chunking): (row in batch, start, end) per output row; each is
+        the mean of that row's token states [start, end) instead of a row's pooling.
+        """
         input_ids, attn = self._to_device(ids, mask)
         kwargs = {}
         if self.left_pad:
             # Left padding shifts real tokens right: positions must come from the
             # mask, or the same text gets other position embeddings than unpadded.
             kwargs["position_ids"] = (attn.cumsum(1) - 1).clamp(min=0)
-        return self._run(model or self.model, lambda h, mode: pool(h, attn, mode),
+        pooler = lambda h, mode: pool(h, attn, mode)  # noqa: E731
+        if spans is not None:
+            width = ids.shape[1]
+            row, lo, hi = spans
+            base = row * width + ((width - mask[row].sum(1)) if self.left_pad else 0)
+            starts, ends = self._to_device(base + lo, base + hi)
+            pooler = lambda h, mode: pool_spans(h.reshape(-1, h.shape[-1]), starts, ends)  # noqa: E731
+        return self._run(model or self.model, pooler,
                          input_ids=input_ids, attention_mask=attn, **kwargs)
 
     def forward_packed(self, ids: np.ndarray, positions: np.ndarray, cu: np.ndarray,
-                       model=None) -> dict[tuple[int, str], np.ndarray]:
+                       model=None, spans: tuple[np.ndarray, ...] | None = None
+                       ) -> dict[tuple[int, str], np.ndarray]:
         """One packed batch (no padding; rows delimited by ``cu``) -> as :meth:`forward`."""
         input_ids, position_ids, cu_dev = self._to_device(ids[None], positions[None], cu)
         longest = int(np.diff(cu).max()) if len(cu) > 1 else 0
-        return self._run(model or self.model, lambda h, mode: pool_packed(h[0], cu_dev, mode),
+        pooler = lambda h, mode: pool_packed(h[0], cu_dev, mode)  # noqa: E731
+        if spans is not None:
+            row, lo, hi = spans
+            base = cu[row].astype(np.int64)
+            starts, ends = self._to_device(base + lo, base + hi)
+            pooler = lambda h, mode: pool_spans(h[0], starts, ends)  # noqa: E731
+        return self._run(model or self.model, pooler,
                          input_ids=input_ids, position_ids=position_ids,
                          cu_seq_lens_q=cu_dev, cu_seq_lens_k=cu_dev,
                          max_length_q=longest, max_length_k=longest)
@@ -406,6 +473,80 @@ class Encoder:
                         f"{floor}); the model does not keep packed rows apart")
         return None
 
+    @functools.cached_property
+    def _prompt_ids(self) -> list[int]:
+        prompt = self.cfg.prompt
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+
+    def document_tokens(self, texts: Sequence[str]) -> list[chunker.DocTokens]:
+        """Each text's tokens with character offsets and word starts: no special tokens,
+        no truncation (chunking needs the whole document)."""
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if backend is None:
+            raise ConfigError("chunking.mode", "needs a fast tokenizer (character offsets); "
+                              f"{type(self.tokenizer).__name__} has none")
+        backend.no_padding()
+        backend.no_truncation()
+        try:
+            encodings = backend.encode_batch(list(texts), add_special_tokens=False)
+        except (TypeError, UnicodeError):  # lone surrogates: as tokenize() does
+            encodings = backend.encode_batch(
+                [t.encode("utf-8", "replace").decode("utf-8") for t in texts],
+                add_special_tokens=False)
+        return [chunker.DocTokens.from_encoding(e) for e in encodings]
+
+    def chunk_budget(self) -> tuple[int, int]:
+        """(tokens around a chunk or macro-window: special tokens + prompt, the content
+        tokens a unit of model.max_length holds)."""
+        prefix, suffix = self._special_tokens
+        around = len(prefix) + len(suffix) + len(self._prompt_ids)
+        return around, self.cfg.max_length - around
+
+    def prepare_chunks(self, texts: Sequence[str]) -> Prepared:
+        """Documents -> passages: ``split`` makes each chunk a unit of its own; ``late``
+        makes units of macro-windows and each chunk a token span of one of them."""
+        assert self.chunking is not None
+        cfg = self.chunking
+        prefix, suffix = self._special_tokens
+        head = prefix + self._prompt_ids
+        _, room = self.chunk_budget()
+        docs = self.document_tokens(texts)
+        plans = [chunker.plan_chunks(t, d, cfg) for t, d in zip(texts, docs, strict=True)]
+        units: list[list[int]] = []
+        span_unit: list[int] = []
+        span_lo: list[int] = []
+        span_hi: list[int] = []
+        for doc, chunks in zip(docs, plans, strict=True):
+            ids = doc.ids.tolist()
+            if cfg.mode == "split":
+                units += [head + ids[c.start:c.end] + suffix for c in chunks]
+                continue
+            windows, owner = chunker.macro_windows(
+                chunks, len(ids), room, chunker.late_context(room, cfg.max_tokens))
+            first = len(units)
+            units += [head + ids[a:b] + suffix for a, b in windows]
+            for c, w in zip(chunks, owner, strict=True):
+                a = windows[w][0]
+                lo, hi = (len(head) + c.start - a, len(head) + c.end - a) if c.end > c.start \
+                    else (0, len(units[first + w]))  # no tokens: the unit's own mean
+                span_unit.append(first + w)
+                span_lo.append(lo)
+                span_hi.append(hi)
+        rows = _chunk_rows(plans)
+        lengths = np.fromiter((len(u) for u in units), dtype=np.int64, count=len(units))
+        offsets = np.zeros(len(units), dtype=np.int64)
+        if len(units) > 1:
+            np.cumsum(lengths[:-1], out=offsets[1:])
+        flat = np.fromiter(itertools.chain.from_iterable(units), dtype=np.int64,
+                           count=int(lengths.sum()))
+        n = len(rows.doc)
+        spans = None if cfg.mode == "split" else Spans(
+            np.asarray(span_unit, dtype=np.int64), np.asarray(span_lo, dtype=np.int64),
+            np.asarray(span_hi, dtype=np.int64))
+        return Prepared(n, flat, offsets, lengths, owner=np.arange(len(units)),
+                        weights=lengths.astype(np.float32), total=rows.n_tokens.astype(np.int64),
+                        cut_off=np.zeros(n, dtype=bool), chunks=rows, spans=spans)
+
     def prepare(self, texts: Sequence[str] | pa.Array) -> Prepared:
         """CPU stage: tokenize (and chunk) a batch. Thread-safe to run ahead of
         :meth:`encode` on the previous batch: the fast tokenizer releases the GIL."""
@@ -414,8 +555,12 @@ class Encoder:
             raise ValueError("encode() got a null text; quarantine nulls before encoding")
         strings = cast("Sequence[str]", rows)
         start, cpu = time.perf_counter(), time.thread_time()
-        flat, offsets, lengths = self.tokenize(strings)
-        prepared = Prepared(len(strings), *self.chunk_long_rows(strings, flat, offsets, lengths))
+        if self.chunking is not None:
+            prepared = self.prepare_chunks(strings)
+        else:
+            flat, offsets, lengths = self.tokenize(strings)
+            prepared = Prepared(len(strings),
+                                *self.chunk_long_rows(strings, flat, offsets, lengths))
         self._count(EncoderStats(prepare_seconds=time.perf_counter() - start,
                                  cpu_seconds=time.thread_time() - cpu))
         return prepared
@@ -430,22 +575,24 @@ class Encoder:
         full pooled vector (to fit one) or a truncation (the canary) instead.
         """
         prep = texts if isinstance(texts, Prepared) else self.prepare(texts)
-        n_rows, flat, offsets, lengths = prep.n_rows, prep.flat, prep.offsets, prep.lengths
-        owner, weights, total, cut_off = prep.owner, prep.weights, prep.total, prep.cut_off
+        n_rows, lengths = prep.n_rows, prep.lengths
+        owner, weights = prep.owner, prep.weights
         n = len(lengths)
         batches = plan_batches(lengths, self.token_budget, self.max_batch_rows)
+        # late chunking pools spans (one per output row), else each unit is pooled
+        width = n_rows if prep.spans is not None else n
         pooled: dict[tuple[int, str], np.ndarray] = {
-            g: np.empty((n, self.info.hidden_size), dtype=np.float32) for g in self.groups}
+            g: np.empty((width, self.info.hidden_size), dtype=np.float32) for g in self.groups}
+        where = np.full(n, -1, dtype=np.int64)  # a unit's row in the current batch
         pending = list(reversed(batches))
         while pending:
             idx = pending.pop()
+            where[idx] = np.arange(len(idx))
+            targets = idx if prep.spans is None else np.nonzero(where[prep.spans.unit] >= 0)[0]
             try:
-                if self.packed:
-                    out = self.forward_packed(*pack_batch(flat, offsets, lengths, idx))
-                else:
-                    out = self.forward(*pad_batch(flat, offsets, lengths, idx, self.pad_id,
-                                                  self.left_pad))
+                out = self._forward_units(prep, idx, where, targets)
             except Exception as exc:
+                where[idx] = -1
                 if not is_out_of_memory(exc) or len(idx) == 1:
                     raise
                 # Halve the batch and retry both halves; later batches of this
@@ -459,9 +606,10 @@ class Encoder:
                 half = len(idx) // 2
                 pending += [idx[half:], idx[:half]]
                 continue
+            where[idx] = -1
             for group, vecs in out.items():
-                pooled[group][idx] = vecs
-        if n != n_rows:  # chunked: token-weighted mean of each row's windows
+                pooled[group][targets] = vecs
+        if prep.spans is None and n != n_rows:  # long_text chunk: weighted window mean
             row_weight = np.bincount(owner, weights=weights, minlength=n_rows)[:, None]
             for group, units in pooled.items():
                 rows = np.zeros((n_rows, units.shape[1]), dtype=np.float64)
@@ -470,8 +618,22 @@ class Encoder:
         projections = calibration.projections if calibration else {}
         floats = {s.name: cut(pooled[self.spec_group[s.name]], s, projections.get(s.name), pca)
                   for s in self.outputs}
-        return floats, EncodeInfo(n_tokens=total, truncated=cut_off, unit_lengths=lengths,
-                                  batches=batches)
+        return floats, EncodeInfo(n_tokens=prep.total, truncated=prep.cut_off,
+                                  unit_lengths=lengths, batches=batches, chunks=prep.chunks)
+
+    def _forward_units(self, prep: Prepared, idx: np.ndarray, where: np.ndarray,
+                       targets: np.ndarray) -> dict[tuple[int, str], np.ndarray]:
+        """One batch of units through the model: pooled per unit, or (late chunking)
+        per span of the output rows ``targets``."""
+        flat, offsets, lengths = prep.flat, prep.offsets, prep.lengths
+        spans = None
+        if prep.spans is not None:
+            s = prep.spans
+            spans = (where[s.unit[targets]], s.start[targets], s.end[targets])
+        if self.packed:
+            return self.forward_packed(*pack_batch(flat, offsets, lengths, idx), spans=spans)
+        return self.forward(*pad_batch(flat, offsets, lengths, idx, self.pad_id,
+                                       self.left_pad), spans=spans)
 
     def encode(self, texts: Sequence[str] | pa.Array | Prepared,
                calibration: Calibration | None = None) -> EncodeResult:
@@ -499,4 +661,4 @@ class Encoder:
                                  cpu_seconds=time.thread_time() - cpu))
         return EncodeResult(columns=columns, n_tokens=info.n_tokens, truncated=info.truncated,
                             padding_efficiency=real / padded if padded else 1.0,
-                            seconds=elapsed)
+                            seconds=elapsed, chunks=info.chunks)

@@ -58,6 +58,7 @@ class ModelInfo:
     hidden_size: int
     num_layers: int
     weight_files: tuple[Path, ...]
+    max_positions: int | None = None  # the model's window (max_position_embeddings)
 
     @property
     def name(self) -> str:
@@ -95,7 +96,15 @@ def inspect_model(name_or_path: str, allow_pickle: bool = False) -> ModelInfo:
         raise ModelError(f"{config_file} names no hidden_size / num_hidden_layers")
     return ModelInfo(path=path, requested=name_or_path,
                      model_type=str(config.get("model_type", "?")),
-                     hidden_size=int(hidden), num_layers=int(layers), weight_files=weights)
+                     hidden_size=int(hidden), num_layers=int(layers), weight_files=weights,
+                     max_positions=_max_positions(text_config))
+
+
+def _max_positions(config: dict) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return None
 
 
 def fingerprint(info: ModelInfo) -> str:
@@ -162,3 +171,17 @@ def pool_packed(hidden, cu, mode: str):
     if mode == "last_token":
         return hidden[ends - 1]
     raise ValueError(f"unknown pooling {mode!r}")
+
+
+def pool_spans(hidden, starts, ends):
+    """Means of token-state spans: rows [starts[r], ends[r]) of ``hidden`` [N, H] -> [R, H]
+    float32 (late chunking; spans may overlap)."""
+    import torch
+
+    hidden = hidden.float()
+    lens = (ends - starts).long()
+    span = torch.repeat_interleave(torch.arange(len(lens), device=hidden.device), lens)
+    first = torch.cumsum(lens, 0) - lens  # each span's first slot in the gathered list
+    pos = torch.arange(int(lens.sum()), device=hidden.device) - first[span] + starts.long()[span]
+    sums = hidden.new_zeros(len(lens), hidden.shape[1]).index_add_(0, span, hidden[pos])
+    return sums / lens.clamp(min=1).unsqueeze(1).to(hidden.dtype)
