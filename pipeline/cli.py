@@ -42,6 +42,10 @@ def print_summary(result, as_json: bool = False) -> None:
     table.add_row("rows skipped", f"{result.rows_skipped:,} (already embedded)")
     if result.rows_deleted:
         table.add_row("rows deleted", f"{result.rows_deleted:,} (gone from the source)")
+    if result.chunks_written or result.chunks_deleted:
+        table.add_row("passages", f"{result.chunks_written:,} written, {result.chunks_deleted:,} "
+                      "replaced or deleted (rows are documents; the table has a row per "
+                      "passage)")
     table.add_row("plan", f"{result.plan_path}: {result.plan_note}" if result.plan_note
                   else result.plan_path)
     table.add_row("columns", ", ".join(result.columns))

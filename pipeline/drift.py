@@ -180,7 +180,7 @@ def embed_canary(spark: SparkSession, cfg: RunConfig, placement: Placement,
     rows = spark.createDataFrame(frame, "id long, text string, content_hash string")
     # reduce: pca columns are checked on their layer's vector truncated to the same
     # dim: the same forward pass, independent of the projection the table fixes
-    return udf.encode_floats(spark, cfg, placement, rows, pca="truncate")
+    return udf.encode_floats(spark, cfg, placement, rows, pca="truncate", first_chunks=True)
 
 
 def store_canary(spark: SparkSession, path: str, output_path: str, run_id: str, model_fp: str,

@@ -70,7 +70,8 @@ RUNS_SCHEMA = (
     "rows_read long, rows_embedded long, rows_quarantined long, rows_skipped long, "
     "rows_deleted long, seconds double, stage_seconds string, versions string, error string, "
     "lineage_run_id string, source_files_hash string, canary string, drift_status string, "
-    "drift string, message string, plan_path string, plan_note string, placement string"
+    "drift string, message string, plan_path string, plan_note string, placement string, "
+    "chunks_written long, chunks_deleted long"
 )
 
 
@@ -247,6 +248,7 @@ def _result_fields(result: RunResult) -> dict:
         "rows_read": result.rows_read,
         "rows_embedded": result.rows_embedded, "rows_quarantined": result.rows_quarantined,
         "rows_skipped": result.rows_skipped, "rows_deleted": result.rows_deleted,
+        "chunks_written": result.chunks_written, "chunks_deleted": result.chunks_deleted,
         "seconds": result.seconds, "stage_seconds": result.stage_seconds,
         "source_files_hash": result.source_files_hash, "message": result.message or None,
         "plan_path": result.plan_path, "plan_note": result.plan_note or None,

@@ -77,6 +77,8 @@ class RunResult:
     gpus: str = ""  # the GPU addresses the encode tasks were given (EncoderStats.gpu_summary)
     message: str = ""
     rows_deleted: int = 0
+    chunks_written: int = 0  # chunked tables: passages committed (rows are documents)
+    chunks_deleted: int = 0  # chunked tables: stored passages of changed or gone documents
     source_version: int | None = None
     encode_seconds: float = 0.0  # summed over tasks: forward passes, pooling, quantization
     prepare_seconds: float = 0.0  # summed over tasks: tokenizing
@@ -171,6 +173,8 @@ class RowPlan:
     rows_skipped: int  # valid rows already embedded (same id and content hash)
     commit: CommitKind
     deleted_ids: DataFrame | None  # output ids gone from the source, to delete
+    replaced_ids: DataFrame | None = None  # chunked: stored documents whose text changed
+    documents_deleted: int = 0  # chunked: deleted_ids counted (before the commit)
 
     @property
     def embeds(self) -> bool:
@@ -187,12 +191,22 @@ class Calibrated:
 @dataclass(frozen=True)
 class Written:
     commit: sink.Commit | None
-    rows_deleted: int
+    rows_deleted: int  # output rows (chunked: documents) deleted as gone from the source
     output_schema: StructType
     stats: Any  # EncoderStats summed over the encode tasks
+    documents: int | None = None  # chunked: the documents the commit's passages are of
+    chunks_deleted: int = 0
 
     @property
     def rows_embedded(self) -> int:
+        """Source rows embedded: the commit's rows, or (chunked) their documents."""
+        if self.documents is not None:
+            return self.documents if self.commit else 0
+        return self.commit.rows_written if self.commit else 0
+
+    @property
+    def rows_written(self) -> int:
+        """Output rows the commit wrote (chunked: passages)."""
         return self.commit.rows_written if self.commit else 0
 
     @property
@@ -489,7 +503,8 @@ def _tagged(df: DataFrame, cfg: RunConfig, **fields: Any) -> SourceRead:
 def plan_rows(ctx: RunContext, src: SourceRead) -> RowPlan:
     """Skip rows whose (id, content hash) is already embedded; decide the commit."""
     plan, valid = ctx.plan, src.valid
-    existing = sink.existing_keys(ctx.spark, ctx.cfg.sink.path) \
+    chunked = ctx.cfg.chunking.enabled
+    existing = sink.existing_keys(ctx.spark, ctx.cfg.sink.path, chunked) \
         if plan.compares_existing else None
     if existing is not None and src.changed_ids is not None:
         # cdf: only the ids the feed names can be new, changed or gone. The output's
@@ -511,9 +526,15 @@ def plan_rows(ctx: RunContext, src: SourceRead) -> RowPlan:
     if plan.applies_deletes and existing is not None:
         stored_ids = existing.select("id")  # cdf: only the ids the feed names (above)
         deleted = stored_ids.join(valid.select("id"), "id", "left_anti")
+    replaced, gone = None, 0
+    if chunked and replaces and existing is not None:  # their old passages all go
+        replaced = todo.select("id").join(existing.select("id"), "id", "left_semi")
+    if chunked and deleted is not None:  # the commit counts passages, not documents
+        gone = deleted.count()
     return RowPlan(todo=todo, rows_todo=rows_todo,
                    rows_skipped=src.rows_read - src.rows_quarantined - rows_todo,
-                   commit=kind, deleted_ids=deleted)
+                   commit=kind, deleted_ids=deleted, replaced_ids=replaced,
+                   documents_deleted=gone)
 
 
 def calibrate(ctx: RunContext, src: SourceRead) -> Calibrated:
@@ -603,12 +624,9 @@ def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
         spark.sparkContext.setJobGroup(ENCODE_JOB_GROUP, f"embed run {ctx.run_id}")
         with (progress(spark, f"embedding {rows.rows_todo:,} rows") if progress
               else contextlib.nullcontext()):
-            commit = sink.write(spark, encoded, cfg.sink.path, sink.CommitRequest(
-                kind=rows.commit, merge_keys=ctx.plan.merge_keys,
-                replace_matched=ctx.plan.replaces_matched, run_id=ctx.run_id, txn=txn,
-                meta={"runtime": ", ".join(sorted(loaded)), "placement": ctx.placement.label},
-                deletes=rows.deleted_ids if rows.commit != "overwrite" else None,
-                partition_by=cfg.sink.partition_by))
+            commit = sink.write(spark, encoded, cfg.sink.path, _commit_request(
+                ctx, rows, txn, {"runtime": ", ".join(sorted(loaded)),
+                                 "placement": ctx.placement.label}))
     elif rows.commit == "mark_txn" and txn:  # nothing to embed: still mark it done, once
         sink.mark_txn(spark, cfg.sink.path, ctx.run_id, txn)
     if commit is not None:
@@ -616,8 +634,29 @@ def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
     else:  # nothing to embed, only deletes: their own commit
         deleted = (sink.delete_ids(spark, cfg.sink.path, rows.deleted_ids, ctx.run_id)
                    if rows.deleted_ids is not None else 0)
-    return Written(commit=commit, rows_deleted=deleted, output_schema=encoded.schema,
-                   stats=stats.value)
+    if not cfg.chunking.enabled:
+        return Written(commit=commit, rows_deleted=deleted, output_schema=encoded.schema,
+                       stats=stats.value)
+    # chunked: the commit counts passages; documents deleted were counted by the plan
+    return Written(commit=commit, rows_deleted=rows.documents_deleted,
+                   output_schema=encoded.schema,
+                   stats=stats.value, documents=rows.rows_todo, chunks_deleted=deleted)
+
+
+def _commit_request(ctx: RunContext, rows: RowPlan, txn: tuple[str, int] | None,
+                    meta: dict[str, str]) -> sink.CommitRequest:
+    """The encode commit. Chunked tables: keys gain chunk_index, and the ids of changed
+    documents join the deletes, so the MERGE replaces all of a document's passages."""
+    chunked = ctx.cfg.chunking.enabled
+    deletes = rows.deleted_ids if rows.commit != "overwrite" else None
+    if chunked and rows.replaced_ids is not None and rows.commit != "overwrite":
+        deletes = rows.replaced_ids if deletes is None else deletes.unionByName(
+            rows.replaced_ids).distinct()
+    return sink.CommitRequest(
+        kind=rows.commit, merge_keys=ctx.plan.merge_keys + (("chunk_index",) if chunked else ()),
+        replace_matched=ctx.plan.replaces_matched, run_id=ctx.run_id, txn=txn, meta=meta,
+        deletes=deletes, partition_by=ctx.cfg.sink.partition_by,
+        replace_documents=chunked and deletes is not None)
 
 
 def _update_identity(ctx: RunContext, identity: dict[str, str], calibrated: Calibrated,
@@ -707,7 +746,7 @@ def measure_drift(ctx: RunContext, written: Written, calibrated: Calibrated,
     else:
         try:
             result = drift.distribution(spark, cfg, ctx.run_id, written.version,
-                                        written.rows_embedded, runs_table,
+                                        written.rows_written, runs_table,
                                         calibrated.calibration)
         except Exception as exc:
             log.warning("drift check failed: %s", exc)
@@ -736,6 +775,8 @@ def _result(ctx: RunContext, src: SourceRead, counts: Counts, written: Written,
         model_fingerprint=ctx.model_fp, runtime=s.runtime_label,
         placement=ctx.placement.label, gpus=s.gpu_summary,
         output_version=written.version, seconds=0.0, source_version=src.version,
+        chunks_written=written.rows_written if ctx.cfg.chunking.enabled else 0,
+        chunks_deleted=written.chunks_deleted,
         encode_seconds=s.seconds, prepare_seconds=s.prepare_seconds,
         encoder_cpu_seconds=s.cpu_seconds,
         worker_peak_rss_mb=s.peak_rss_mb, padding_efficiency=s.padding_efficiency, tokens=s.tokens,

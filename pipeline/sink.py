@@ -37,7 +37,8 @@ _CONFLICT_MARKERS = ("ConcurrentAppendException", "ConcurrentDeleteReadException
                      "ConcurrentWriteException", "DELTA_CONCURRENT")
 # partition_by is there only when set, so tables made before it existed keep matching.
 IDENTITY_KEYS = ("model", "model_fingerprint", "pooling", "max_length", "prompt", "outputs",
-                 "partition_by")
+                 "partition_by", "chunking")
+CHUNK_COLUMNS = ("chunk_index", "chunk_count", "char_start", "char_end", "chunk_text")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +59,9 @@ class CommitRequest:
     meta: dict[str, str] | None = None
     deletes: DataFrame | None = None
     partition_by: str | None = None
+    # chunked tables: a changed document's stored passages are all deleted (its id is
+    # among ``deletes``) and its new ones inserted, in the same MERGE
+    replace_documents: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,17 @@ def table_identity(cfg: RunConfig, model_name: str, model_fingerprint: str) -> d
         "prompt": cfg.model.prompt,
         "outputs": json.dumps(describe(cfg.outputs), sort_keys=True),
         **({"partition_by": cfg.sink.partition_by} if cfg.sink.partition_by else {}),
+        **({"chunking": chunking_identity(cfg)} if cfg.chunking.enabled else {}),
     }
+
+
+def chunking_identity(cfg: RunConfig) -> str:
+    """What decides a chunked table's rows: how documents are cut and encoded, and
+    whether the passages' texts are stored (a column of the table)."""
+    c = cfg.chunking
+    return json.dumps({"mode": c.mode, "max_tokens": c.max_tokens,
+                       "overlap_tokens": c.overlap_tokens, "boundary": c.boundary,
+                       "store_chunk_text": cfg.sink.store_chunk_text}, sort_keys=True)
 
 
 def is_delta_table(path: str) -> bool:
@@ -168,9 +182,11 @@ def _sql_str(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
-def existing_keys(spark: SparkSession, path: str) -> DataFrame:
-    """(id, content_hash) of the rows already embedded in the output table."""
-    return spark.read.format("delta").load(path).select("id", "content_hash")
+def existing_keys(spark: SparkSession, path: str, chunked: bool = False) -> DataFrame:
+    """(id, content_hash) of the rows already embedded in the output table (once per
+    document of a chunked table, which holds a row per passage)."""
+    keys = spark.read.format("delta").load(path).select("id", "content_hash")
+    return keys.distinct() if chunked else keys
 
 
 def with_lineage_columns(encoded: DataFrame, model: str, model_fingerprint: str, run_id: str,
@@ -179,10 +195,11 @@ def with_lineage_columns(encoded: DataFrame, model: str, model_fingerprint: str,
     then the ``carry`` column (sink.partition_by)."""
     from pyspark.sql import functions as F
 
+    chunks = [c for c in CHUNK_COLUMNS if c in encoded.columns]
     vectors = [c for c in encoded.columns if c not in ("id", "content_hash", "n_tokens",
-                                                         "truncated", carry)]
+                                                         "truncated", carry, *chunks)]
     return encoded.select(
-        "id", "content_hash", *vectors, "n_tokens", "truncated",
+        "id", *chunks, "content_hash", *vectors, "n_tokens", "truncated",
         F.lit(model).alias("model"), F.lit(model_fingerprint).alias("model_fingerprint"),
         F.lit(run_id).alias("run_id"), F.lit(embedded_at).cast("timestamp").alias("embedded_at"),
         *([carry] if carry else []))
@@ -338,6 +355,8 @@ def write(spark: SparkSession, df: DataFrame, path: str, req: CommitRequest) -> 
                 if req.partition_by:
                     writer = writer.partitionBy(req.partition_by)
                 writer.save(path)
+            elif req.replace_documents and req.deletes is not None:
+                _replace_documents(spark, df, path, req.deletes)
             else:
                 _merge(spark, df, path, req.merge_keys,
                        req.replace_matched and req.kind == "merge", req.deletes)
@@ -373,6 +392,22 @@ def _merge(spark: SparkSession, df: DataFrame, path: str, keys: tuple[str, ...],
     if replace_matched:
         merge = merge.whenMatchedUpdate(condition="NOT s._delete", set=columns)
     merge.whenNotMatchedInsert(condition="NOT s._delete", values=columns).execute()
+
+
+def _replace_documents(spark: SparkSession, df: DataFrame, path: str,
+                       deletes: DataFrame) -> None:
+    """One MERGE: every stored row (passage) of the ids in ``deletes`` is deleted (a
+    changed document's old passages, however many; a deleted document's), and every
+    row of ``df`` inserted. A target row matches at most one source row: the id's one
+    delete marker (``deletes`` holds each id once)."""
+    from delta.tables import DeltaTable
+
+    columns: dict[str, str | Column] = {c: f"s.`{c}`" for c in df.columns}
+    (DeltaTable.forPath(spark, path).alias("t")
+     .merge(_with_deletes(df, deletes).alias("s"), "t.id = s.id AND s._delete")
+     .whenMatchedDelete()
+     .whenNotMatchedInsert(condition="NOT s._delete", values=columns)
+     .execute())
 
 
 def _with_deletes(df: DataFrame, deletes: DataFrame) -> DataFrame:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import ModelConfig, OutputSpec, RunConfig
+from pipeline.config import ChunkingConfig, ModelConfig, OutputSpec, RunConfig
 from pipeline.encoder.stats import EncoderStats
 from pipeline.errors import PipelineError, raised_on_worker
 from pipeline.outputs import Calibration, column_metadata, spark_type, to_arrow, to_spark_arrow
@@ -34,11 +34,12 @@ log = logging.getLogger(__name__)
 _ENCODERS: dict = {}
 
 
-def get_encoder(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], gpu: str | None):
-    """The worker's encoder for this model and outputs: loaded once, reused by the
-    warm-up, the canary, the calibration sample and every encode task. Never
+def get_encoder(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], gpu: str | None,
+                chunking: ChunkingConfig | None = None):
+    """The worker's encoder for this model, outputs and chunking: loaded once, reused by
+    the warm-up, the canary, the calibration sample and every encode task. Never
     mutated per call (int8 ranges are an argument of ``encode``)."""
-    key = (model_cfg, outputs, gpu)
+    key = (model_cfg, outputs, gpu, chunking)
     if key not in _ENCODERS:
         from pipeline.encoder import Encoder
 
@@ -47,7 +48,7 @@ def get_encoder(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], gpu: st
         for old in [k for k in _ENCODERS if k[0].name_or_path == model_cfg.name_or_path]:
             del _ENCODERS[old]
         _free_cuda_cache()
-        _ENCODERS[key] = Encoder(model_cfg, outputs, gpu_address=gpu)
+        _ENCODERS[key] = Encoder(model_cfg, outputs, gpu_address=gpu, chunking=chunking)
     return _ENCODERS[key]
 
 
@@ -67,7 +68,7 @@ def placed_model(model_cfg: ModelConfig, placement: Placement) -> ModelConfig:
 
 
 def task_encoder(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...],
-                 placement: Placement):
+                 placement: Placement, chunking: ChunkingConfig | None = None):
     """This task's encoder, on the GPU its placement gives it, with its thread count."""
     import os
 
@@ -80,7 +81,7 @@ def task_encoder(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...],
         os.environ["RAYON_NUM_THREADS"] = str(placement.tokenizer_threads)
     ctx = TaskContext.get()
     gpu = placement.gpu_for(ctx.partitionId() if ctx else 0, task_gpu())
-    return get_encoder(placed_model(model_cfg, placement), outputs, gpu)
+    return get_encoder(placed_model(model_cfg, placement), outputs, gpu, chunking)
 
 
 def task_gpu() -> str | None:
@@ -99,13 +100,22 @@ def float_specs(outputs: tuple[OutputSpec, ...]) -> tuple[OutputSpec, ...]:
     return tuple(dataclasses.replace(s, dtype="float32") for s in outputs)
 
 
+CHUNK_COLUMNS = ("chunk_index", "chunk_count", "char_start", "char_end")
+
+
 def output_schema(id_type, outputs: tuple[OutputSpec, ...], raw: bool = False,
-                  model_pooling: str = "mean"):
+                  model_pooling: str = "mean", chunks: Chunked | None = None):
     """The encode stage's rows; stored columns carry their decoding in the column
-    metadata (outputs.column_metadata), which Delta keeps in the table's schema."""
+    metadata (outputs.column_metadata), which Delta keeps in the table's schema.
+    Chunked: one row per passage, keyed (id, chunk_index), with its place in the text."""
     from pyspark.sql.types import BooleanType, IntegerType, StringType, StructField, StructType
 
-    fields = [StructField("id", id_type, True), StructField("content_hash", StringType(), True)]
+    fields = [StructField("id", id_type, True)]
+    if chunks is not None:
+        fields += [StructField(c, IntegerType(), False) for c in CHUNK_COLUMNS]
+        if chunks.store_text:
+            fields.append(StructField("chunk_text", StringType(), True))
+    fields.append(StructField("content_hash", StringType(), True))
     fields += [StructField(s.name, spark_type(s), False,
                            metadata=None if raw else column_metadata(s, model_pooling))
                for s in (float_specs(outputs) if raw else outputs)]
@@ -114,22 +124,55 @@ def output_schema(id_type, outputs: tuple[OutputSpec, ...], raw: bool = False,
     return StructType(fields)
 
 
+@dataclasses.dataclass(frozen=True)
+class Chunked:
+    """A chunked run's encode stage: its chunking, and whether passages' texts are kept."""
+
+    chunking: ChunkingConfig
+    store_text: bool = False
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> Chunked | None:
+        return cls(cfg.chunking, cfg.sink.store_chunk_text) if cfg.chunking.enabled else None
+
+
+def chunk_arrays(batch: pa.RecordBatch, result, chunks: Chunked | None) -> tuple[list, object]:
+    """The id and chunk columns of an encoded batch, and the take() index that repeats
+    each input row once per passage (None when not chunked)."""
+    if chunks is None:
+        return [batch.column("id")], None
+    rows = result.chunks
+    take = pa.array(rows.doc)
+    arrays = [batch.column("id").take(take)]
+    arrays += [pa.array(getattr(rows, c), pa.int32()) for c in CHUNK_COLUMNS]
+    if chunks.store_text:
+        texts = batch.column("text").to_pylist()
+        arrays.append(pa.array([texts[d][s:e] for d, s, e in zip(
+            rows.doc, rows.char_start, rows.char_end, strict=True)], pa.string()))
+    return arrays, take
+
+
 def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...],
                    placement: Placement, stats_acc=None, calibration: Calibration | None = None,
-                   raw: bool = False, pca: str = "project", carry: str | None = None):
+                   raw: bool = False, pca: str = "project", carry: str | None = None,
+                   chunks: Chunked | None = None):
     """The function given to ``mapInArrow``; it closes over plain, picklable config.
 
     ``raw``: emit every column as float32 before quantization (the canary, the
     calibration sample), from the same cached encoder as the run's encode tasks;
     ``pca``: what ``reduce: pca`` columns emit then (``outputs.cut``); ``carry``: an
-    input column passed through as it is (sink.partition_by).
+    input column passed through as it is (sink.partition_by); ``chunks``: one row per
+    passage (id and carry repeated per passage).
     """
     raw_specs = float_specs(outputs)
-    names = ["id", "content_hash", *(s.name for s in outputs), "n_tokens", "truncated"]
+    names = ["id", *((*CHUNK_COLUMNS, *(["chunk_text"] if chunks.store_text else []))
+                     if chunks else ()),
+             "content_hash", *(s.name for s in outputs), "n_tokens", "truncated"]
     names += [carry] if carry else []
+    chunking = chunks.chunking if chunks else None
 
     def encode_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        encoder = task_encoder(model_cfg, outputs, placement)
+        encoder = task_encoder(model_cfg, outputs, placement, chunking)
         before = encoder.stats  # the encoder counts; this task reports its share
         for batch, prepared in encoder.prefetched(batches, lambda b: b.column("text")):
             if raw:
@@ -140,10 +183,14 @@ def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...],
             else:
                 result = encoder.encode(prepared, calibration)
                 columns = result.columns
-            arrays = [batch.column("id"), batch.column("content_hash")]
+            arrays, take = chunk_arrays(batch, result, chunks)
+            arrays.append(batch.column("content_hash") if take is None
+                          else batch.column("content_hash").take(take))
             arrays += [to_spark_arrow(columns[s.name]) for s in outputs]
             arrays += [pa.array(result.n_tokens, pa.int32()), pa.array(result.truncated)]
-            arrays += [batch.column(carry)] if carry else []
+            if carry:
+                arrays.append(batch.column(carry) if take is None
+                              else batch.column(carry).take(take))
             yield pa.RecordBatch.from_arrays(arrays, names=names)
         if stats_acc is not None:
             stats_acc.add(dataclasses.replace(encoder.stats - before, peak_rss_mb=_peak_rss_mb(),
@@ -163,10 +210,11 @@ def encode(spark: SparkSession, cfg: RunConfig, rows: DataFrame, partitions: int
            placement: Placement, stats_acc, calibration: Calibration | None) -> DataFrame:
     """Rows (id, text, content_hash) -> (id, content_hash, every output column, n_tokens,
     truncated), encoded on the executors; the encode stage alone asks for GPUs."""
-    carry = cfg.sink.partition_by
-    fn = make_encode_fn(cfg.model, cfg.outputs, placement, stats_acc, calibration, carry=carry)
+    carry, chunks = cfg.sink.partition_by, Chunked.of(cfg)
+    fn = make_encode_fn(cfg.model, cfg.outputs, placement, stats_acc, calibration, carry=carry,
+                        chunks=chunks)
     schema = output_schema(rows.schema["id"].dataType, cfg.outputs,
-                           model_pooling=cfg.model.pooling)
+                           model_pooling=cfg.model.pooling, chunks=chunks)
     if carry:
         schema = schema.add(rows.schema[carry])
     return (rows.repartition(partitions)
@@ -175,20 +223,30 @@ def encode(spark: SparkSession, cfg: RunConfig, rows: DataFrame, partitions: int
 
 def encode_floats(spark: SparkSession, cfg: RunConfig, placement: Placement,
                   rows: DataFrame, calibration: Calibration | None = None,
-                  pca: str = "project") -> tuple[dict[str, np.ndarray], str]:
+                  pca: str = "project", first_chunks: bool = False
+                  ) -> tuple[dict[str, np.ndarray], str]:
     """A small set of rows (the canary, a calibration sample) through the run's own
     encode path (same executors, same cached encoders), as float32 before
-    quantization. Returns ({column: [N, dim] in id order}, the runtime that ran)."""
+    quantization. Returns ({column: [N, dim] in id order}, the runtime that ran).
+    Chunked runs give each text's passages in order, or with ``first_chunks`` its
+    first passage only (one vector per text: the canary)."""
     from pipeline import spark as spark_setup
 
     stats = stats_accumulator(spark.sparkContext)
+    chunks = Chunked.of(cfg)
+    if chunks is not None:
+        chunks = dataclasses.replace(chunks, store_text=False)
     fn = make_encode_fn(cfg.model, cfg.outputs, placement, stats, calibration, raw=True,
-                        pca=pca)
-    schema = output_schema(rows.schema["id"].dataType, cfg.outputs, raw=True)
-    table = (rows.select("id", "text", "content_hash")
-             .repartition(placement.encode_tasks or spark_setup.task_slots(spark))
-             .mapInArrow(fn, schema, profile=gpu_profile(spark, placement))
-             .select("id", *(s.name for s in cfg.outputs)).toArrow().sort_by("id"))
+                        pca=pca, chunks=chunks)
+    schema = output_schema(rows.schema["id"].dataType, cfg.outputs, raw=True, chunks=chunks)
+    encoded = (rows.select("id", "text", "content_hash")
+               .repartition(placement.encode_tasks or spark_setup.task_slots(spark))
+               .mapInArrow(fn, schema, profile=gpu_profile(spark, placement)))
+    keys = ["id"] if chunks is None else ["id", "chunk_index"]
+    if chunks is not None and first_chunks:
+        encoded = encoded.filter("chunk_index = 0")
+    table = (encoded.select(*keys, *(s.name for s in cfg.outputs)).toArrow()
+             .sort_by([(k, "ascending") for k in keys]))
     vectors = {s.name: _matrix(table.column(s.name)) for s in cfg.outputs}
     return vectors, stats.value.runtime_label
 
@@ -224,9 +282,10 @@ def warm_workers(spark: SparkSession, cfg, placement: Placement) -> WarmUp:
     """
     slots = placement.encode_tasks or max(1, spark.sparkContext.defaultParallelism)
     outputs, model_cfg = cfg.outputs, cfg.model
+    chunking = cfg.chunking if cfg.chunking.enabled else None
 
     def warm(batches):
-        encoder = task_encoder(model_cfg, outputs, placement)
+        encoder = task_encoder(model_cfg, outputs, placement, chunking)
         for _ in batches:
             pass
         yield pa.RecordBatch.from_pydict({"runtime": [encoder.runtime.label]})
