@@ -359,7 +359,25 @@ def with_snippets(info: TableInfo, hits: list[Hit], width: int = 160
         texts = _source_texts(path, fmt, id_col, text_col, [h.id for h in hits])
     except Exception as exc:  # the source moved or is unreadable here: hits still stand
         return hits, f"no snippets: source {path} not readable here ({type(exc).__name__})"
-    return [dataclasses.replace(h, snippet=_snippet(texts.get(h.id), width)) for h in hits], None
+    spans = _passage_spans(info, hits) if info.has_chunks else {}
+    out = []
+    for h in hits:
+        text = texts.get(h.id)
+        span = spans.get((h.id, h.chunk_index))
+        if text is not None and span is not None:  # a passage: its own text
+            text = text[span[0]:span[1]]
+        out.append(dataclasses.replace(h, snippet=_snippet(text, width)))
+    return out, None
+
+
+def _passage_spans(info: TableInfo, hits: list[Hit]) -> dict:
+    """(id, chunk_index) -> (char_start, char_end) of the hits' passages."""
+    if not info.arrow_readable:
+        return {}
+    batches = _delta_rs_batches(info.path, ["id", "chunk_index", "char_start", "char_end"],
+                                ids=list({h.id for h in hits}))
+    return {(r["id"], r["chunk_index"]): (r["char_start"], r["char_end"])
+            for b in batches for r in b.to_pylist()}
 
 
 def _snippet(text: str | None, width: int) -> str | None:

@@ -29,9 +29,24 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 def _write_source(spark, path: str, docs: dict[int, str | None]) -> None:
+    """A Delta source with its Change Data Feed on (later runs read only what changed)."""
     rows = [(i, t) for i, t in sorted(docs.items())]
     spark.createDataFrame(rows, "id long, text string").write.format("delta") \
-        .mode("overwrite").save(path)
+        .option("delta.enableChangeDataFeed", "true").mode("overwrite").save(path)
+
+
+def _edit_source(spark, path: str, update: dict[int, str], delete: list[int],
+                 insert: dict[int, str]) -> None:
+    from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
+
+    table = DeltaTable.forPath(spark, path)
+    for doc_id, text in update.items():
+        table.update(f"id = {doc_id}", {"text": F.lit(text)})
+    for doc_id in delete:
+        table.delete(f"id = {doc_id}")
+    spark.createDataFrame(sorted(insert.items()), "id long, text string").write \
+        .format("delta").mode("append").save(path)
 
 
 def _config(tmp: Path, name: str, source: str, model: str, chunking: str = CHUNKING,
@@ -86,14 +101,16 @@ def test_incremental_rounds_per_document(spark, tiny_model, tmp_path, demo_rows)
     docs[3] = docs[3][:400]
     del docs[5]
     docs[200] = longest[0][::-1].strip() + " The end."
-    _write_source(spark, source, docs)
+    _edit_source(spark, source, {3: docs[3]}, [5], {200: docs[200]})
     second = run(cfg, spark=spark)
+    assert second.plan_path == "cdf", second.plan_note
     table = _table(spark, cfg.sink.path)
     _check_passages(table, docs)
     after = int((table["id"] == 3).sum())
     assert after < before[3]
+    # the feed names documents 3, 5 and 200: read 2, embed 2, delete 1
     assert (second.rows_read, second.rows_embedded, second.rows_skipped,
-            second.rows_quarantined, second.rows_deleted) == (25, 2, 22, 1, 1)
+            second.rows_quarantined, second.rows_deleted) == (2, 2, 0, 0, 1)
     assert second.chunks_written == after + int((table["id"] == 200).sum())
     assert second.chunks_deleted == before[3] + before[5]  # old passages of 3, all of 5
     assert second.canary is not None and second.canary.verdict == "same_runtime"
@@ -103,8 +120,10 @@ def test_incremental_rounds_per_document(spark, tiny_model, tmp_path, demo_rows)
     assert (kept["run_id"] == first.run_id).all()
     assert kept.index.equals(first_rows.drop(index=[3, 5], level="id").index)
 
-    third = run(cfg, spark=spark)  # nothing changed: documents skipped whole
-    assert (third.rows_embedded, third.rows_skipped, third.output_version) == (0, 24, None)
+    # nothing changed; the full comparison skips every document whole
+    third = run(cfg, spark=spark, full_refresh=True)
+    assert (third.rows_read, third.rows_embedded, third.rows_skipped, third.rows_quarantined,
+            third.output_version) == (25, 0, 24, 1, None)
 
     # the same final source into a new table: the same passages and vectors
     fresh_cfg = _config(tmp_path, "b", source, tiny_model)
@@ -121,7 +140,114 @@ def test_incremental_rounds_per_document(spark, tiny_model, tmp_path, demo_rows)
 
     assert len(deltars.read_pandas(cfg.sink.path)) == len(table)
 
+    # search returns passages, each with its own text as the snippet
+    from pipeline.search import search
+
+    found = search(cfg.sink.path, "emb", "what the first document says", k=5, model=tiny_model)
+    assert len(found.hits) == 5 and all(h.chunk_index is not None for h in found.hits)
+    texts = table.set_index(["id", "chunk_index"])["chunk_text"]
+    for hit in found.hits:
+        passage = " ".join(texts[(hit.id, hit.chunk_index)].split())
+        assert hit.snippet is not None and passage.startswith(hit.snippet.rstrip("…"))
+
     # an unchunked run into the chunked table is refused by its identity
     plain = _config(tmp_path, "c", source, tiny_model, chunking="")
     with pytest.raises(SinkConflictError, match="chunking"):
         run(plain, spark=spark)
+
+
+def test_late_chunking_through_spark_equals_the_encoder_core(spark, model_dir, tmp_path,
+                                                             demo_rows):
+    """The real model: each passage's vector in the table is the core's late vector."""
+    from pipeline.config import ChunkingConfig, ModelConfig, OutputSpec
+    from pipeline.encoder import Encoder
+
+    texts = sorted((r["text"] for r in demo_rows), key=len, reverse=True)[:8]
+    docs = dict(enumerate(texts))
+    source = str(tmp_path / "src")
+    _write_source(spark, source, docs)
+    chunking = "chunking: {mode: late, max_tokens: 64, overlap_tokens: 8}\n"
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    cfg = load_config(write_config(folder, source, str(tmp_path / "out" / "late"),
+                                   outputs="[{name: e, dim: 384}, {name: e_bits, dim: 384, "
+                                           "dtype: ubinary}]",
+                                   extra="model: {max_length: 512}\n" + chunking))
+    result = run(cfg, spark=spark)
+    table = _table(spark, cfg.sink.path)
+    assert result.rows_embedded == 8 and result.chunks_written == len(table)
+    enc = Encoder(ModelConfig(max_length=512), [OutputSpec(name="e", dim=384)],
+                  chunking=ChunkingConfig(mode="late", max_tokens=64, overlap_tokens=8))
+    floats, info = enc.encode_float(texts)
+    assert table["chunk_index"].tolist() == info.chunks.chunk_index.tolist()
+    assert table["char_start"].tolist() == info.chunks.char_start.tolist()
+    assert cosine_rows(np.stack(table["e"]), floats["e"]).min() >= 0.99999
+    bits = np.stack([np.unpackbits(np.frombuffer(b, np.uint8)) for b in table["e_bits"]])
+    assert (bits == (floats["e"] > 0)).mean() > 0.999
+
+
+def test_chunked_backfill_then_a_killed_replacing_run(spark, tiny_model, tmp_path, demo_rows):
+    """Partitions append their documents' passages once each; a run replacing changed
+    documents, killed with SIGKILL, then re-run, leaves exactly the right passages."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pandas as pd
+
+    from pipeline import backfill
+    from pipeline.encoder.model import fingerprint, inspect_model
+    from tests.conftest import ROOT
+
+    texts = sorted((r["text"] for r in demo_rows), key=len, reverse=True)[:60]
+    pdf = pd.DataFrame({"id": range(60), "text": texts,
+                        "day": [f"2024-01-0{1 + i % 3}" for i in range(60)]})
+    source = str(tmp_path / "src")
+    spark.createDataFrame(pdf).write.format("delta").save(source)
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    cfg_path = write_config(folder, source, str(tmp_path / "out" / "passages"),
+                            outputs=OUTPUTS,
+                            extra=f"model: {{name_or_path: '{tiny_model}'}}\n" + CHUNKING)
+    cfg = load_config(cfg_path, ["source.partition_column=day"])
+    fp = fingerprint(inspect_model(cfg.model.name_or_path))
+    results = backfill.run_backfill(spark, cfg, backfill.plan(spark, cfg, fp, None, None))
+    assert sorted(r.rows_embedded for r in results) == [20, 20, 20]
+    assert backfill.run_backfill(spark, cfg, backfill.plan(spark, cfg, fp, None, None)) == []
+    table = _table(spark, cfg.sink.path)
+    assert sum(r.chunks_written for r in results) == len(table)
+    assert not table.duplicated(["id", "chunk_index"]).any() and table["id"].nunique() == 60
+
+    # change 30 documents (shorter: fewer passages), then kill the run replacing them
+    from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
+
+    DeltaTable.forPath(spark, source).update("id < 30", {"text": F.substring("text", 1, 300)})
+    out = Path(cfg.sink.path) / "_delta_log"
+    commits = len(list(out.glob("*.json")))
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "embed"), "run", "--config",
+                             str(cfg_path), "--no-progress"], cwd=ROOT,
+                            env=dict(os.environ, PYSPARK_PYTHON=sys.executable),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    runs_log = Path(cfg.sink.path).parent / "_embedding_runs" / "_delta_log"
+    started = len(list(runs_log.glob("*.json")))
+    deadline = time.time() + 300
+    while len(list(runs_log.glob("*.json"))) == started and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    landed = len(list(out.glob("*.json"))) > commits
+    final = run(load_config(cfg_path), spark=spark)
+    assert final.rows_embedded == (0 if landed else 30)
+    assert final.rows_embedded + final.rows_skipped == 60
+    table = _table(spark, cfg.sink.path)
+    by_doc = table.groupby("id")["chunk_index"].agg(list)
+    assert sorted(by_doc.index) == list(range(60))
+    assert all(ix == list(range(len(ix))) for ix in by_doc)
+    short = table[table["id"] < 30]
+    assert (short["char_end"] <= 300).all()  # no passage of the old, longer texts is left
+    assert set(short["chunk_count"]) <= {1, 2, 3, 4, 5, 6, 7, 8}
