@@ -105,6 +105,25 @@ class EncodeInfo:
     chunks: ChunkRows | None = None
 
 
+def utf8_clean(texts: Sequence[str]) -> list[str]:
+    """Lone surrogates (possible in Python str, never in UTF-8 data) are not text the
+    Rust tokenizer takes: replaced, as a UTF-8 decoder would (one character each, so
+    character offsets still hold)."""
+    return [t.encode("utf-8", "replace").decode("utf-8") for t in texts]
+
+
+def flatten(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token id lists -> (flat ids, row offsets, row lengths)."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    offsets = np.zeros(len(rows), dtype=np.int64)
+    if len(rows) > 1:
+        np.cumsum(lengths[:-1], out=offsets[1:])
+    # chain.from_iterable walks the rows in C: 2-3x a generator over tokens.
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64,
+                       count=int(lengths.sum()))
+    return flat, offsets, lengths
+
+
 def _chunk_rows(plans: list[list[chunker.Chunk]]) -> ChunkRows:
     counts = np.fromiter((len(p) for p in plans), dtype=np.int32, count=len(plans))
     flat = [c for p in plans for c in p]
@@ -276,18 +295,8 @@ class Encoder:
         try:
             ids = self._token_ids(list(texts))
         except (TypeError, UnicodeError):
-            # Lone surrogates (possible in Python str, never in UTF-8 data) are not
-            # text the Rust tokenizer takes: replace them, as a UTF-8 decoder would.
-            ids = self._token_ids([t.encode("utf-8", "replace").decode("utf-8")
-                                   for t in texts])
-        lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=len(ids))
-        offsets = np.zeros(len(ids), dtype=np.int64)
-        if len(ids) > 1:
-            np.cumsum(lengths[:-1], out=offsets[1:])
-        # chain.from_iterable walks the rows in C: 2-3x a generator over tokens.
-        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64,
-                           count=int(lengths.sum()))
-        return flat, offsets, lengths
+            ids = self._token_ids(utf8_clean(texts))
+        return flatten(ids)
 
     def _token_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text, truncated to max_length, special tokens added.
@@ -490,9 +499,7 @@ class Encoder:
         try:
             encodings = backend.encode_batch(list(texts), add_special_tokens=False)
         except (TypeError, UnicodeError):  # lone surrogates: as tokenize() does
-            encodings = backend.encode_batch(
-                [t.encode("utf-8", "replace").decode("utf-8") for t in texts],
-                add_special_tokens=False)
+            encodings = backend.encode_batch(utf8_clean(texts), add_special_tokens=False)
         return [chunker.DocTokens.from_encoding(e) for e in encodings]
 
     def chunk_budget(self) -> tuple[int, int]:
@@ -509,43 +516,45 @@ class Encoder:
         cfg = self.chunking
         prefix, suffix = self._special_tokens
         head = prefix + self._prompt_ids
-        _, room = self.chunk_budget()
         docs = self.document_tokens(texts)
         plans = [chunker.plan_chunks(t, d, cfg) for t, d in zip(texts, docs, strict=True)]
         units: list[list[int]] = []
-        span_unit: list[int] = []
-        span_lo: list[int] = []
-        span_hi: list[int] = []
+        spans: list[tuple[int, int, int]] = []  # late: (unit, start, end) per passage
         for doc, chunks in zip(docs, plans, strict=True):
             ids = doc.ids.tolist()
             if cfg.mode == "split":
                 units += [head + ids[c.start:c.end] + suffix for c in chunks]
-                continue
-            windows, owner = chunker.macro_windows(
-                chunks, len(ids), room, chunker.late_context(room, cfg.max_tokens))
-            first = len(units)
-            units += [head + ids[a:b] + suffix for a, b in windows]
-            for c, w in zip(chunks, owner, strict=True):
-                a = windows[w][0]
-                lo, hi = (len(head) + c.start - a, len(head) + c.end - a) if c.end > c.start \
-                    else (0, len(units[first + w]))  # no tokens: the unit's own mean
-                span_unit.append(first + w)
-                span_lo.append(lo)
-                span_hi.append(hi)
+            else:
+                spans += self._late_units(ids, chunks, head, suffix, units)
         rows = _chunk_rows(plans)
-        lengths = np.fromiter((len(u) for u in units), dtype=np.int64, count=len(units))
-        offsets = np.zeros(len(units), dtype=np.int64)
-        if len(units) > 1:
-            np.cumsum(lengths[:-1], out=offsets[1:])
-        flat = np.fromiter(itertools.chain.from_iterable(units), dtype=np.int64,
-                           count=int(lengths.sum()))
+        flat, offsets, lengths = flatten(units)
         n = len(rows.doc)
-        spans = None if cfg.mode == "split" else Spans(
-            np.asarray(span_unit, dtype=np.int64), np.asarray(span_lo, dtype=np.int64),
-            np.asarray(span_hi, dtype=np.int64))
+        late = None
+        if cfg.mode == "late":
+            table = np.asarray(spans, dtype=np.int64).reshape(-1, 3)
+            late = Spans(table[:, 0], table[:, 1], table[:, 2])
         return Prepared(n, flat, offsets, lengths, owner=np.arange(len(units)),
                         weights=lengths.astype(np.float32), total=rows.n_tokens.astype(np.int64),
-                        cut_off=np.zeros(n, dtype=bool), chunks=rows, spans=spans)
+                        cut_off=np.zeros(n, dtype=bool), chunks=rows, spans=late)
+
+    def _late_units(self, ids: list[int], chunks: list[chunker.Chunk], head: list[int],
+                    suffix: list[int], units: list[list[int]]) -> list[tuple[int, int, int]]:
+        """Append one document's macro-windows to ``units``; return each passage's span
+        (unit, start, end) in unit positions (past the special tokens and prompt)."""
+        assert self.chunking is not None
+        _, room = self.chunk_budget()
+        windows, owner = chunker.macro_windows(
+            chunks, len(ids), room, chunker.late_context(room, self.chunking.max_tokens))
+        first = len(units)
+        units += [head + ids[a:b] + suffix for a, b in windows]
+        spans = []
+        for c, w in zip(chunks, owner, strict=True):
+            a = windows[w][0]
+            if c.end > c.start:
+                spans.append((first + w, len(head) + c.start - a, len(head) + c.end - a))
+            else:  # a text of no tokens: its unit's own mean
+                spans.append((first + w, 0, len(units[first + w])))
+        return spans
 
     def prepare(self, texts: Sequence[str] | pa.Array) -> Prepared:
         """CPU stage: tokenize (and chunk) a batch. Thread-safe to run ahead of
