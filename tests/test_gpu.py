@@ -122,3 +122,22 @@ def test_a_real_cuda_out_of_memory_splits_the_batch_and_loses_no_row(gpu_model, 
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
         torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("mode", ["split", "late"])
+def test_passages_on_cuda_match_cpu_fp32(gpu_model, texts, mode):
+    """Passages (chunking) on the GPU: the same chunks, and vectors within the
+    half-precision threshold of the CPU fp32 ones (late: packed spans)."""
+    from pipeline.config import ChunkingConfig
+
+    chunking = ChunkingConfig(mode=mode, max_tokens=64, overlap_tokens=8, boundary="sentences")
+    long_texts = sorted(texts, key=len, reverse=True)[:40]
+    out = {}
+    for device in ("cpu", "cuda"):
+        enc = Encoder(ModelConfig(name_or_path=gpu_model, device=device, max_length=512),
+                      SPECS, chunking=chunking)
+        out[device] = enc.encode_float(long_texts)
+    (cpu, cpu_info), (gpu, gpu_info) = out["cpu"], out["cuda"]
+    assert gpu_info.chunks.char_start.tolist() == cpu_info.chunks.char_start.tolist()
+    for name in cpu:
+        assert cosine_rows(gpu[name], cpu[name]).min() >= 0.999, (mode, name)
