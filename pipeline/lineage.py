@@ -15,6 +15,7 @@ that fails logs a warning and never fails the run.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -286,6 +287,8 @@ def _embedding_facet_class():
         runtime: str | None = None
         canary: str | None = None
         drift: str | None = None
+        chunking: dict | None = None
+        passagesWritten: int | None = None  # noqa: N815
 
         @staticmethod
         def _get_schema() -> str:
@@ -382,7 +385,8 @@ def _datasets(cfg: RunConfig, result: RunResult | None, schemas: dict):
         "source", result.source_version if result else None))]
     outputs = [OutputDataset(namespace=out_ns, name=out_name,
                              facets=facets("output", result.output_version if result else None),
-                             outputFacets=rows(result.rows_embedded) if result else {})]
+                             outputFacets=rows(result.chunks_written if cfg.chunking.enabled
+                                               else result.rows_embedded) if result else {})]
     if result is not None and result.rows_quarantined:
         q_ns, q_name = dataset_name(cfg.sink.quarantine)
         outputs.append(OutputDataset(namespace=q_ns, name=q_name,
@@ -409,7 +413,10 @@ def _run_facets(cfg: RunConfig, info: ModelInfo | None, model_fp: str, embed_run
             outputs=describe(cfg.outputs), embedRunId=embed_run_id,
             runtime=result.runtime if result else None,
             canary=result.canary_summary if result else None,
-            drift=result.drift_summary if result else None, producer=producer()),
+            drift=result.drift_summary if result else None,
+            chunking=dataclasses.asdict(cfg.chunking) if cfg.chunking.enabled else None,
+            passagesWritten=result.chunks_written if result and cfg.chunking.enabled
+            else None, producer=producer()),
         "processing_engine": processing_engine_run.ProcessingEngineRunFacet(
             version=version("pyspark"), name="spark",
             openlineageAdapterVersion=package_version(), producer=producer()),

@@ -235,3 +235,16 @@ def test_window_checks_name_the_key(model_dir):
         Encoder(ModelConfig(max_length=1024), SPECS[:1],
                 chunking=ChunkingConfig(mode="late", max_tokens=64))
     assert err.value.key == "model.max_length" and "512 positions" in str(err.value)
+
+
+def test_every_shipped_config_loads():
+    from pipeline.config import load_config
+    from tests.conftest import ROOT
+
+    configs = sorted((ROOT / "conf").glob("*.yaml"))
+    assert any(p.name == "passages.yaml" for p in configs)
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.outputs, path
+    passages = load_config(ROOT / "conf" / "passages.yaml")
+    assert passages.chunking.mode == "late" and passages.sink.store_chunk_text

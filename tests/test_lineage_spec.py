@@ -16,15 +16,15 @@ from tests.conftest import write_config
 from tests.openlineage_spec import validate_event
 
 
-def _events(tmp_path) -> dict[str, dict]:
+def _events(tmp_path, extra: str = "") -> dict[str, dict]:
     from openlineage.client.serde import Serde
 
     cfg = load_config(write_config(tmp_path, str(tmp_path / "src"), str(tmp_path / "out"),
-                                   extra="lineage: {transport: console}\n"))
+                                   extra="lineage: {transport: console}\n" + extra))
     emitter = lineage.Emitter(cfg, lineage.new_lineage_run_id(), "embed.out")
     result = SimpleNamespace(source_version=3, output_version=7, rows_embedded=10,
                              rows_quarantined=2, runtime="cpu fp32 sdpa", canary_summary="ok",
-                             drift_summary="ok")
+                             drift_summary="ok", chunks_written=40)
     schemas = {"source": [("id", "bigint"), ("text", "string")],
                "output": [("id", "bigint"), ("emb_384", "array<float>")]}
     built = {"START": emitter._event("START", None, "fp", "r1", None, None, schemas, None),
@@ -45,6 +45,17 @@ def test_every_event_follows_the_spec(tmp_path):
     assert [o["outputFacets"]["outputStatistics"]["rowCount"] for o in done["outputs"]] == [10, 2]
     assert done["run"]["facets"]["nominalTime"]["nominalStartTime"].startswith("2024-01-02")
     assert events["FAIL"]["run"]["facets"]["errorMessage"]["message"] == "ValueError: x"
+
+
+def test_chunked_runs_count_passages_in_the_spec_facets(tmp_path):
+    events = _events(tmp_path, "chunking: {mode: late, max_tokens: 64}\n")
+    for event in events.values():
+        validate_event(event)
+    done = events["COMPLETE"]
+    # the output dataset got 40 passage rows (of 10 documents)
+    assert [o["outputFacets"]["outputStatistics"]["rowCount"] for o in done["outputs"]] == [40, 2]
+    facet = done["run"]["facets"]["embedPipeline_embedding"]
+    assert facet["passagesWritten"] == 40 and facet["chunking"]["mode"] == "late"
 
 
 @pytest.mark.parametrize("breaks, message", [
