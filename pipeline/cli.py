@@ -517,8 +517,11 @@ def validate_cmd(config_path: Path, overrides: tuple[str, ...]) -> None:
         info = preflight(cfg)
     except PipelineError as err:
         _fail(err)
+    c = cfg.chunking
+    passages = (f", passages: {c.mode} {c.max_tokens} tokens / {c.overlap_tokens} overlap"
+                if c.enabled else "")
     click.echo(f"ok: {config_path} ({info.model_type}, hidden {info.hidden_size}, "
-               f"{len(cfg.outputs)} output columns)")
+               f"{len(cfg.outputs)} output columns{passages})")
 
 
 if __name__ == "__main__":

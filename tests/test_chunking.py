@@ -248,3 +248,22 @@ def test_every_shipped_config_loads():
         assert cfg.outputs, path
     passages = load_config(ROOT / "conf" / "passages.yaml")
     assert passages.chunking.mode == "late" and passages.sink.store_chunk_text
+
+
+def test_embed_validate_checks_the_chunking_without_spark(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from tests.conftest import ROOT
+
+    conf = str(ROOT / "conf" / "passages.yaml")
+    source = ["--set", f"source.path={tmp_path}", "--set", "source.format=parquet"]
+    ok = CliRunner().invoke(main, ["validate", "--config", conf, *source])
+    assert ok.exit_code == 0, ok.output
+    assert "passages: late 128 tokens / 16 overlap" in ok.output
+    bad = CliRunner().invoke(main, ["validate", "--config", conf, *source,
+                                    "--set", "chunking.max_tokens=512"])
+    assert bad.exit_code == 2
+    assert bad.output.strip().splitlines()[-1] == (
+        "error: config error at 'chunking.max_tokens': 512 tokens + 2 special and prompt "
+        "tokens exceed model.max_length 512: at most 510")
