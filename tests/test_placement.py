@@ -113,7 +113,7 @@ def test_a_worker_keeps_one_copy_of_a_model(model_dir):
     first = udf.get_encoder(model, outputs, None)
     assert udf.get_encoder(model, outputs, None) is first
     udf.get_encoder(model, outputs, "1")  # the same model asked for on another GPU
-    assert len(udf._ENCODERS) == 1 and (model, outputs, "1") in udf._ENCODERS
+    assert len(udf._ENCODERS) == 1 and (model, outputs, "1", None) in udf._ENCODERS
     udf._ENCODERS.clear()
 
 
