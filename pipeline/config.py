@@ -52,9 +52,11 @@ PACKED_DTYPES = ("binary", "ubinary")
 SINK_MODES: tuple[str, ...] = typing.get_args(SinkMode)
 LINEAGE_TRANSPORTS: tuple[str, ...] = typing.get_args(LineageTransport)
 # Columns the sink writes next to the embedding columns; outputs may not reuse them.
+# A chunked table's passage columns (after id; chunk_text only with sink.store_chunk_text).
+CHUNK_COLUMNS = ("chunk_index", "chunk_count", "char_start", "char_end")
+CHUNK_TEXT = "chunk_text"
 RESERVED_COLUMNS = ("id", "content_hash", "model", "model_fingerprint", "run_id", "embedded_at",
-                    "n_tokens", "truncated", "chunk_index", "chunk_count", "char_start",
-                    "char_end", "chunk_text")
+                    "n_tokens", "truncated", *CHUNK_COLUMNS, CHUNK_TEXT)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Free-form mappings: their keys are passed through (Spark conf keys contain dots).
 _FREEFORM = {("source", "options"), ("spark", "conf")}

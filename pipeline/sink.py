@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.config import CHUNK_COLUMNS, CHUNK_TEXT
 from pipeline.errors import AlreadyCommitted, ConcurrentRunError, SinkConflictError
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ _CONFLICT_MARKERS = ("ConcurrentAppendException", "ConcurrentDeleteReadException
 # partition_by is there only when set, so tables made before it existed keep matching.
 IDENTITY_KEYS = ("model", "model_fingerprint", "pooling", "max_length", "prompt", "outputs",
                  "partition_by", "chunking")
-CHUNK_COLUMNS = ("chunk_index", "chunk_count", "char_start", "char_end", "chunk_text")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,7 +195,7 @@ def with_lineage_columns(encoded: DataFrame, model: str, model_fingerprint: str,
     then the ``carry`` column (sink.partition_by)."""
     from pyspark.sql import functions as F
 
-    chunks = [c for c in CHUNK_COLUMNS if c in encoded.columns]
+    chunks = [c for c in (*CHUNK_COLUMNS, CHUNK_TEXT) if c in encoded.columns]
     vectors = [c for c in encoded.columns if c not in ("id", "content_hash", "n_tokens",
                                                          "truncated", carry, *chunks)]
     return encoded.select(
@@ -355,11 +355,10 @@ def write(spark: SparkSession, df: DataFrame, path: str, req: CommitRequest) -> 
                 if req.partition_by:
                     writer = writer.partitionBy(req.partition_by)
                 writer.save(path)
-            elif req.replace_documents and req.deletes is not None:
-                _replace_documents(spark, df, path, req.deletes)
             else:
-                _merge(spark, df, path, req.merge_keys,
-                       req.replace_matched and req.kind == "merge", req.deletes)
+                _merge(spark, df, path, req.merge_keys, req.replace_matched and
+                       req.kind == "merge" and not req.replace_documents, req.deletes,
+                       by_id=req.replace_documents)
         return last_commit(spark, path, run_id, txn)
     except ConcurrentRunError:
         # The run we lost to may have committed this very txn (the same partition
@@ -371,7 +370,12 @@ def write(spark: SparkSession, df: DataFrame, path: str, req: CommitRequest) -> 
 
 
 def _merge(spark: SparkSession, df: DataFrame, path: str, keys: tuple[str, ...],
-           replace_matched: bool, deletes: DataFrame | None = None) -> None:
+           replace_matched: bool, deletes: DataFrame | None = None,
+           by_id: bool = False) -> None:
+    """``by_id`` (chunked tables): a source row matches only through its id's delete
+    marker, so every stored row (passage) of the ids in ``deletes`` is deleted (a
+    changed document's old passages, however many) and every row of ``df`` inserted;
+    ``deletes`` holds each id once, so a stored row matches one source row at most."""
     from delta.tables import DeltaTable
 
     on = " AND ".join(f"t.{k} = s.{k}" for k in keys)
@@ -383,7 +387,8 @@ def _merge(spark: SparkSession, df: DataFrame, path: str, keys: tuple[str, ...],
         return
     # The deleted ids ride along as source rows flagged _delete (their other columns
     # null); a flagged row matches every stored row of its id.
-    rest = " AND ".join(f"t.{k} = s.{k}" for k in keys if k != "id") or "TRUE"
+    rest = "FALSE" if by_id else (
+        " AND ".join(f"t.{k} = s.{k}" for k in keys if k != "id") or "TRUE")
     source = _with_deletes(df, deletes)
     columns: dict[str, str | Column] = {c: f"s.`{c}`" for c in df.columns}
     merge = (DeltaTable.forPath(spark, path).alias("t")
@@ -392,22 +397,6 @@ def _merge(spark: SparkSession, df: DataFrame, path: str, keys: tuple[str, ...],
     if replace_matched:
         merge = merge.whenMatchedUpdate(condition="NOT s._delete", set=columns)
     merge.whenNotMatchedInsert(condition="NOT s._delete", values=columns).execute()
-
-
-def _replace_documents(spark: SparkSession, df: DataFrame, path: str,
-                       deletes: DataFrame) -> None:
-    """One MERGE: every stored row (passage) of the ids in ``deletes`` is deleted (a
-    changed document's old passages, however many; a deleted document's), and every
-    row of ``df`` inserted. A target row matches at most one source row: the id's one
-    delete marker (``deletes`` holds each id once)."""
-    from delta.tables import DeltaTable
-
-    columns: dict[str, str | Column] = {c: f"s.`{c}`" for c in df.columns}
-    (DeltaTable.forPath(spark, path).alias("t")
-     .merge(_with_deletes(df, deletes).alias("s"), "t.id = s.id AND s._delete")
-     .whenMatchedDelete()
-     .whenNotMatchedInsert(condition="NOT s._delete", values=columns)
-     .execute())
 
 
 def _with_deletes(df: DataFrame, deletes: DataFrame) -> DataFrame:

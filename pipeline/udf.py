@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import ChunkingConfig, ModelConfig, OutputSpec, RunConfig
+from pipeline.config import (
+    CHUNK_COLUMNS,
+    CHUNK_TEXT,
+    ChunkingConfig,
+    ModelConfig,
+    OutputSpec,
+    RunConfig,
+)
 from pipeline.encoder.stats import EncoderStats
 from pipeline.errors import PipelineError, raised_on_worker
 from pipeline.outputs import Calibration, column_metadata, spark_type, to_arrow, to_spark_arrow
@@ -100,9 +107,6 @@ def float_specs(outputs: tuple[OutputSpec, ...]) -> tuple[OutputSpec, ...]:
     return tuple(dataclasses.replace(s, dtype="float32") for s in outputs)
 
 
-CHUNK_COLUMNS = ("chunk_index", "chunk_count", "char_start", "char_end")
-
-
 def output_schema(id_type, outputs: tuple[OutputSpec, ...], raw: bool = False,
                   model_pooling: str = "mean", chunks: Chunked | None = None):
     """The encode stage's rows; stored columns carry their decoding in the column
@@ -114,7 +118,7 @@ def output_schema(id_type, outputs: tuple[OutputSpec, ...], raw: bool = False,
     if chunks is not None:
         fields += [StructField(c, IntegerType(), False) for c in CHUNK_COLUMNS]
         if chunks.store_text:
-            fields.append(StructField("chunk_text", StringType(), True))
+            fields.append(StructField(CHUNK_TEXT, StringType(), True))
     fields.append(StructField("content_hash", StringType(), True))
     fields += [StructField(s.name, spark_type(s), False,
                            metadata=None if raw else column_metadata(s, model_pooling))
@@ -165,7 +169,7 @@ def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...],
     passage (id and carry repeated per passage).
     """
     raw_specs = float_specs(outputs)
-    names = ["id", *((*CHUNK_COLUMNS, *(["chunk_text"] if chunks.store_text else []))
+    names = ["id", *((*CHUNK_COLUMNS, *([CHUNK_TEXT] if chunks.store_text else []))
                      if chunks else ()),
              "content_hash", *(s.name for s in outputs), "n_tokens", "truncated"]
     names += [carry] if carry else []

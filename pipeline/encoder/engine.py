@@ -537,14 +537,18 @@ class Encoder:
                         weights=lengths.astype(np.float32), total=rows.n_tokens.astype(np.int64),
                         cut_off=np.zeros(n, dtype=bool), chunks=rows, spans=late)
 
+    @functools.cached_property
+    def _late_window(self) -> tuple[int, int]:
+        """Late chunking: (document tokens a macro-window holds, left context it gives)."""
+        assert self.chunking is not None
+        _, room = self.chunk_budget()
+        return room, chunker.late_context(room, self.chunking.max_tokens)
+
     def _late_units(self, ids: list[int], chunks: list[chunker.Chunk], head: list[int],
                     suffix: list[int], units: list[list[int]]) -> list[tuple[int, int, int]]:
         """Append one document's macro-windows to ``units``; return each passage's span
         (unit, start, end) in unit positions (past the special tokens and prompt)."""
-        assert self.chunking is not None
-        _, room = self.chunk_budget()
-        windows, owner = chunker.macro_windows(
-            chunks, len(ids), room, chunker.late_context(room, self.chunking.max_tokens))
+        windows, owner = chunker.macro_windows(chunks, len(ids), *self._late_window)
         first = len(units)
         units += [head + ids[a:b] + suffix for a, b in windows]
         spans = []
