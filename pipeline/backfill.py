@@ -84,7 +84,7 @@ def partition(cfg: RunConfig, model_fingerprint: str, value: str, salt: str = ""
     """The partition ``value`` of this config's source, with its stable txn app id."""
     column = partition_column(cfg)
     key = "|".join([cfg.sink.path, model_fingerprint, sink.table_identity(
-        cfg, "", model_fingerprint)["outputs"], column, salt])
+        cfg, None, model_fingerprint)["outputs"], column, salt])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return Partition(column=column, value=value, app_id=f"embed-backfill-{digest}-{value}")
 

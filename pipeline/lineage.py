@@ -72,7 +72,7 @@ RUNS_SCHEMA = (
     "rows_deleted long, seconds double, stage_seconds string, versions string, error string, "
     "lineage_run_id string, source_files_hash string, canary string, drift_status string, "
     "drift string, message string, plan_path string, plan_note string, placement string, "
-    "chunks_written long, chunks_deleted long"
+    "chunks_written long, chunks_deleted long, parity string, warnings string"
 )
 
 
@@ -256,6 +256,8 @@ def _result_fields(result: RunResult) -> dict:
         "canary": result.canary.to_dict() if result.canary else None,
         "drift_status": result.drift_status,
         "drift": result.drift.to_dict() if result.drift else None,
+        "parity": result.parity or None,
+        "warnings": json.dumps(result.warnings) if result.warnings else None,
     }
 
 

@@ -24,16 +24,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pipeline import changes, drift, lineage, projections, sampling, sink, source
 from pipeline.config import RunConfig
-from pipeline.encoder import chunking as chunker
-from pipeline.encoder.engine import validate_outputs
-from pipeline.encoder.model import ModelInfo, fingerprint, inspect_model
+from pipeline.encoder import parity
+from pipeline.encoder.model import ModelInfo
+from pipeline.encoder.parity import ParityResult
 from pipeline.errors import AlreadyCommitted, PipelineError, ReconciliationError, raised_on_worker
 from pipeline.outputs import Calibration, Projection, needs_calibration, needs_projection
 from pipeline.placement import Placement
+from pipeline.preflight import preflight
 from pipeline.write_plan import CommitKind, PlanPath, WritePlan
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from pipeline.udf import WarmUp
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 ENCODE_JOB_GROUP = "embed-encode"
 # Encode tasks: at most this many rows each (every task pays a fixed cost: its
 # Python worker's hand-off, a shuffle read, a tokenizer start; 100 tasks of 2,000
@@ -95,8 +97,11 @@ class RunResult:
     calibration: str = "none"  # none | table | fit: where the int8 ranges came from
     canary: drift.CanaryResult | None = None  # None: canary off, or not run
     canary_note: str = ""  # why no canary ran though it is on
+    parity: str = ""  # a new table: the parity check against sentence-transformers
     drift: drift.DriftResult | None = None
     schemas: dict[str, list[tuple[str, str]]] = field(default_factory=dict, repr=False)
+    # config values that disagree with the model directory's own (the run used them)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def texts_per_second(self) -> float:
@@ -138,6 +143,7 @@ class RunContext:
     placement: Placement  # where the encode stage runs (pipeline.placement)
     partition: Partition | None
     full_refresh: bool = False  # compare the whole source even where CDF could answer
+    refresh: dict[str, str] = field(default_factory=dict)  # identity keys to set anew
 
 
 @dataclass(frozen=True)
@@ -180,6 +186,15 @@ class RowPlan:
     def embeds(self) -> bool:
         """Rows go through the encoder (an overwrite writes even an empty source)."""
         return self.commit in ("merge", "insert", "blind_append", "overwrite")
+
+
+@dataclass(frozen=True)
+class Checks:
+    """The verdicts awaited before the write: the canary's, and for a new table the
+    parity check's (None where none ran)."""
+
+    canary: drift.CanaryResult | None
+    parity: ParityResult | None = None
 
 
 @dataclass(frozen=True)
@@ -249,17 +264,6 @@ def new_run_id(now: datetime) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
 
 
-def preflight(cfg: RunConfig) -> ModelInfo:
-    """Everything that can be checked without Spark; returns the model info."""
-    info = inspect_model(cfg.model.name_or_path, cfg.model.allow_pickle)
-    validate_outputs(cfg.outputs, info.hidden_size, info.num_layers)
-    if cfg.chunking.enabled:
-        around = chunker.tokens_around(info.path, cfg.model.prompt)
-        chunker.check_fits(cfg.chunking, cfg.model.max_length, around or 0, info.max_positions)
-    source.check_source_path(cfg.source)
-    return info
-
-
 def run(cfg: RunConfig, spark: SparkSession | None = None, progress: Progress | None = None,
         partition: Partition | None = None, full_refresh: bool = False) -> RunResult:
     """Embed the source (or one partition of it) into the sink.
@@ -281,8 +285,8 @@ def run(cfg: RunConfig, spark: SparkSession | None = None, progress: Progress | 
     started = time.perf_counter()
     timer = StageTimer()
     with timer("preflight"):
-        info = preflight(cfg)
-        model_fp = fingerprint(info)
+        checked = preflight(cfg)
+        cfg, info, model_fp = checked.cfg, checked.info, checked.fingerprint
     with timer("spark_start"):
         spark = spark or spark_setup.get_session(cfg.spark)
     udf.check_gpu_request(spark, cfg)
@@ -305,7 +309,8 @@ def run(cfg: RunConfig, spark: SparkSession | None = None, progress: Progress | 
             raise on_worker from exc
         raise
     result = replace(result, seconds=time.perf_counter() - started,
-                     lineage_run_id=recorder.lineage_run_id, stage_seconds=dict(timer.seconds))
+                     lineage_run_id=recorder.lineage_run_id, stage_seconds=dict(timer.seconds),
+                     warnings=list(checked.warnings))
     recorder.succeed(result)
     drift.enforce_policy(cfg, result)
     return result
@@ -316,14 +321,16 @@ def _context(cfg: RunConfig, spark: SparkSession, info: ModelInfo, model_fp: str
     from pipeline import udf
 
     started_at = datetime.now(UTC).replace(microsecond=0)
-    identity = sink.table_identity(cfg, info.name, model_fp)
-    stored = sink.read_identity(spark, cfg.sink.path)
+    identity = sink.table_identity(cfg, info, model_fp)
+    recorded = sink.read_identity(spark, cfg.sink.path)
+    stored = sink.upgraded_identity(recorded, info, model_fp)
     plan = WritePlan.decide(cfg, stored, sink.identity_changes(stored, identity),
                             backfill=partition is not None, filtered=partition is not None)
     return RunContext(cfg=cfg, spark=spark, run_id=new_run_id(started_at),
                       started_at=started_at, info=info, model_fp=model_fp, identity=identity,
                       stored=stored, plan=plan, placement=udf.placement_for(spark, cfg),
-                      partition=partition, full_refresh=full_refresh)
+                      partition=partition, full_refresh=full_refresh,
+                      refresh=sink.stale_keys(recorded, stored, identity))
 
 
 def _stages(ctx: RunContext, timer: StageTimer, progress: Progress | None) -> RunResult:
@@ -348,9 +355,10 @@ def _stages(ctx: RunContext, timer: StageTimer, progress: Progress | None) -> Ru
         with timer("calibrate"):
             calibrated = calibrate(ctx, src) if rows.embeds else Calibrated(None, "none")
         with timer("canary_wait"):
-            parity = background.canary_result()
+            checks = Checks(canary=background.canary_result(),
+                            parity=background.parity_result())
         with timer("encode_write"):
-            written = encode_commit(ctx, rows, calibrated, parity, background, progress)
+            written = encode_commit(ctx, rows, calibrated, checks, background, progress)
         with timer("quarantine"):
             quarantine(ctx, src)
     finally:
@@ -359,8 +367,8 @@ def _stages(ctx: RunContext, timer: StageTimer, progress: Progress | None) -> Ru
         background.join()
     counts = reconcile(ctx, src, rows, written)
     with timer("drift"):
-        drifted = measure_drift(ctx, written, calibrated, parity)
-    return _result(ctx, src, counts, written, calibrated, parity, drifted)
+        drifted = measure_drift(ctx, written, calibrated, checks.canary)
+    return _result(ctx, src, counts, written, calibrated, checks, drifted)
 
 
 def _skipped(ctx: RunContext, recorder: lineage.RunRecorder, timer: StageTimer) -> RunResult:
@@ -382,51 +390,79 @@ def _skipped(ctx: RunContext, recorder: lineage.RunRecorder, timer: StageTimer) 
 # --------------------------------------------------------------------------- stages
 
 
-class PendingCanary:
-    """The canary, run on the executors while the driver reads the source; its
-    verdict is awaited before anything is written."""
+class Pending(Generic[T]):
+    """A check run on the executors while the driver reads the source (the canary, the
+    parity check); its verdict is awaited before anything is written."""
 
-    def __init__(self, future: Future[drift.CanaryResult]):
+    def __init__(self, future: Future[T]):
         self._future = future
 
     @classmethod
-    def start(cls, ctx: RunContext) -> PendingCanary | None:
-        if not ctx.cfg.drift.canary.enabled:
-            return None
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-canary")
-        baseline = (ctx.stored or {}).get("canary_run")
-        future = pool.submit(drift.run_canary, ctx.spark, ctx.cfg, ctx.placement, baseline,
-                             ctx.run_id, ctx.model_fp, ctx.plan.rebaseline)
+    def start(cls, name: str, fn: Callable[..., T], *args: Any) -> Pending[T]:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embed-{name}")
+        future = pool.submit(fn, *args)
         pool.shutdown(wait=False)
         return cls(future)
 
-    def result(self) -> drift.CanaryResult:
-        return self._future.result()  # raises CanaryError when the model changed
+    def result(self) -> T:
+        return self._future.result()  # raises what the check raised (CanaryError ...)
 
     def wait(self) -> None:
         futures_wait([self._future])
 
 
+def start_canary(ctx: RunContext) -> Pending[drift.CanaryResult] | None:
+    if not ctx.cfg.drift.canary.enabled:
+        return None
+    baseline = (ctx.stored or {}).get("canary_run")
+    return Pending.start("canary", drift.run_canary, ctx.spark, ctx.cfg, ctx.placement,
+                         baseline, ctx.run_id, ctx.model_fp, ctx.plan.rebaseline)
+
+
+def start_parity(ctx: RunContext) -> Pending[ParityResult] | None:
+    """The parity check against sentence-transformers, on a new (or replaced) table only."""
+    from pipeline import udf
+
+    if not ctx.plan.rebaseline or not ctx.cfg.model.parity_check:
+        return None
+    texts = parity.canary_slice(drift.canary_texts(ctx.cfg.drift.canary.texts))
+    return Pending.start("parity", udf.parity_on_executors, ctx.spark, ctx.cfg, ctx.placement,
+                         texts)
+
+
 class Background:
-    """The run's background Spark jobs: the Python workers' warm-up (model load) and the
-    canary. Started during the read when every row will be embedded, else only once
-    the plan has rows to embed."""
+    """The run's background Spark jobs: the Python workers' warm-up (model load), the
+    canary and, for a new table, the parity check. Started during the read when every
+    row will be embedded, else only once the plan has rows to embed."""
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         self.warm: WarmUp | None = None
-        self.canary: PendingCanary | None = None
+        self.canary: Pending[drift.CanaryResult] | None = None
+        self.parity: Pending[ParityResult] | None = None
+        self.started = False
 
     def start(self) -> None:
         from pipeline import udf
 
-        if self.warm is None:
-            self.warm = udf.warm_workers(self.ctx.spark, self.ctx.cfg, self.ctx.placement)
-        if self.canary is None:
-            self.canary = PendingCanary.start(self.ctx)
+        if self.started:
+            return
+        self.started = True
+        self.warm = udf.warm_workers(self.ctx.spark, self.ctx.cfg, self.ctx.placement)
+        self.canary = start_canary(self.ctx)
+        self.parity = start_parity(self.ctx)
 
     def canary_result(self) -> drift.CanaryResult | None:
         return self.canary.result() if self.canary else None
+
+    def parity_result(self) -> ParityResult | None:
+        """The parity verdict (a failed one raises ModelError: nothing is written);
+        SKIPPED on a new table with model.parity_check: false; None: no check due."""
+        if self.parity is None:
+            return parity.SKIPPED if self.ctx.plan.rebaseline and self.started else None
+        result = self.parity.result()
+        parity.enforce(result, self.ctx.info.name)
+        return result
 
     def runtimes(self) -> set[str]:
         """What the workers loaded (device/precision/attention), once they have."""
@@ -440,8 +476,9 @@ class Background:
     def join(self) -> None:
         if self.warm is not None:
             self.warm.join()
-        if self.canary is not None:
-            self.canary.wait()
+        for check in (self.canary, self.parity):
+            if check is not None:
+                check.wait()
 
 
 def read_validate(ctx: RunContext) -> SourceRead:
@@ -594,13 +631,14 @@ def _fit(ctx: RunContext, sample: DataFrame, need: list, pca: list) -> Calibrati
 
 
 def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
-                  canary: drift.CanaryResult | None, background: Background,
+                  checks: Checks, background: Background,
                   progress: Progress | None) -> Written:
     """The rows through the encoder on the executors, into ONE Delta commit."""
     from pipeline import udf
 
     cfg, spark = ctx.cfg, ctx.spark
-    identity = _final_identity(ctx, calibrated, canary)
+    canary = checks.canary
+    identity = _final_identity(ctx, calibrated, checks)
     fitted = calibrated.calibration.projections if calibrated.calibration else {}
     if calibrated.source == "fit" and fitted:  # stored before the commit that names them
         projections.store(spark, cfg.sink.path, fitted, cfg.sink.calibration.size, ctx.run_id)
@@ -670,7 +708,7 @@ def _update_identity(ctx: RunContext, identity: dict[str, str], calibrated: Cali
         return
     if ctx.stored is None:
         return  # made with this identity by ensure_table
-    update: dict[str, str] = {}
+    update = dict(ctx.refresh)  # an older release's fingerprint, a moved model directory
     if calibrated.source == "fit" and calibrated.calibration:
         update.update({k: identity[k] for k in ("calibration", "projections") if k in identity})
     if canary and ctx.plan.stores_canary_reference(canary.stored_baseline):
@@ -679,9 +717,11 @@ def _update_identity(ctx: RunContext, identity: dict[str, str], calibrated: Cali
         sink.set_identity(spark, path, update)
 
 
-def _final_identity(ctx: RunContext, calibrated: Calibrated,
-                    canary: drift.CanaryResult | None) -> dict[str, str]:
+def _final_identity(ctx: RunContext, calibrated: Calibrated, checks: Checks) -> dict[str, str]:
+    canary = checks.canary
     identity = dict(ctx.identity)
+    if checks.parity is not None:  # a new or replaced table: how its model was proven
+        identity["parity"] = checks.parity.to_json()
     if calibrated.calibration and calibrated.calibration.ranges:
         identity["calibration"] = calibrated.calibration.to_json()
     if calibrated.calibration and calibrated.calibration.projections:
@@ -762,7 +802,7 @@ def measure_drift(ctx: RunContext, written: Written, calibrated: Calibrated,
 
 
 def _result(ctx: RunContext, src: SourceRead, counts: Counts, written: Written,
-            calibrated: Calibrated, canary: drift.CanaryResult | None,
+            calibrated: Calibrated, checks: Checks,
             drifted: drift.DriftResult) -> RunResult:
     s = written.stats
     schemas = {"source": [(f.name, f.dataType.simpleString()) for f in src.df.schema.fields],
@@ -781,8 +821,9 @@ def _result(ctx: RunContext, src: SourceRead, counts: Counts, written: Written,
         encoder_cpu_seconds=s.cpu_seconds,
         worker_peak_rss_mb=s.peak_rss_mb, padding_efficiency=s.padding_efficiency, tokens=s.tokens,
         source_files_hash=src.files_hash, plan_path=src.path, plan_note=src.note,
-        canary_note="" if canary or not ctx.cfg.drift.canary.enabled
+        canary_note="" if checks.canary or not ctx.cfg.drift.canary.enabled
         else "skipped: nothing to write",
+        parity=checks.parity.summary() if checks.parity else "",
         partition=ctx.partition.value if ctx.partition else None,
-        calibration=calibrated.source, canary=canary, drift=drifted, schemas=schemas)
+        calibration=calibrated.source, canary=checks.canary, drift=drifted, schemas=schemas)
 

@@ -1,8 +1,10 @@
 """``embed search``: the exact top-k of an output table's column for one query.
 
-The query is encoded exactly as the table's rows were: model, fingerprint,
-pooling, max length, prompt, layer and dim all come from the table's identity
-(its ``embed.*`` properties), so no config is needed. Scoring is exact cosine
+The query is encoded as the table's rows were: model, fingerprint, pooling, max
+length, the model's head, layer and dim all come from the table's identity (its
+``embed.*`` properties), so no config is needed; the prompt is the model's query
+prompt (sentence-transformers' ``encode_query``), so scores equal the library's
+``encode_query`` against the stored rows. Scoring is exact cosine
 over every row (the stored vectors are unit length when ``normalize``; int8 /
 uint8 are dequantized with the table's calibration ranges; float16 decoded).
 Binary columns are scored by Hamming distance, and the best ``k x
@@ -129,26 +131,64 @@ def rescore_column(info: TableInfo, spec: OutputSpec) -> OutputSpec | None:
 # --------------------------------------------------------------------------- the query
 
 
+def model_location(info: TableInfo, model: str | None) -> str:
+    """Where the table's model is: ``--model``, else the directory the table records
+    (``model_path``), else the package that ships it (``model``)."""
+    if model:
+        return model
+    recorded = info.identity.get("model_path")
+    if recorded and Path(recorded).is_dir():
+        return recorded
+    name = info.identity["model"]
+    if recorded and not Path(name).expanduser().is_dir():
+        from pipeline.encoder.model import resolve_model_dir
+        from pipeline.errors import ModelError
+
+        try:
+            resolve_model_dir(name)
+        except ModelError:
+            raise SearchError(f"the table's model was at {recorded}, which is not here; pass "
+                              "--model with the model's directory") from None
+    return name
+
+
+def query_prompt(location: str, prompt: str | None, prompt_name: str | None) -> str:
+    """``--prompt``, else the model's prompt ``--prompt-name``, else the model's own query
+    prompt (sentence-transformers' ``encode_query``: "query", else its default)."""
+    from pipeline.encoder.model import inspect_model
+
+    if prompt is not None:
+        return prompt
+    stack = inspect_model(location).modules
+    if prompt_name is not None:
+        if prompt_name not in stack.prompts:
+            raise SearchError(f"--prompt-name {prompt_name!r} is not one of the model's "
+                              f"prompts: {', '.join(stack.prompts) or 'it has none'}")
+        return stack.prompts[prompt_name]
+    return stack.query_prompt()
+
+
 def query_encoder(info: TableInfo, specs: list[OutputSpec], model: str | None,
-                  prompt: str | None) -> Encoder:
-    """An encoder that cuts the query as the table's rows were cut; refuses a model
-    directory whose weights no longer match the table's fingerprint."""
+                  prompt: str | None, prompt_name: str | None = None) -> Encoder:
+    """An encoder that cuts the query as the table's rows were cut (model, pooling, max
+    length, head, layer, dim), with the model's query prompt; refuses a model directory
+    whose fingerprint is not the table's."""
     import dataclasses
 
     from pipeline.encoder import Encoder
-    from pipeline.encoder.model import fingerprint, inspect_model
+    from pipeline.encoder.model import fingerprint, inspect_model, legacy_fingerprint
 
     ident = info.identity
-    location = model or ident["model"]
-    found = fingerprint(inspect_model(location))
-    if found != ident["model_fingerprint"]:
-        raise SearchError(f"the model at {location} (sha256 {found[:12]}) is not the one "
-                          f"that made {info.path} (sha256 {ident['model_fingerprint'][:12]}); "
-                          "pass --model with the directory of the table's model")
+    location = model_location(info, model)
+    found = inspect_model(location)
+    wanted = ident["model_fingerprint"]
+    if wanted not in (fingerprint(found), legacy_fingerprint(found)):
+        raise SearchError(f"the model at {location} (sha256 {fingerprint(found)[:12]}) is not "
+                          f"the one that made {info.path} (sha256 {wanted[:12]}); pass --model "
+                          "with the directory of the table's model")
     cfg = ModelConfig(name_or_path=location, max_length=int(ident.get("max_length", 256)),
                       pooling=ident.get("pooling", "mean"),  # type: ignore[arg-type]
-                      prompt=ident.get("prompt", "") if prompt is None else prompt,
-                      device="cpu")
+                      prompt=query_prompt(location, prompt, prompt_name), device="cpu")
     return Encoder(cfg, [dataclasses.replace(s, dtype="float32") for s in specs])
 
 
@@ -294,8 +334,8 @@ def _spark_top(info: TableInfo, column: str, query: np.ndarray, spec: OutputSpec
 
 
 def search(table: str, column: str, query: str, k: int = 10, *, prompt: str | None = None,
-           model: str | None = None, reader: str = "auto", rescore_factor: int = 4,
-           snippets: bool = True) -> SearchResult:
+           prompt_name: str | None = None, model: str | None = None, reader: str = "auto",
+           rescore_factor: int = 4, snippets: bool = True) -> SearchResult:
     """The exact top-k rows of ``column`` for ``query`` (see the module doc)."""
     if not query.strip():
         raise SearchError("the query is empty")
@@ -305,7 +345,8 @@ def search(table: str, column: str, query: str, k: int = 10, *, prompt: str | No
     info = open_table(table)
     spec = column_spec(info, column)
     rescore = rescore_column(info, spec)
-    encoder = query_encoder(info, [spec, *([rescore] if rescore else [])], model, prompt)
+    encoder = query_encoder(info, [spec, *([rescore] if rescore else [])], model, prompt,
+                            prompt_name)
     queries = encode_query(encoder, query, info)
     chosen = reader if reader != "auto" else (
         "spark" if info.data_bytes > SPARK_ABOVE_BYTES or not info.arrow_readable

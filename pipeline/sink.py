@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from pyspark.sql.types import StructType
 
     from pipeline.config import RunConfig
+    from pipeline.encoder.model import ModelInfo
     from pipeline.write_plan import CommitKind
 
 PROP_PREFIX = "embed."
@@ -37,8 +38,9 @@ _CONFLICT_MARKERS = ("ConcurrentAppendException", "ConcurrentDeleteReadException
                      "ConcurrentDeleteDeleteException", "ConcurrentTransactionException",
                      "ConcurrentWriteException", "DELTA_CONCURRENT")
 # partition_by is there only when set, so tables made before it existed keep matching.
+# head (the model's Dense layers) likewise: only for models that have one.
 IDENTITY_KEYS = ("model", "model_fingerprint", "pooling", "max_length", "prompt", "outputs",
-                 "partition_by", "chunking")
+                 "partition_by", "chunking", "head")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,18 +74,25 @@ class Commit:
     rows_deleted: int = 0
 
 
-def table_identity(cfg: RunConfig, model_name: str, model_fingerprint: str) -> dict[str, str]:
+def table_identity(cfg: RunConfig, info: ModelInfo | None,
+                   model_fingerprint: str) -> dict[str, str]:
+    """What a table made by this run records (``cfg``: resolved by the preflight, so the
+    model's own pooling, max length and document prompt). ``model_path`` (where the
+    model was, for ``embed search``) is recorded but not compared."""
     from pipeline.outputs import describe
 
+    head = info.modules.head() if info else None
     return {
-        "model": model_name,
+        "model": info.name if info else "",
         "model_fingerprint": model_fingerprint,
-        "pooling": cfg.model.pooling,
+        "pooling": str(cfg.model.pooling),
         "max_length": str(cfg.model.max_length),
-        "prompt": cfg.model.prompt,
+        "prompt": cfg.model.prompt or "",
         "outputs": json.dumps(describe(cfg.outputs), sort_keys=True),
         **({"partition_by": cfg.sink.partition_by} if cfg.sink.partition_by else {}),
         **({"chunking": chunking_identity(cfg)} if cfg.chunking.enabled else {}),
+        **({"head": json.dumps(head, sort_keys=True)} if head else {}),
+        **({"model_path": str(info.path)} if info else {}),
     }
 
 
@@ -109,6 +118,35 @@ def read_identity(spark: SparkSession, path: str) -> dict[str, str] | None:
         return None
     props = DeltaTable.forPath(spark, path).detail().collect()[0]["properties"] or {}
     return {k[len(PROP_PREFIX):]: v for k, v in props.items() if k.startswith(PROP_PREFIX)}
+
+
+# Keys an older release recorded otherwise, set anew (upgraded_identity) on the next commit.
+UPGRADED = ("model_fingerprint", "model_path")
+
+
+def upgraded_identity(stored: dict[str, str] | None, info: ModelInfo,
+                      model_fingerprint: str) -> dict[str, str] | None:
+    """A table of an older release records the weights-only fingerprint of the same
+    model (and no model_path): it is this model's table. Returned with today's values,
+    which the run's commit stores; any other identity as it is."""
+    if stored is None or stored.get("model_fingerprint") == model_fingerprint:
+        return stored
+    from pipeline.encoder.model import legacy_fingerprint
+
+    if stored.get("model_fingerprint") != legacy_fingerprint(info):
+        return stored
+    return {**stored, "model_fingerprint": model_fingerprint, "model_path": str(info.path)}
+
+
+def stale_keys(recorded: dict[str, str] | None, stored: dict[str, str] | None,
+               wanted: dict[str, str]) -> dict[str, str]:
+    """Of the :data:`UPGRADED` keys, those a table of this very model (``stored``, after
+    :func:`upgraded_identity`) records otherwise: an older release's fingerprint, a model
+    directory that moved. Set on the table's next commit."""
+    if not recorded or not stored or stored.get("model_fingerprint") != wanted.get(
+            "model_fingerprint"):
+        return {}
+    return {k: wanted[k] for k in UPGRADED if k in wanted and recorded.get(k) != wanted[k]}
 
 
 def identity_changes(stored: dict[str, str] | None, wanted: dict[str, str]) -> frozenset[str]:

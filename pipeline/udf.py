@@ -264,6 +264,31 @@ def _matrix(column: pa.ChunkedArray) -> np.ndarray:
     return flat.astype(np.float32, copy=False).reshape(-1, width)
 
 
+def parity_on_executors(spark: SparkSession, cfg: RunConfig, placement: Placement,
+                        texts: list[str]):
+    """The parity check (pipeline.encoder.parity) in one task on the executors: the
+    engine as the encode tasks load it (same device, precision, attention) against
+    sentence-transformers itself. Returns the ParityResult."""
+    from pipeline.encoder import parity
+
+    model_cfg, outputs = cfg.model, cfg.outputs
+    chunking = cfg.chunking if cfg.chunking.enabled else None
+
+    def check(batches):
+        for _ in batches:
+            pass
+        encoder = task_encoder(model_cfg, outputs, placement, chunking)
+        if not encoder.has_model_vectors:  # the run's columns lack the model's vector
+            dim = encoder.info.output_dim(encoder.pooling)
+            encoder = task_encoder(model_cfg, parity.parity_outputs(dim), placement)
+        yield pa.RecordBatch.from_pydict({"result": [parity.check(encoder, texts).to_json()]})
+
+    rows = (spark.range(1, numPartitions=1)
+            .mapInArrow(check, "result string", profile=gpu_profile(spark, placement))
+            .collect())
+    return parity.ParityResult.from_json(rows[0].result)
+
+
 class WarmUp(threading.Thread):
     """The warm-up job's thread; ``runtimes`` holds what the workers loaded, ``error``
     a PipelineError the workers raised (a bad config that no retry mends)."""

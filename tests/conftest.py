@@ -63,21 +63,34 @@ def demo_source(spark, tmp_path_factory, demo_rows) -> str:
 def write_config(tmp: Path, source: str, sink: str, extra: str = "",
                  outputs: str = "[{name: emb_384, dim: 384}, {name: emb_128, dim: 128},"
                                 " {name: emb_64, dim: 64}]",
-                 fmt: str = "delta", drift: bool = False) -> Path:
-    """A run config file (YAML) for tests; ``extra`` appends top-level YAML.
+                 fmt: str = "delta", drift: bool = False, parity: bool = False) -> Path:
+    """A run config file (YAML) for tests; ``extra`` is top-level YAML merged in (its
+    mappings deep-merged with the ones written here).
 
-    Drift checks are off unless asked for: they have their own tests
-    (test_drift.py, the Airflow DAG), and each costs seconds per run.
+    Drift checks and the parity check are off unless asked for: they have their own
+    tests (test_drift.py, the Airflow DAG; test_model_stack.py), and each costs seconds
+    per run (the parity check imports sentence-transformers on an executor).
     """
+    import yaml
+
+    raw: dict = {"source": {"path": source, "format": fmt}, "outputs": yaml.safe_load(outputs),
+                 "sink": {"path": sink}, "spark": {"master": "local[2]"}}
+    if not drift:
+        raw["drift"] = {"canary": {"enabled": False}, "distribution": {"enabled": False}}
+    if not parity:
+        raw["model"] = {"parity_check": False}
+    _merge(raw, yaml.safe_load(extra) or {})
     path = tmp / "run.yaml"
-    checks = "" if drift else \
-        "drift: {canary: {enabled: false}, distribution: {enabled: false}}\n"
-    path.write_text(
-        f"source: {{path: '{source}', format: {fmt}}}\n"
-        f"outputs: {outputs}\n"
-        f"sink: {{path: '{sink}'}}\n"
-        f"spark: {{master: 'local[2]'}}\n" + checks + extra)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

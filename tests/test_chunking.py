@@ -198,7 +198,7 @@ def _raw(chunking: str, model: str = "", outputs: str = "[{name: e, dim: 8}]") -
 
 @pytest.mark.parametrize("chunking, model, outputs, key, words", [
     ("{mode: split, max_tokens: 300}", "", None, "chunking.max_tokens", "max_length = 256"),
-    ("{mode: split, max_tokens: 0}", "", None, "chunking.max_tokens", "[1,"),
+    ("{mode: split, max_tokens: 0}", "", None, "chunking.max_tokens", "positive integer, got 0"),
     ("{mode: split, max_tokens: 64, overlap_tokens: 40}", "", None, "chunking.overlap_tokens",
      "max_tokens / 2 = 32"),
     ("{mode: split, overlap_tokens: -1}", "", None, "chunking.overlap_tokens", "got -1"),
@@ -211,8 +211,10 @@ def _raw(chunking: str, model: str = "", outputs: str = "[{name: e, dim: 8}]") -
     ("{mode: split, size: 3}", "", None, "chunking.size", "unknown key"),
 ])
 def test_bad_chunking_config_one_line_errors(chunking, model, outputs, key, words):
-    with pytest.raises(ConfigError) as err:
-        parse_config(_raw(chunking, model, outputs or "[{name: e, dim: 8}]"))
+    from pipeline.preflight import preflight
+
+    with pytest.raises(ConfigError) as err:  # at load, or once the model's own are known
+        preflight(parse_config(_raw(chunking, model, outputs or "[{name: e, dim: 8}]")))
     assert err.value.key == key and words in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -225,7 +227,7 @@ def test_store_chunk_text_needs_chunking():
 
 
 def test_window_checks_name_the_key(model_dir):
-    from pipeline.run import preflight
+    from pipeline.preflight import preflight
 
     cfg = parse_config(_raw("{mode: late, max_tokens: 512}", "{max_length: 512}"))
     with pytest.raises(ConfigError) as err:

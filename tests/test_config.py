@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import load_config, parse_config
 from pipeline.errors import ConfigError
-from pipeline.run import preflight
+from pipeline.preflight import preflight
 
 BASE = {
     "source": {"path": "src"},
@@ -29,7 +29,9 @@ def test_defaults_and_paths_resolved_against_config_dir(tmp_path):
     assert cfg.source.path == str(tmp_path / "data" / "src")
     assert cfg.sink.path == str(tmp_path / "out")
     assert cfg.sink.quarantine == str(tmp_path / "out") + "_quarantine"
-    assert cfg.model.pooling == "mean" and cfg.model.max_length == 256
+    # the model's own, filled in by the preflight (test_model_stack.py)
+    assert cfg.model.pooling == "auto" and cfg.model.max_length is None
+    assert cfg.model.prompt is None and cfg.model.parity_check
     assert cfg.sink.mode == "incremental"
 
 
@@ -42,9 +44,9 @@ def test_unknown_key_names_key_and_suggests():
 
 def test_bad_choice_lists_allowed_values():
     with pytest.raises(ConfigError) as err:
-        parse_config(_cfg(model={"pooling": "max"}))
+        parse_config(_cfg(model={"pooling": "median"}))
     assert "model.pooling" in str(err.value)
-    assert "mean, cls, last_token" in str(err.value)
+    assert "auto, mean, cls, last_token, max, weightedmean" in str(err.value)
 
 
 def test_wrong_type_and_missing_required():
@@ -88,7 +90,12 @@ def test_dim_larger_than_hidden_size_is_caught_before_spark(tmp_path):
     (tmp_path / "src").mkdir()
     cfg = parse_config(_cfg(source={"path": str(tmp_path / "src"), "format": "parquet"},
                             outputs=[{"name": "big", "dim": 512}]))
-    with pytest.raises(ConfigError, match=r"outputs\[0\]\.dim.*512.*hidden size 384"):
+    with pytest.raises(ConfigError, match=r"outputs\[0\]\.dim.*512.*output dimension 384"):
+        preflight(cfg)
+    # a token budget below the model's own max length (256): caught once it is known
+    cfg = parse_config(_cfg(source={"path": str(tmp_path / "src"), "format": "parquet"},
+                            model={"token_budget": 200}))
+    with pytest.raises(ConfigError, match=r"model\.token_budget.*>= model\.max_length \(256\)"):
         preflight(cfg)
 
 
@@ -127,7 +134,8 @@ def test_missing_source_and_model_are_one_line_errors_before_spark(tmp_path):
     ({"drift": {"distribution": {"on_breach": "stop"}}}, r"on_breach.*warn, fail"),
     ({"drift": {"canary": {"texts": "nope.txt"}}}, r"drift\.canary\.texts.*not found"),
     ({"model": {"token_budget": 0}}, r"model\.token_budget.*positive integer or null"),
-    ({"model": {"token_budget": 100}}, r"model\.token_budget.*>= model\.max_length \(256\)"),
+    ({"model": {"token_budget": 100, "max_length": 256}},
+     r"model\.token_budget.*>= model\.max_length \(256\)"),
     ({"model": {"max_batch_rows": -1}}, r"model\.max_batch_rows.*positive integer or null"),
     ({"lineage": {"transport": "file"}}, r"lineage\.path.*file transport"),
     ({"lineage": {"transport": "http"}}, r"lineage\.url.*Marquez"),

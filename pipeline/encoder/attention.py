@@ -89,10 +89,12 @@ def candidate_backends(requested: str, device: str) -> list[str]:
 
 
 def load_model(path, requested_attention: str, precision: str, device: str,
-               trust_remote_code: bool = False, check=None):
+               trust_remote_code: bool = False, check=None, extra: dict | None = None):
     """Load AutoModel with the first backend that works; returns (model, attention).
 
-    ``check(model, backend)`` may refuse a loaded backend by returning a reason.
+    ``check(model, backend)`` may refuse a loaded backend by returning a reason;
+    ``extra``: the model's own from_pretrained keywords (its sentence_bert_config's
+    model_args / config_args).
     """
     from transformers import AutoModel
 
@@ -104,7 +106,7 @@ def load_model(path, requested_attention: str, precision: str, device: str,
         try:
             model = AutoModel.from_pretrained(
                 str(path), dtype=dtype, attn_implementation=_HF_NAMES[backend],
-                trust_remote_code=trust_remote_code, local_files_only=True)
+                trust_remote_code=trust_remote_code, local_files_only=True, **(extra or {}))
         except (ValueError, ImportError, NotImplementedError) as exc:
             errors.append(f"{backend}: {str(exc).splitlines()[0]}")
             log.info("attention backend %s unavailable: %s", backend, exc)

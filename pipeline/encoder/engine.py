@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +23,8 @@ from pipeline.config import ChunkingConfig, ModelConfig, OutputSpec
 from pipeline.encoder import attention
 from pipeline.encoder import chunking as chunker
 from pipeline.encoder.batching import pad_batch, padded_tokens, plan_batches
-from pipeline.encoder.model import inspect_model, pool, pool_packed, pool_spans
+from pipeline.encoder.head import Head
+from pipeline.encoder.model import ModelInfo, inspect_model, pool, pool_packed, pool_spans, resolve
 from pipeline.encoder.stats import EncoderStats
 from pipeline.encoder.varlen import pack_batch
 from pipeline.errors import ConfigError
@@ -43,7 +44,7 @@ AUTO_BATCH = {"cpu": (4096, 64), "cuda": (65536, 1024)}
 def batch_limits(model_cfg: ModelConfig, device: str) -> tuple[int, int]:
     """(token budget, row cap) for this device: the config's, or AUTO_BATCH's."""
     budget, rows = AUTO_BATCH["cuda" if device.startswith("cuda") else "cpu"]
-    return (max(model_cfg.max_length, model_cfg.token_budget or budget),
+    return (max(model_cfg.max_length or 0, model_cfg.token_budget or budget),
             model_cfg.max_batch_rows or rows)
 
 
@@ -163,15 +164,67 @@ def resolve_layer(layer: int | None, num_layers: int) -> int:
     return layer if layer > 0 else num_layers + 1 + layer
 
 
-def validate_outputs(outputs: Sequence[OutputSpec], hidden_size: int, num_layers: int) -> None:
+def validate_outputs(outputs: Sequence[OutputSpec], info: ModelInfo,
+                     model_pooling: str | None = None) -> None:
+    """Each column's dim fits the model's vector (after pooling and its Dense head) and
+    its layer the model's depth."""
+    num_layers = info.num_layers
     for i, spec in enumerate(outputs):
-        if spec.dim > hidden_size:
+        width = info.output_dim(spec.pooling or model_pooling)
+        if spec.dim > width:
+            head = " after its Dense head" if info.modules.dense else ""
             raise ConfigError(f"outputs[{i}].dim", f"{spec.dim} is larger than the model's "
-                              f"hidden size {hidden_size} (column {spec.name!r})")
+                              f"output dimension {width}{head} (column {spec.name!r})")
+        dense = info.modules.dense
+        pooled = info.hidden_size * len((spec.pooling or model_pooling or "mean").split("+"))
+        if dense and pooled != dense[0].in_features:
+            raise ConfigError(f"outputs[{i}].pooling", f"{spec.pooling} gives {pooled} "
+                              f"features; the model's Dense head takes {dense[0].in_features} "
+                              f"(column {spec.name!r})")
         if spec.layer is not None and not 1 <= resolve_layer(spec.layer, num_layers) <= num_layers:
             raise ConfigError(f"outputs[{i}].layer", f"{spec.layer} is beyond the model's depth "
                               f"of {num_layers} layers (allowed: 1..{num_layers} or "
                               f"-1..-{num_layers}; column {spec.name!r})")
+
+
+def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False):
+    """The Transformer module's tokenizer, as sentence-transformers sets it up
+    (``do_lower_case``: a Lowercase normalizer in front of the model's own)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(info.modules.transformer_dir),
+                                        local_files_only=True,
+                                        trust_remote_code=trust_remote_code,
+                                        **info.modules.tokenizer_kwargs)
+    backend = getattr(tok, "_tokenizer", None)
+    if info.modules.do_lower_case and backend is not None:
+        from tokenizers.normalizers import Lowercase
+        from tokenizers.normalizers import Sequence as NormalizerSequence
+
+        current = backend.normalizer
+        if current is None or "Lowercase" not in repr(current) and \
+                "lowercase=True" not in repr(current):
+            rest: list[Any] = []
+            if isinstance(current, NormalizerSequence):
+                rest = list(cast(Any, current))
+            elif current is not None:
+                rest = [current]
+            backend.normalizer = NormalizerSequence([Lowercase(), *rest])
+    return tok
+
+
+def position_offset(model) -> int:
+    """Where the model's position ids start: RoBERTa-style embeddings (an int
+    padding_idx next to a learned position table) count from padding_idx + 1, and a
+    packed batch must say so (sentence-transformers' rule for flattened batches)."""
+    import torch
+
+    for module in model.modules():
+        padding_idx = getattr(module, "padding_idx", None)
+        if isinstance(padding_idx, int) and isinstance(
+                getattr(module, "position_embeddings", None), torch.nn.Embedding):
+            return padding_idx + 1
+    return 0
 
 
 def find_layers(model, num_layers: int):
@@ -191,15 +244,17 @@ class Encoder:
     def __init__(self, model_cfg: ModelConfig, outputs: Sequence[OutputSpec],
                  gpu_address: str | None = None, chunking: ChunkingConfig | None = None):
         import torch
-        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # one bar per worker per load is noise in job logs
-        self.cfg = model_cfg
+        self.info = inspect_model(model_cfg.name_or_path, model_cfg.allow_pickle)
+        resolved = resolve(model_cfg, self.info)
+        self.cfg, self.warnings = resolved.cfg, resolved.warnings
+        self.max_length: int = self.cfg.max_length or 0
+        self.pooling: str = self.cfg.pooling
         self.outputs = tuple(outputs)
         self.chunking = chunking if chunking is not None and chunking.enabled else None
-        self.info = inspect_model(model_cfg.name_or_path, model_cfg.allow_pickle)
-        validate_outputs(self.outputs, self.info.hidden_size, self.info.num_layers)
+        validate_outputs(self.outputs, self.info, self.pooling)
         device = attention.pick_device(model_cfg.device, gpu_address)
         if gpu_address is not None and device == "cpu":
             log.warning("GPU %s was assigned to this task but no CUDA device is visible: "
@@ -213,9 +268,7 @@ class Encoder:
             # belong to torch: Python workers x threads <= cores.)
             os.environ["TOKENIZERS_PARALLELISM"] = "true"
             os.environ.setdefault("RAYON_NUM_THREADS", str(torch.get_num_threads()))
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            str(self.info.path), local_files_only=True,
-            trust_remote_code=model_cfg.trust_remote_code)
+        self.tokenizer = load_tokenizer(self.info, model_cfg.trust_remote_code)
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:  # decoder tokenizers often have none; the mask hides it anyway
             pad_id = self.tokenizer.eos_token_id or 0
@@ -224,21 +277,39 @@ class Encoder:
         self._torch = torch
         self._device = device
         self._captured: dict[int, object] = {}
-        self.groups = [(self.info.num_layers, self.cfg.pooling)]  # until _setup_layers
+        self.groups: list[tuple[int, str]] = [(self.info.num_layers, self.pooling)]
+        self.head = Head(self.info.modules, device)
+        self.position_offset = 0  # until the model is loaded (the probe sets it first)
         self.model, backend = attention.load_model(
-            self.info.path, model_cfg.attention, precision, device,
-            trust_remote_code=model_cfg.trust_remote_code, check=self._check_packed)
+            self.info.modules.transformer_dir, model_cfg.attention, precision, device,
+            trust_remote_code=model_cfg.trust_remote_code, check=self._check_packed,
+            extra=self.info.modules.model_kwargs)
         self.runtime = attention.Runtime(device=device, precision=precision, attention=backend)
         # Running totals; a caller's share of them is ``after - before``. prepare() runs
         # on a prefetch thread, encode() on the caller's: one lock for both.
         self.stats = EncoderStats(runtime=frozenset({self.runtime.label}),
                                   gpus=frozenset({gpu_address}) if gpu_address else frozenset())
         self._stats_lock = threading.Lock()
-        self.token_budget, self.max_batch_rows = batch_limits(model_cfg, device)
+        self.token_budget, self.max_batch_rows = batch_limits(self.cfg, device)
         if self.chunking is not None:
-            chunker.check_fits(self.chunking, model_cfg.max_length, self.chunk_budget()[0],
-                               self.info.max_positions)
+            chunker.check_fits(self.chunking, self.max_length, self.chunk_budget()[0],
+                               self.info.window)
         self._setup_layers()
+
+    @property
+    def prompt(self) -> str:
+        """The document prompt put before every text (resolved: never None)."""
+        return self.cfg.prompt or ""
+
+    @functools.cached_property
+    def prompt_skip(self) -> int:
+        """Leading tokens left out of pooling: the prompt's, where the model's Pooling
+        says include_prompt: false (sentence-transformers' prompt length: the prompt
+        tokenized with special tokens, less a trailing special token)."""
+        if self.info.modules.include_prompt or not self.prompt:
+            return 0
+        ids = self.tokenizer(self.prompt)["input_ids"]
+        return len(ids) - int(bool(ids) and ids[-1] in set(self.tokenizer.all_special_ids))
 
     def _count(self, delta: EncoderStats) -> None:
         with self._stats_lock:
@@ -258,9 +329,9 @@ class Encoder:
         layer, the forward pass stops after the deepest needed block (early exit).
         """
         L = self.info.num_layers
-        self.groups = sorted({(resolve_layer(s.layer, L), s.pooling or self.cfg.pooling)
+        self.groups = sorted({(resolve_layer(s.layer, L), s.pooling or self.pooling)
                               for s in self.outputs})
-        self.spec_group = {s.name: (resolve_layer(s.layer, L), s.pooling or self.cfg.pooling)
+        self.spec_group = {s.name: (resolve_layer(s.layer, L), s.pooling or self.pooling)
                            for s in self.outputs}
         inner = sorted({layer for layer, _ in self.groups if layer < L})
         self.exit_layer = max(inner) if inner and max(layer for layer, _ in self.groups) < L \
@@ -289,7 +360,7 @@ class Encoder:
         if not texts:
             empty = np.zeros(0, dtype=np.int64)
             return empty, empty, empty
-        prompt = self.cfg.prompt
+        prompt = self.prompt
         if prompt:
             texts = [prompt + t for t in texts]
         try:
@@ -307,12 +378,12 @@ class Encoder:
         """
         backend = getattr(self.tokenizer, "_tokenizer", None)
         if backend is None or not hasattr(backend, "encode_batch_fast"):
-            return self.tokenizer(texts, truncation=True, max_length=self.cfg.max_length,
+            return self.tokenizer(texts, truncation=True, max_length=self.max_length,
                                   padding=False, return_attention_mask=False,
                                   return_token_type_ids=False)["input_ids"]
         # The wrapper re-sets these on each of its own calls; so do we.
         backend.no_padding()
-        backend.enable_truncation(self.cfg.max_length,
+        backend.enable_truncation(self.max_length,
                                   direction=getattr(self.tokenizer, "truncation_side", "right"))
         return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
 
@@ -360,16 +431,16 @@ class Encoder:
         n = len(lengths)
         owner = np.arange(n)
         weights = lengths.astype(np.float32)
-        total, cut_off = lengths.copy(), lengths >= self.cfg.max_length
+        total, cut_off = lengths.copy(), lengths >= self.max_length
         long_rows = np.nonzero(cut_off)[0] if self.cfg.long_text == "chunk" else \
             np.zeros(0, dtype=np.int64)
         if not len(long_rows):
             return flat, offsets, lengths, owner, weights, total, cut_off
         tok = self.tokenizer
         prefix, suffix = self._special_tokens
-        window = self.cfg.max_length - len(prefix) - len(suffix)
+        window = self.max_length - len(prefix) - len(suffix)
         stride = window - self.cfg.chunk_overlap
-        prompt = self.cfg.prompt
+        prompt = self.prompt
         full = tok([prompt + texts[int(i)] for i in long_rows], add_special_tokens=False,
                    truncation=False, return_attention_mask=False)["input_ids"]
         keep = np.ones(n, dtype=bool)
@@ -428,7 +499,8 @@ class Encoder:
             # Left padding shifts real tokens right: positions must come from the
             # mask, or the same text gets other position embeddings than unpadded.
             kwargs["position_ids"] = (attn.cumsum(1) - 1).clamp(min=0)
-        pooler = lambda h, mode: pool(h, attn, mode)  # noqa: E731
+        skip = self.prompt_skip
+        pooler = lambda h, mode: pool(h, attn, mode, skip)  # noqa: E731
         if spans is not None:
             width = ids.shape[1]
             row, lo, hi = spans
@@ -444,7 +516,8 @@ class Encoder:
         """One packed batch (no padding; rows delimited by ``cu``) -> as :meth:`forward`."""
         input_ids, position_ids, cu_dev = self._to_device(ids[None], positions[None], cu)
         longest = int(np.diff(cu).max()) if len(cu) > 1 else 0
-        pooler = lambda h, mode: pool_packed(h[0], cu_dev, mode)  # noqa: E731
+        skip = self.prompt_skip
+        pooler = lambda h, mode: pool_packed(h[0], cu_dev, mode, skip)  # noqa: E731
         if spans is not None:
             row, lo, hi = spans
             base = cu[row].astype(np.int64)
@@ -468,8 +541,10 @@ class Encoder:
                  "Return the sum of a and b.", "Ünïcödé, 数字 and emoji 🙂 " * 3]
         flat, offsets, lengths = self.tokenize(probe)
         idx = np.arange(len(probe))
+        self.position_offset = position_offset(model)
         try:
-            packed = self.forward_packed(*pack_batch(flat, offsets, lengths, idx), model=model)
+            packed = self.forward_packed(*pack_batch(flat, offsets, lengths, idx,
+                                                     self.position_offset), model=model)
             padded = self.forward(*pad_batch(flat, offsets, lengths, idx, self.pad_id,
                                              self.left_pad), model=model)
         except Exception as exc:  # noqa: BLE001 - any failure means "not this backend"
@@ -484,7 +559,7 @@ class Encoder:
 
     @functools.cached_property
     def _prompt_ids(self) -> list[int]:
-        prompt = self.cfg.prompt
+        prompt = self.prompt
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
 
     def document_tokens(self, texts: Sequence[str]) -> list[chunker.DocTokens]:
@@ -507,7 +582,7 @@ class Encoder:
         tokens a unit of model.max_length holds)."""
         prefix, suffix = self._special_tokens
         around = len(prefix) + len(suffix) + len(self._prompt_ids)
-        return around, self.cfg.max_length - around
+        return around, self.max_length - around
 
     def prepare_chunks(self, texts: Sequence[str]) -> Prepared:
         """Documents -> passages: ``split`` makes each chunk a unit of its own; ``late``
@@ -588,14 +663,41 @@ class Encoder:
         full pooled vector (to fit one) or a truncation (the canary) instead.
         """
         prep = texts if isinstance(texts, Prepared) else self.prepare(texts)
+        vectors, batches = self.vectors(prep)
+        projections = calibration.projections if calibration else {}
+        floats = {s.name: cut(vectors[self.spec_group[s.name]], s, projections.get(s.name), pca)
+                  for s in self.outputs}
+        return floats, EncodeInfo(n_tokens=prep.total, truncated=prep.cut_off,
+                                  unit_lengths=prep.lengths, batches=batches,
+                                  chunks=prep.chunks)
+
+    def vectors(self, prep: Prepared) -> tuple[dict[tuple[int, str], np.ndarray], list]:
+        """The model's vectors of a prepared batch, per (layer, pooling): pooled per unit
+        (or span, late chunking), through the model's head (Dense, Normalize), and for
+        long_text: chunk the token-weighted mean of a row's windows; and the batches."""
         n_rows, lengths = prep.n_rows, prep.lengths
-        owner, weights = prep.owner, prep.weights
-        n = len(lengths)
         batches = plan_batches(lengths, self.token_budget, self.max_batch_rows)
+        vectors = {group: self.head.apply(units)
+                   for group, units in self._pooled(prep, batches).items()}
+        if prep.spans is None and len(lengths) != n_rows:  # long_text chunk: window mean
+            owner, weights = prep.owner, prep.weights
+            row_weight = np.bincount(owner, weights=weights, minlength=n_rows)[:, None]
+            for group, units in vectors.items():
+                rows = np.zeros((n_rows, units.shape[1]), dtype=np.float64)
+                np.add.at(rows, owner, units * weights[:, None])
+                vectors[group] = (rows / row_weight).astype(np.float32)
+        return vectors, batches
+
+    def _pooled(self, prep: Prepared, batches: list) -> dict[tuple[int, str], np.ndarray]:
+        """Every batch through the model, pooled per unit (late: per span); a batch that
+        runs out of memory is halved and both halves retried."""
+        lengths = prep.lengths
+        n = len(lengths)
         # late chunking pools spans (one per output row), else each unit is pooled
-        width = n_rows if prep.spans is not None else n
+        width = prep.n_rows if prep.spans is not None else n
         pooled: dict[tuple[int, str], np.ndarray] = {
-            g: np.empty((width, self.info.hidden_size), dtype=np.float32) for g in self.groups}
+            g: np.empty((width, self.info.hidden_size * len(g[1].split("+"))), dtype=np.float32)
+            for g in self.groups}
         where = np.full(n, -1, dtype=np.int64)  # a unit's row in the current batch
         pending = list(reversed(batches))
         while pending:
@@ -611,7 +713,7 @@ class Encoder:
                 # Halve the batch and retry both halves; later batches of this
                 # encoder plan with half the budget. No row is lost or repeated.
                 self._count(EncoderStats(oom_splits=1))
-                self.token_budget = max(self.cfg.max_length, self.token_budget // 2)
+                self.token_budget = max(self.max_length, self.token_budget // 2)
                 log.warning("out of memory on a batch of %d rows x %d tokens: splitting it, "
                             "token budget now %d", len(idx), int(lengths[idx].max()),
                             self.token_budget)
@@ -622,17 +724,28 @@ class Encoder:
             where[idx] = -1
             for group, vecs in out.items():
                 pooled[group][targets] = vecs
-        if prep.spans is None and n != n_rows:  # long_text chunk: weighted window mean
-            row_weight = np.bincount(owner, weights=weights, minlength=n_rows)[:, None]
-            for group, units in pooled.items():
-                rows = np.zeros((n_rows, units.shape[1]), dtype=np.float64)
-                np.add.at(rows, owner, units * weights[:, None])
-                pooled[group] = (rows / row_weight).astype(np.float32)
-        projections = calibration.projections if calibration else {}
-        floats = {s.name: cut(pooled[self.spec_group[s.name]], s, projections.get(s.name), pca)
-                  for s in self.outputs}
-        return floats, EncodeInfo(n_tokens=prep.total, truncated=prep.cut_off,
-                                  unit_lengths=lengths, batches=batches, chunks=prep.chunks)
+        return pooled
+
+    @property
+    def model_group(self) -> tuple[int, str]:
+        """(last layer, the model's pooling): the vector sentence-transformers returns."""
+        return self.info.num_layers, self.pooling
+
+    @property
+    def has_model_vectors(self) -> bool:
+        """Whether :meth:`model_vectors` can run: a column at the last layer with the
+        model's pooling, and plain rows (no passages, no window means)."""
+        return (self.chunking is None and self.cfg.long_text == "truncate"
+                and self.model_group in self.groups and self.exit_layer is None)
+
+    def model_vectors(self, texts: Sequence[str]) -> np.ndarray | None:
+        """The model's own vectors (last layer, its pooling and head) of plain rows, as
+        sentence-transformers' encode returns them; None where this encoder does not
+        compute them (see :attr:`has_model_vectors`)."""
+        if not self.has_model_vectors:
+            return None
+        vectors, _ = self.vectors(self.prepare(texts))
+        return vectors[self.model_group]
 
     def _forward_units(self, prep: Prepared, idx: np.ndarray, where: np.ndarray,
                        targets: np.ndarray) -> dict[tuple[int, str], np.ndarray]:
@@ -644,7 +757,8 @@ class Encoder:
             s = prep.spans
             spans = (where[s.unit[targets]], s.start[targets], s.end[targets])
         if self.packed:
-            return self.forward_packed(*pack_batch(flat, offsets, lengths, idx), spans=spans)
+            return self.forward_packed(*pack_batch(flat, offsets, lengths, idx,
+                                                   self.position_offset), spans=spans)
         return self.forward(*pad_batch(flat, offsets, lengths, idx, self.pad_id,
                                        self.left_pad), spans=spans)
 

@@ -42,9 +42,10 @@ def register() -> str:
             return sdpa_attention_forward(module, query, key, value, attention_mask,
                                           scaling=scaling, dropout=dropout, **kwargs)
         causal = bool(getattr(module, "is_causal", False))
+        window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
         out = varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1),
                                value[0].transpose(0, 1), cu, int(kwargs["max_length_q"]),
-                               scaling, causal)
+                               scaling, causal, int(window) if window else None)
         return out.unsqueeze(0), None  # [1, N, heads, d], as transformers reshapes it
 
     def mask(*args, **kwargs):
@@ -58,13 +59,20 @@ def register() -> str:
     return NAME
 
 
-def varlen_attention(q, k, v, cu, max_len: int, scale: float | None, causal: bool):
-    """q [N, Hq, d], k/v [N, Hkv, d] packed by ``cu`` (int32 [B+1]) -> [N, Hq, d]."""
+def varlen_attention(q, k, v, cu, max_len: int, scale: float | None, causal: bool,
+                     window: int | None = None):
+    """q [N, Hq, d], k/v [N, Hkv, d] packed by ``cu`` (int32 [B+1]) -> [N, Hq, d].
+
+    ``window`` (sliding-window layers, e.g. Gemma 3's): a query sees keys less than
+    ``window`` positions away (behind it only, when causal), as transformers' masks say.
+    """
     import torch
 
     gqa = q.shape[1] != k.shape[1]
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _torch_varlen():
-        return _cuda_varlen(q, k, v, cu, max_len, scale, causal, gqa)
+    fast = _torch_varlen()
+    if (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and fast
+            and (window is None or "window_size" in fast[1])):
+        return _cuda_varlen(q, k, v, cu, max_len, scale, causal, gqa, window)
     lens = cu[1:] - cu[:-1]
     pos = torch.arange(max_len, device=q.device)
     valid = pos[None, :] < lens[:, None]  # [B, T]
@@ -73,6 +81,8 @@ def varlen_attention(q, k, v, cu, max_len: int, scale: float | None, causal: boo
     mask = valid[:, None, None, :]
     if causal:
         mask = mask & (pos[None, :] <= pos[:, None])[None, None]
+    if window is not None:
+        mask = mask & ((pos[:, None] - pos[None, :]).abs() < window)[None, None]
     out = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask,
                                                            scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2)[valid]  # rows in order, each row's tokens in order
@@ -90,12 +100,13 @@ def _torch_varlen():
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def _cuda_varlen(q, k, v, cu, max_len, scale, causal, gqa):
+def _cuda_varlen(q, k, v, cu, max_len, scale, causal, gqa, window=None):
     """torch's varlen flash kernel; its keywords changed between torch 2.10 and 2.15."""
     fn, params = _torch_varlen()
     kwargs: dict[str, Any] = {}
     if "window_size" in params:
-        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+        reach = -1 if window is None else window - 1
+        kwargs["window_size"] = (reach, 0) if causal else (reach, reach)
     elif causal:
         kwargs["is_causal"] = True
     if scale is not None:
@@ -113,10 +124,12 @@ def _cuda_varlen(q, k, v, cu, max_len, scale, causal, gqa):
 
 
 def pack_batch(flat: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
-               idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               idx: np.ndarray, position_offset: int = 0
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows ``idx`` of a flat token buffer -> (ids [N], position ids [N], cu_seqlens [B+1]).
 
     Vectorised: token j of the packed batch is flat[offsets[row] + (j - start of row)].
+    Position ids count from ``position_offset`` (RoBERTa-style models: padding index + 1).
     """
     row_len = lengths[idx]
     cu = np.zeros(len(idx) + 1, dtype=np.int32)
@@ -124,4 +137,4 @@ def pack_batch(flat: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
     starts = np.repeat(cu[:-1].astype(np.int64), row_len)
     positions = np.arange(int(cu[-1]), dtype=np.int64) - starts
     ids = flat[np.repeat(offsets[idx], row_len) + positions]
-    return ids.astype(np.int64), positions, cu
+    return ids.astype(np.int64), positions + position_offset, cu
