@@ -5,9 +5,12 @@ SparkSubmitOperator running jobs/embed.py. Configure with environment variables
 or params:
 
 - EMBED_CONFIG (param ``config``): the run config, default conf/demo.yaml
-- param ``fail_on_drift`` (default true): a distribution-drift breach fails the
-  drift task (no retries) and so skips publish; a canary failure (another
-  model) already fails the embed task, before anything is written
+- the run config's ``drift.distribution.on_breach`` is the one drift policy, as for
+  ``embed run``: ``fail`` makes a breach fail the embed task (exit 9), ``warn``
+  records it and the run goes on to publish. Exits that are not transient (2 config,
+  3 source, 4 model, 5 identity, 6 reconcile, 8 canary, 9 breach) fail the embed
+  task without retries; others (a lost executor, exit 7: another run committed
+  first) are retried
 - EMBED_SCHEDULE: cron or preset, default @daily
 - EMBED_START_DATE (YYYY-MM-DD, default 2026-01-01): the first logical date,
   i.e. the first partition; a run for an earlier date fails in
@@ -30,10 +33,11 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from airflow.exceptions import AirflowException, AirflowFailException
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.sdk import Param, dag, task
 
-from pipeline.dag_tasks import start_date
+from pipeline.dag_tasks import start_date, submit_failure
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,15 +47,27 @@ MAINTAIN = os.environ.get("EMBED_MAINTAIN", "weekly")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+class EmbedSubmit(SparkSubmitOperator):
+    """spark-submit jobs/embed.py; an exit the pipeline calls non-transient (bad config,
+    identity, canary, drift breach ...) fails the task for good: no retry re-runs it."""
+
+    def execute(self, context):
+        try:
+            return super().execute(context)
+        except AirflowException as exc:
+            final = submit_failure(str(exc))
+            if final is not None:
+                raise AirflowFailException(final) from exc
+            raise
+
+
 @dag(
     dag_id="embed_pipeline",
     schedule=os.environ.get("EMBED_SCHEDULE", "@daily"),
     start_date=START_DATE,
     catchup=os.environ.get("EMBED_CATCHUP", "0") == "1",
     max_active_runs=1,  # one writer per output table
-    params={"config": Param(DEFAULT_CONFIG, type="string", description="run config path"),
-            "fail_on_drift": Param(True, type="boolean",
-                                   description="fail the run when drift breaches")},
+    params={"config": Param(DEFAULT_CONFIG, type="string", description="run config path")},
     default_args={"retries": 2, "retry_delay": timedelta(minutes=1),
                   "retry_exponential_backoff": True, "max_retry_delay": timedelta(minutes=30)},
     tags=["embeddings"],
@@ -77,7 +93,7 @@ def embed_pipeline():
     # backfill runs, which create every task whatever its start_date).
     start_date_guard().operator.start_date = EPOCH  # type: ignore[attr-defined]  # PlainXComArg
     validated = validate()
-    embed = SparkSubmitOperator(
+    embed = EmbedSubmit(
         task_id="embed",
         application=str(ROOT / "jobs" / "embed.py"),
         application_args=[
@@ -96,10 +112,10 @@ def embed_pipeline():
         return check_run(validated["config"], validated["partition"])
 
     @task(retries=0)  # a breach is a finding, not a transient failure
-    def drift(validated: dict, checked: dict, params=None) -> dict:
+    def drift(validated: dict, checked: dict) -> dict:
         from pipeline.dag_tasks import check_drift
 
-        return check_drift(validated["config"], checked["run_id"], params["fail_on_drift"])
+        return check_drift(validated["config"], checked["run_id"])
 
     @task
     def publish(validated: dict, checked: dict, drifted: dict) -> str:

@@ -173,11 +173,11 @@ def main() -> None:
                              "instead of rewriting files)")
     args = parser.parse_args()
 
-    from pipeline import drift, lineage
     from pipeline.config import load_config
     from pipeline.demo import random_bert, write_varied_table
     from pipeline.run import run
     from pipeline.spark import get_session, task_slots
+    from pipeline.tables.paths import TablePaths
 
     work = Path(args.work or tempfile.mkdtemp(prefix="embed-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -200,9 +200,8 @@ def main() -> None:
         print(f"source: {args.rows:,} rows in {time.perf_counter() - t:.0f} s", flush=True)
         floor_s = floor(spark, src, str(work / "floor"))
         print(f"(d) floor: {floor_s:.1f} s", flush=True)
-        tables = [out, cfg.sink.quarantine, lineage.runs_path(out, None),
-                  str(Path(out).parent / "_embedding_drift"),
-                  str(Path(out).parent / "_embedding_canary"), drift.samples_table(out)]
+        paths = TablePaths.of(cfg)
+        tables = [out, paths.quarantine, paths.runs, paths.drift, paths.canary, paths.samples]
         report = {"rows": args.rows, "floor_s": round(floor_s, 1), "runs": []}
 
         def timed(label: str):

@@ -26,38 +26,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pipeline import sink, source
+from pipeline import source
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
+from pipeline.results import Partition, RunResult
+from pipeline.tables.delta import txn_committed
+from pipeline.tables.identity import TableIdentity
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
-
-    from pipeline.run import RunResult
-
-TXN_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Partition:
-    """One value of ``source.partition_column``, committed exactly once."""
-
-    column: str
-    value: str
-    app_id: str  # the Delta txnAppId of this partition's commit
-
-    @property
-    def filter(self) -> str:
-        """The SQL filter that selects this partition's source rows."""
-        escaped = self.value.replace("\\", "\\\\").replace("'", "\\'")
-        return f"CAST(`{self.column}` AS STRING) = '{escaped}'"
-
-    @property
-    def txn(self) -> tuple[str, int]:
-        return self.app_id, TXN_VERSION
-
-    def is_committed(self, spark: SparkSession, output_path: str) -> bool:
-        return sink.committed_txn(spark, output_path, self.app_id) >= TXN_VERSION
 
 
 @dataclass(frozen=True)
@@ -83,7 +60,7 @@ def partition_column(cfg: RunConfig) -> str:
 def partition(cfg: RunConfig, model_fingerprint: str, value: str, salt: str = "") -> Partition:
     """The partition ``value`` of this config's source, with its stable txn app id."""
     column = partition_column(cfg)
-    key = "|".join([cfg.sink.path, model_fingerprint, sink.table_identity(
+    key = "|".join([cfg.sink.path, model_fingerprint, TableIdentity.of_run(
         cfg, None, model_fingerprint)["outputs"], column, salt])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return Partition(column=column, value=value, app_id=f"embed-backfill-{digest}-{value}")
@@ -110,7 +87,7 @@ def plan(spark: SparkSession, cfg: RunConfig, model_fingerprint: str, start: str
     for row in counts:
         p = partition(cfg, model_fingerprint, row["value"], salt)
         plans.append(PartitionPlan(partition=p, rows=row["count"],
-                                   committed=p.is_committed(spark, cfg.sink.path)))
+                                   committed=txn_committed(spark, cfg.sink.path, p.txn)))
     return plans
 
 

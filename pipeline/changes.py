@@ -26,34 +26,19 @@ CDF_COLUMNS = ("_change_type", "_commit_version", "_commit_timestamp")
 
 
 def cdf_enabled(spark: SparkSession, path: str) -> bool:
-    from pipeline.sink import table_property
+    from pipeline.tables.delta import table_property
 
     return (table_property(spark, path, CDF_PROPERTY) or "false").lower() == "true"
 
 
 def last_source_version(spark: SparkSession, cfg: RunConfig) -> int | None:
     """The source version that the latest successful whole-source run into this output
-    table read (None: no such run, or no runs table yet). One scan of four columns
-    of the runs table, no shuffle."""
-    from pyspark.sql import functions as F
+    table read (None: no such run, or no runs table yet)."""
+    from pipeline.tables import runs
+    from pipeline.tables.paths import TablePaths
 
-    from pipeline import lineage
-    from pipeline.sink import is_delta_table
-
-    path = lineage.runs_path(cfg.sink.path, cfg.sink.runs_path)
-    if not is_delta_table(path):
-        return None
-    events = (spark.read.format("delta").load(path)
-              .filter((F.col("output_path") == cfg.sink.path) & F.col("partition").isNull()
-                      & (F.col("source_path") == cfg.source.path))
-              .select("run_id", "status", "event_time", "source_version").toPandas())
-    if events.empty:
-        return None
-    latest = events.sort_values("event_time").groupby("run_id").tail(1)
-    done = latest[(latest["status"] == "succeeded") & latest["source_version"].notna()]
-    if done.empty:
-        return None
-    return int(done.sort_values("event_time")["source_version"].iloc[-1])
+    return runs.last_source_version(TablePaths.of(cfg).runs, cfg.sink.path, cfg.source.path,
+                                    spark)
 
 
 def latest_changes(spark: SparkSession, source: SourceConfig, start: int,
@@ -85,3 +70,25 @@ def why_not(exc: BaseException, since: int) -> str:
              if "FileNotFound" in name or "FileNotFound" in text or "does not exist" in text
              else f"{name}: {text.strip().splitlines()[0][:200] if text.strip() else '-'}")
     return f"the Change Data Feed could not answer: {cause}; compared the whole source instead"
+
+
+def changed_rows(snapshot: DataFrame, changes: DataFrame, cfg: SourceConfig) -> DataFrame:
+    """The source rows to validate for a Change Data Feed run: each changed id's latest
+    row, except where the snapshot holds that id more than once, or holds it still
+    though its latest change was a delete (one of two copies went): then all of its
+    snapshot rows, so :func:`tag_rows` judges them as on the full path. Only the id
+    column of the snapshot is scanned, plus the rows of such ids."""
+    from pyspark.sql import functions as F
+
+    id_col = cfg.id_column
+    kinds = changes.select(id_col, (F.col("_change_type") == "delete").alias("_gone"))
+    counts = (snapshot.select(id_col).join(kinds.select(id_col), id_col, "left_semi")
+              .groupBy(id_col).count())
+    special = (counts.join(kinds, id_col)
+               .filter((F.col("count") > 1) | F.col("_gone")).select(id_col))
+    upserts = changes.filter(F.col("_change_type") != "delete") \
+        .drop(*(c for c in CDF_COLUMNS if c in changes.columns))
+    if special.limit(1).count() == 0:
+        return upserts
+    return (upserts.join(special, id_col, "left_anti")
+            .unionByName(snapshot.join(special, id_col, "left_semi")))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -210,20 +211,20 @@ def runs_cmd(table_path: str, runs_path: str | None, limit: int) -> None:
     """List the latest runs that wrote an output table, with their lineage."""
     from rich.table import Table
 
-    from pipeline import lineage
+    from pipeline import maintain
     from pipeline.config import SparkConfig
     from pipeline.spark import get_session
+    from pipeline.tables import runs as runs_table
+    from pipeline.tables.delta import is_delta_table
+    from pipeline.tables.paths import TablePaths
 
     table_path = str(Path(table_path).resolve())
-    path = lineage.runs_path(table_path, runs_path)
+    path = TablePaths.beside(table_path, runs=runs_path).runs
     if not Path(path).is_dir():
         click.echo(f"error: no runs table at {path}", err=True)
         sys.exit(3)
-    from pipeline import maintain
-    from pipeline.sink import is_delta_table
-
     spark = get_session(SparkConfig(app_name="embed-runs"))
-    runs = lineage.latest_runs(spark, path, limit, output_path=table_path)
+    runs = runs_table.latest(path, limit, output_path=table_path, spark=spark)
     layout = (maintain.layout(spark, table_path).summary() if is_delta_table(table_path)
               else "no table yet")
     out = Table(title=f"runs of {table_path}", caption=f"table now: {layout} "
@@ -232,6 +233,7 @@ def runs_cmd(table_path: str, runs_path: str | None, limit: int) -> None:
                 "quarantined", "skipped", "version", "source", "plan", "model", "runtime",
                 "code", "canary", "drift", "error / note"):
         out.add_column(col)
+    r: Any
     for r in runs.itertuples():
         versions = json.loads(r.versions) if r.versions else {}
         source_ref = (f"v{int(r.source_version)}" if r.source_version == r.source_version
@@ -294,14 +296,16 @@ def drift_cmd(table_path: str, run_id: str | None, drift_path: str | None, out: 
     """Print a run's drift checks (canary + distribution) and write an HTML report."""
     from rich.table import Table
 
-    from pipeline import drift, lineage
+    from pipeline import drift
     from pipeline.config import SparkConfig
     from pipeline.errors import DriftBreach, SourceError
     from pipeline.report import write_report
     from pipeline.spark import get_session
 
     table_path = str(Path(table_path).resolve())
-    path = lineage.sibling_table(table_path, drift_path, "_embedding_drift")
+    from pipeline.tables.paths import TablePaths
+
+    path = TablePaths.beside(table_path, drift=drift_path).drift
     if not Path(path).is_dir():
         _fail(SourceError(f"no drift table at {path} (runs record it once they have embedded "
                           "rows; --drift-path names another)"))

@@ -198,10 +198,6 @@ class SinkConfig:
     # (chunk_text); else readers slice it out of the source by char_start/char_end.
     store_chunk_text: bool = False
 
-    @property
-    def quarantine(self) -> str:
-        return self.quarantine_path or self.path.rstrip("/") + "_quarantine"
-
 
 @dataclass(frozen=True, kw_only=True)
 class SparkConfig:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import load_config
-from pipeline.errors import ConfigError
+from pipeline.errors import NON_TRANSIENT_EXITS, ConfigError
 from pipeline.preflight import preflight
 
 if TYPE_CHECKING:
@@ -60,8 +61,8 @@ def maintain_table(config_path: str, logical_date: str, every: str,
     """OPTIMIZE, then VACUUM at the table's retention, when maintenance is due."""
     from pipeline import maintain
     from pipeline.config import SparkConfig
-    from pipeline.sink import is_delta_table
     from pipeline.spark import get_session
+    from pipeline.tables.delta import is_delta_table
 
     cfg = load_config(config_path)
     if not maintenance_due(logical_date, every) or not is_delta_table(cfg.sink.path):
@@ -99,14 +100,14 @@ def check_run(config_path: str, partition: str) -> dict:
     over the same dates) is a recorded skip, not a failure: the run that
     committed the partition is reported (its drift is what the drift task
     checks), with ``skipped_by`` naming the run that found it done. The runs
-    table is read with delta-rs: no JVM for a check.
+    table is read with delta-rs (pipeline.tables.runs): no JVM for a check.
     """
-    from pipeline import lineage
+    from pipeline.tables import runs as runs_table
+    from pipeline.tables.paths import TablePaths
 
     cfg = load_config(config_path)
-    path = lineage.runs_path(cfg.sink.path, cfg.sink.runs_path)
-    runs = _local_or_spark(lambda: lineage.latest_runs_local(path, 1, cfg.sink.path),
-                           lambda spark: lineage.latest_runs(spark, path, 1, cfg.sink.path))
+    path = TablePaths.of(cfg).runs
+    runs = runs_table.latest(path, 1, cfg.sink.path)
     if runs.empty:
         raise RuntimeError(f"no run of {cfg.sink.path} is recorded")
     last = _plain(runs.iloc[0].to_dict())
@@ -116,11 +117,7 @@ def check_run(config_path: str, partition: str) -> dict:
     skipped_by = None
     if last["status"] == "skipped":
         skipped_by = last["run_id"]
-        done = _local_or_spark(
-            lambda: lineage.latest_runs_local(path, 1, cfg.sink.path, partition or None,
-                                              "succeeded"),
-            lambda spark: lineage.latest_runs(spark, path, 1, cfg.sink.path,
-                                              partition or None, "succeeded"))
+        done = runs_table.latest(path, 1, cfg.sink.path, partition or None, "succeeded")
         if not done.empty:
             last = _plain(done.iloc[0].to_dict())
     elif last["status"] != "succeeded":
@@ -152,19 +149,22 @@ def _plain(record: dict) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
 
 
-def check_drift(config_path: str, run_id: str, fail_on_breach: bool = True) -> dict:
-    """The run's drift results (canary + distribution); a breach fails the task.
-
-    Raises :class:`~pipeline.errors.DriftBreach` naming the checks that tripped
-    and the command that draws the report. The rows are committed already; the
-    point is that the publish step does not run. Read with delta-rs, like check_run.
+def check_drift(config_path: str, run_id: str) -> dict:
+    """The run's drift results (canary + distribution). The config's policy decides, as
+    it does for ``embed run``: with ``drift.distribution.on_breach: fail`` a breach
+    fails the task (:class:`~pipeline.errors.DriftBreach`, naming the checks that
+    tripped and the command that draws the report), so publish does not run; with
+    ``warn`` it is reported. (A breach with ``fail`` already failed the embed task,
+    exit 9, which Airflow does not retry; this covers a partition found committed by
+    a run that breached.) Read with delta-rs, like check_run.
     """
     from pipeline import drift
     from pipeline.errors import DriftBreach
-    from pipeline.sink import is_delta_table
+    from pipeline.tables.delta import is_delta_table
+    from pipeline.tables.paths import TablePaths
 
     cfg = load_config(config_path)
-    path = drift.drift_table(cfg)
+    path = TablePaths.of(cfg).drift
     if not is_delta_table(path):
         return {"status": "none", "canary": "-", "flags": []}
     rows = _local_or_spark(lambda: drift.latest_local(path, cfg.sink.path, run_id),
@@ -174,10 +174,27 @@ def check_drift(config_path: str, run_id: str, fail_on_breach: bool = True) -> d
     status = str(rows["status"].iloc[0])
     flags = drift.stored_flags(rows)
     out = {"status": status, "canary": str(rows["canary_verdict"].iloc[0]), "flags": flags}
-    if status == "breach" and fail_on_breach:
+    if status == "breach" and cfg.drift.distribution.on_breach == "fail":
         raise DriftBreach(f"run {run_id} drifted: {'; '.join(flags)} (report: embed drift "
                           f"--table {cfg.sink.path} --run {run_id})")
     return out
+
+
+_EXIT_CODE = re.compile(r"Error code is: (\d+)")
+
+
+def submit_failure(message: str) -> str | None:
+    """For a failed spark-submit (the Spark provider's error text, which names the exit
+    code): a one-line reason when the exit is not transient (pipeline.errors), so the
+    task fails without retries; None when a retry may help."""
+    found = _EXIT_CODE.search(message)
+    if not found:
+        return None
+    code = int(found.group(1))
+    if code not in NON_TRANSIENT_EXITS:
+        return None
+    return (f"jobs/embed.py exited {code} ({NON_TRANSIENT_EXITS[code]}): not transient, so "
+            "not retried; the embed task's log has the one-line error")
 
 
 def summary_line(validated: dict, checked: dict, drifted: dict | None = None) -> str:

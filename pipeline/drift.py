@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,17 +35,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.config import CanaryConfig, DistributionConfig, OutputSpec, RunConfig
-from pipeline.drift_stats import ColumnDrift, column_drift
+from pipeline.drift_stats import column_drift
 from pipeline.errors import CanaryError, ConfigError, DriftBreach
-from pipeline.lineage import sibling_table
 from pipeline.outputs import Calibration, row_cosines
-from pipeline.sink import append_rows
+from pipeline.results import CanaryResult, ColumnParity, DriftResult
+from pipeline.tables import runs
+from pipeline.tables.delta import append_rows, is_delta_table, rows_frame
+from pipeline.tables.paths import TablePaths
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
     from pipeline.placement import Placement
-    from pipeline.run import RunResult
+    from pipeline.results import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +64,6 @@ DRIFT_SCHEMA = (
     "mean_tokens double, ref_mean_tokens double, truncation_rate double, "
     "ref_truncation_rate double, canary_verdict string, canary_min_cosine double, "
     "canary_max_abs_diff double, computed_at timestamp")
-VERDICTS = ("baseline", "same_runtime", "runtime_changed", "model_changed")
-
-
-def canary_table(cfg: RunConfig) -> str:
-    return sibling_table(cfg.sink.path, cfg.drift.canary_path, "_embedding_canary")
-
-
-def drift_table(cfg: RunConfig) -> str:
-    return sibling_table(cfg.sink.path, cfg.drift.path, "_embedding_drift")
 
 
 # --------------------------------------------------------------------------- canary
@@ -97,49 +90,6 @@ def canary_texts(path: str | None = None) -> list[str]:
 
 def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-@dataclass
-class ColumnParity:
-    column: str
-    rows: int
-    min_cosine: float
-    mean_cosine: float
-    max_abs_diff: float
-    worst_row: int
-
-
-@dataclass
-class CanaryResult:
-    verdict: str  # one of VERDICTS
-    runtime: str
-    rows: int
-    columns: list[ColumnParity] = field(default_factory=list)
-    baseline_run: str | None = None
-    baseline_runtime: str | None = None
-    baseline_fingerprint: str | None = None
-    stored_baseline: bool = False  # this run's canary is the table's baseline from now on
-
-    @property
-    def min_cosine(self) -> float | None:
-        return min((c.min_cosine for c in self.columns), default=None)
-
-    def column(self, name: str) -> ColumnParity | None:
-        return next((c for c in self.columns if c.column == name), None)
-
-    def summary(self) -> str:
-        if self.verdict == "baseline":
-            return f"baseline stored ({self.rows} texts, {self.runtime})"
-        worst = min(self.columns, key=lambda c: c.min_cosine)
-        text = (f"{self.verdict.replace('_', ' ')}: min cosine {worst.min_cosine:.6f} "
-                f"({worst.column}), max |diff| {max(c.max_abs_diff for c in self.columns):.2e} "
-                f"vs run {self.baseline_run}")
-        if self.baseline_runtime and self.baseline_runtime != self.runtime:
-            text += f"; runtime {self.baseline_runtime} -> {self.runtime}"
-        return text
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def compare(stored: dict[str, np.ndarray], current: dict[str, np.ndarray]) -> list[ColumnParity]:
@@ -202,8 +152,6 @@ def load_canary(spark: SparkSession, path: str, output_path: str, run_id: str):
     or None."""
     from pyspark.sql import functions as F
 
-    from pipeline.sink import is_delta_table
-
     if not is_delta_table(path):
         return None
     pdf = (spark.read.format("delta").load(path)
@@ -230,7 +178,7 @@ def run_canary(spark: SparkSession, cfg: RunConfig, placement: Placement,
     """
     texts = canary_texts(cfg.drift.canary.texts)
     current, runtime = embed_canary(spark, cfg, placement, texts)
-    path = canary_table(cfg)
+    path = TablePaths.of(cfg).canary
     stored = None if not baseline_run else load_canary(spark, path, cfg.sink.path, baseline_run)
     result = CanaryResult(verdict="baseline", runtime=runtime, rows=len(texts))
     if stored is not None:
@@ -285,52 +233,17 @@ def decode(values, spec: dict, calibration=None) -> np.ndarray:
     return rows.astype(np.float32)
 
 
-@dataclass(frozen=True)
-class DriftResult:
-    status: str  # ok | breach | no_reference | no_rows | disabled | error
-    reference_runs: list[str] = field(default_factory=list)
-    columns: dict[str, ColumnDrift] = field(default_factory=dict)
-    message: str = ""
-
-    @property
-    def flags(self) -> list[str]:
-        return [f"{name}: {f}" for name, c in self.columns.items() for f in c.flags]
-
-    def summary(self) -> str:
-        if self.status == "breach":
-            return "breach: " + "; ".join(self.flags)
-        if self.status == "ok":
-            worst = max(self.columns.values(), key=lambda c: c.centroid_distance)
-            return (f"ok vs {len(self.reference_runs)} reference run(s) (max centroid distance "
-                    f"{worst.centroid_distance:.4f}, min MMD p "
-                    f"{min(c.mmd_p_value for c in self.columns.values()):.3f})")
-        return self.status + (f": {self.message}" if self.message else "")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def reference_runs(spark: SparkSession, runs_path: str, output_path: str, run_id: str,
                    cfg: DistributionConfig) -> list[str]:
     """The pinned baseline run, or the last N succeeded runs that embedded rows."""
-    from pipeline import lineage
-    from pipeline.sink import is_delta_table
-
     if cfg.baseline_run:
         return [] if cfg.baseline_run == run_id else [cfg.baseline_run]
     if not is_delta_table(runs_path):
         return []
-    runs = lineage.latest_runs(spark, runs_path, limit=1000, output_path=output_path)
-    runs = runs[(runs["status"] == "succeeded") & (runs["rows_embedded"].fillna(0) > 0)
-                & (runs["run_id"] != run_id)]
-    return runs["run_id"].head(cfg.reference_runs).tolist()
-
-
-def samples_table(cfg_or_path: RunConfig | str) -> str:
-    """Each run's seeded drift sample of the rows it wrote, one Delta table per output
-    table (their vector columns differ): <parent>/_embedding_samples/<table name>."""
-    path = cfg_or_path if isinstance(cfg_or_path, str) else cfg_or_path.sink.path
-    return str(Path(path).parent / "_embedding_samples" / Path(path.rstrip("/")).name)
+    found = runs.latest(runs_path, limit=1000, output_path=output_path, spark=spark)
+    found = found[(found["status"] == "succeeded") & (found["rows_embedded"].fillna(0) > 0)
+                  & (found["run_id"] != run_id)]
+    return found["run_id"].head(cfg.reference_runs).tolist()
 
 
 def store_sample(spark: SparkSession, cfg: RunConfig, run_id: str, version: int,
@@ -347,7 +260,7 @@ def store_sample(spark: SparkSession, cfg: RunConfig, run_id: str, version: int,
             .filter(F.col("run_id") == run_id))
     columns = ["run_id", "content_hash", "n_tokens", "truncated", *(s.name for s in cfg.outputs)]
     append_rows(seeded_sample(mine, d.seed, d.sample, rows_written).select(*columns)
-                .coalesce(1), samples_table(cfg), run_id)
+                .coalesce(1), TablePaths.of(cfg).samples, run_id)
 
 
 def sample_rows(spark: SparkSession, output_path: str, version: int | None, run_id: str,
@@ -359,13 +272,12 @@ def sample_rows(spark: SparkSession, output_path: str, version: int | None, run_
     from pyspark.sql import functions as F
 
     from pipeline.sampling import order_key, seeded_sample
-    from pipeline.sink import is_delta_table
-
     wanted = [run_id, *refs]
     keep = ["run_id", "content_hash", *columns, "n_tokens", "truncated"]
     frames = []
-    if is_delta_table(samples_table(output_path)):
-        frames.append(spark.read.format("delta").load(samples_table(output_path))
+    samples = TablePaths.beside(output_path).samples
+    if is_delta_table(samples):
+        frames.append(spark.read.format("delta").load(samples)
                       .filter(F.col("run_id").isin(wanted)).select(*keep)
                       .withColumn("_key", order_key(seed)).toPandas())
     have = set(frames[0]["run_id"]) if frames else set()
@@ -429,8 +341,6 @@ def enforce_policy(cfg: RunConfig, result: RunResult) -> None:
 def record(spark: SparkSession, cfg: RunConfig, run_id: str, version: int | None,
            result: DriftResult, canary: CanaryResult | None) -> None:
     """Append one row per output column to the drift table."""
-    from pipeline.lineage import rows_frame
-
     now = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
     rows = []
     for spec in cfg.outputs:
@@ -447,7 +357,8 @@ def record(spark: SparkSession, cfg: RunConfig, run_id: str, version: int | None
                    canary_max_abs_diff=parity.max_abs_diff if parity else None,
                    computed_at=now)
         rows.append(row)
-    append_rows(rows_frame(spark, DRIFT_SCHEMA, rows).coalesce(1), drift_table(cfg), run_id)
+    append_rows(rows_frame(spark, DRIFT_SCHEMA, rows).coalesce(1), TablePaths.of(cfg).drift,
+                run_id)
 
 
 def stored_flags(rows) -> list[str]:

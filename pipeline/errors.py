@@ -81,6 +81,17 @@ class DriftBreach(PipelineError):
         self.result = result
 
 
+# Exit codes a retry cannot mend (the same config, table and model fail the same way);
+# the DAG fails such a task at once. 1 (anything else) and 7 (another run committed
+# first: re-run) may pass on a retry.
+NON_TRANSIENT_EXITS = {ConfigError.exit_code: "config error",
+                       SourceError.exit_code: "source error",
+                       ModelError.exit_code: "model error",
+                       SinkConflictError.exit_code: "the output table was made otherwise",
+                       ReconciliationError.exit_code: "counts do not reconcile",
+                       CanaryError.exit_code: "the canary says the model changed",
+                       DriftBreach.exit_code: "drift breach"}
+
 _WORKER_ERROR = re.compile(r"pipeline\.errors\.(\w+): (.+)")
 _CONFIG_MESSAGE = re.compile(r"config error at '([^']+)': (.+)")
 

@@ -1,12 +1,10 @@
 """Lineage: the runs table and OpenLineage run events.
 
-The runs table is one Delta table of run records next to the output table.
-Append-only (a ``running`` row when a run starts, a final ``succeeded`` or
-``failed`` row when it ends): concurrent runs never conflict on it, and the
-latest row per run id is the run's state. A run that dies without a final row
-(SIGKILL) stays ``running`` with no end time, which is what happened. A
-partition found already committed is one ``skipped`` row (no ``running`` row,
-no OpenLineage event: nothing ran).
+The runs table (:mod:`pipeline.tables.runs`) gets a ``running`` row when a run
+starts and a final ``succeeded`` or ``failed`` row when it ends; a run that dies
+without a final row (SIGKILL) stays ``running`` with no end time, which is what
+happened. A partition found already committed is one ``skipped`` row (no
+``running`` row, no OpenLineage event: nothing ran).
 
 OpenLineage events (START, COMPLETE, FAIL) go through the openlineage-python
 client with the transport from the config (file, console, http); an emitter
@@ -26,12 +24,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.tables import runs
+from pipeline.tables.paths import TablePaths
+
 if TYPE_CHECKING:
-    from pyspark.sql import Column, DataFrame, SparkSession
+    from pyspark.sql import SparkSession
 
     from pipeline.config import RunConfig
     from pipeline.encoder.model import ModelInfo
-    from pipeline.run import RunResult
+    from pipeline.results import RunResult
 
 log = logging.getLogger(__name__)
 REPO = "https://github.com/embed-pipeline/embed-pipeline"
@@ -63,17 +64,6 @@ def embedding_facet_schema_url() -> str:
     return (f"{raw}/v{package_version()}/{EMBEDDING_FACET_FILE}"
             "#/$defs/EmbedPipelineEmbeddingRunFacet")
 
-RUNS_SCHEMA = (
-    "run_id string, status string, event_time timestamp, started_at timestamp, "
-    "ended_at timestamp, output_path string, output_version long, source_path string, "
-    "source_version long, model string, model_fingerprint string, runtime string, "
-    "config_hash string, config_json string, mode string, partition string, "
-    "rows_read long, rows_embedded long, rows_quarantined long, rows_skipped long, "
-    "rows_deleted long, seconds double, stage_seconds string, versions string, error string, "
-    "lineage_run_id string, source_files_hash string, canary string, drift_status string, "
-    "drift string, message string, plan_path string, plan_note string, placement string, "
-    "chunks_written long, chunks_deleted long, parity string, warnings string"
-)
 
 
 def job_name(sink_path: str) -> str:
@@ -89,15 +79,6 @@ def nominal_time(partition: str | None) -> datetime | None:
         return datetime.fromisoformat(partition).replace(tzinfo=UTC)
     except ValueError:
         return None
-
-
-def runs_path(sink_path: str, configured: str | None) -> str:
-    return sibling_table(sink_path, configured, "_embedding_runs")
-
-
-def sibling_table(sink_path: str, configured: str | None, name: str) -> str:
-    """A bookkeeping table next to the output: the configured path, else <parent>/<name>."""
-    return configured or str(Path(sink_path).parent / name)
 
 
 def software_versions() -> dict[str, str]:
@@ -127,76 +108,6 @@ def code_revision() -> str:
     return rev + ("+dirty" if dirty else "")
 
 
-def rows_frame(spark: SparkSession, schema_ddl: str, rows: list[dict[str, Any]]) -> DataFrame:
-    """A DataFrame of dict rows in a DDL schema's column order; missing keys are null."""
-    from pyspark.sql.types import StructType, _parse_datatype_string
-
-    schema = _parse_datatype_string(schema_ddl)
-    assert isinstance(schema, StructType)
-    names = schema.fieldNames()
-    return spark.createDataFrame([tuple(row.get(n) for n in names) for row in rows], schema)
-
-
-def record(spark: SparkSession, path: str, **fields: Any) -> None:
-    """Append one run event; missing fields are null."""
-    from pipeline import sink
-
-    row = dict(fields, event_time=datetime.now(UTC).replace(tzinfo=None))
-    for key in ("stage_seconds", "versions", "canary", "drift"):
-        if isinstance(row.get(key), dict):
-            row[key] = json.dumps(row[key], sort_keys=True)
-    for key in ("started_at", "ended_at"):
-        value = row.get(key)
-        if isinstance(value, datetime) and value.tzinfo is not None:
-            row[key] = value.astimezone(UTC).replace(tzinfo=None)
-    frame = rows_frame(spark, RUNS_SCHEMA, [row])
-    for attempt in range(3):  # appends never conflict, but two first writes can race
-        try:
-            # mergeSchema: runs tables of older releases gain the newer columns
-            sink.append_rows(frame, path, fields.get("run_id") or "", merge_schema=True)
-            return
-        except Exception:
-            if attempt == 2:
-                raise
-
-
-def latest_runs(spark: SparkSession, path: str, limit: int = 20, output_path: str | None = None,
-                partition: str | None = None, status: str | None = None,
-                where: Column | None = None):
-    """The latest event per run id, newest runs first (a pandas frame); optionally only
-    runs of one output table, one partition, whose latest status is ``status``, or whose
-    events match ``where``."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    df = spark.read.format("delta").load(path)
-    if output_path:
-        df = df.filter(F.col("output_path") == output_path)
-    if partition:
-        df = df.filter(F.col("partition") == partition)
-    if where is not None:
-        df = df.filter(where)
-    w = Window.partitionBy("run_id").orderBy(F.col("event_time").desc())
-    latest = df.withColumn("_n", F.row_number().over(w)).filter("_n = 1").drop("_n")
-    if status:
-        latest = latest.filter(F.col("status") == status)
-    return latest.orderBy(F.col("started_at").desc()).limit(limit).toPandas()
-
-
-def latest_runs_local(path: str, limit: int = 20, output_path: str | None = None,
-                      partition: str | None = None, status: str | None = None):
-    """:func:`latest_runs` without Spark (delta-rs): what the Airflow check tasks read,
-    where a JVM start would cost more than the check (the runs table is small)."""
-    from pipeline import deltars
-
-    equal = {k: v for k, v in (("output_path", output_path), ("partition", partition)) if v}
-    events = deltars.read_pandas(path, equal)
-    latest = events.sort_values("event_time").groupby("run_id", sort=False).tail(1)
-    if status:
-        latest = latest[latest["status"] == status]
-    return latest.sort_values("started_at", ascending=False).head(limit).reset_index(drop=True)
-
-
 class RunRecorder:
     """One run's records: the runs table (``running`` -> ``succeeded`` | ``failed``, or a
     lone ``skipped``) and its OpenLineage events (START -> COMPLETE | FAIL)."""
@@ -204,7 +115,7 @@ class RunRecorder:
     def __init__(self, spark: SparkSession, cfg: RunConfig, run_id: str, started_at: datetime,
                  info: ModelInfo, model_fp: str, partition: str | None):
         self.spark, self.cfg, self.info, self.model_fp = spark, cfg, info, model_fp
-        self.path = runs_path(cfg.sink.path, cfg.sink.runs_path)
+        self.path = TablePaths.of(cfg).runs
         self.lineage_run_id = new_lineage_run_id()
         self.emitter = Emitter(cfg, self.lineage_run_id, job_name(cfg.sink.path))
         self.nominal = nominal_time(partition)
@@ -221,25 +132,26 @@ class RunRecorder:
                           embed_run_id=self.base["run_id"], nominal_time=self.nominal, **kwargs)
 
     def start(self) -> None:
-        record(self.spark, self.path, status="running", **self.base)
+        runs.append(self.spark, self.path, {"status": "running", **self.base})
         self._emit("START")
 
     def fail(self, exc: BaseException, stage_seconds: dict[str, float]) -> None:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         error = f"{type(exc).__name__}: {message}"[:4000]
         seconds = sum(stage_seconds.values())
-        record(self.spark, self.path, status="failed", ended_at=datetime.now(UTC),
-               seconds=seconds, stage_seconds=stage_seconds, error=error, **self.base)
+        runs.append(self.spark, self.path, {
+            "status": "failed", "ended_at": datetime.now(UTC), "seconds": seconds,
+            "stage_seconds": stage_seconds, "error": error, **self.base})
         self._emit("FAIL", error=error)
 
     def succeed(self, result: RunResult) -> None:
-        record(self.spark, self.path, status="succeeded", ended_at=datetime.now(UTC),
-               **_result_fields(result), **self.base)
+        runs.append(self.spark, self.path, {"status": "succeeded", "ended_at": datetime.now(UTC),
+                                            **_result_fields(result), **self.base})
         self._emit("COMPLETE", result=result, schemas=result.schemas)
 
     def skip(self, result: RunResult) -> None:
-        record(self.spark, self.path, status="skipped", ended_at=datetime.now(UTC),
-               **_result_fields(result), **self.base)
+        runs.append(self.spark, self.path, {"status": "skipped", "ended_at": datetime.now(UTC),
+                                            **_result_fields(result), **self.base})
 
 
 def _result_fields(result: RunResult) -> dict:
@@ -390,7 +302,7 @@ def _datasets(cfg: RunConfig, result: RunResult | None, schemas: dict):
                              outputFacets=rows(result.chunks_written if cfg.chunking.enabled
                                                else result.rows_embedded) if result else {})]
     if result is not None and result.rows_quarantined:
-        q_ns, q_name = dataset_name(cfg.sink.quarantine)
+        q_ns, q_name = dataset_name(TablePaths.of(cfg).quarantine)
         outputs.append(OutputDataset(namespace=q_ns, name=q_name,
                                      outputFacets=rows(result.rows_quarantined)))
     return inputs, outputs

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from pipeline import sink
 from pipeline.errors import ConfigError, SourceError
+from pipeline.tables import delta
+from pipeline.tables.identity import TableIdentity
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -49,7 +50,7 @@ def layout(spark: SparkSession, path: str) -> Layout:
 
 def retention_hours(spark: SparkSession, path: str) -> float:
     """The table's delta.deletedFileRetentionDuration in hours (default 168)."""
-    text = sink.table_property(spark, path, "delta.deletedFileRetentionDuration")
+    text = delta.table_property(spark, path, "delta.deletedFileRetentionDuration")
     if not text:
         return DEFAULT_RETENTION_HOURS
     match = re.match(r"(?i)interval\s+(\d+)\s+(\w+?)s?$", text.strip())
@@ -71,8 +72,8 @@ def optimize(spark: SparkSession, path: str, tag: str) -> dict[str, str]:
 
     check_table(spark, path)
     # userMetadata is a session conf: take the writers' lock, as a MERGE does
-    with sink.conflicts_reported(path), sink.MERGE_LOCK, sink.session_conf(spark, {
-            "spark.databricks.delta.commitInfo.userMetadata": sink.commit_tag(tag)}):
+    with delta.conflicts_reported(path), delta.MERGE_LOCK, delta.session_conf(spark, {
+            "spark.databricks.delta.commitInfo.userMetadata": delta.commit_tag(tag)}):
         rows = DeltaTable.forPath(spark, path).optimize().executeCompaction().collect()
     metrics = rows[0]["metrics"] if rows else None
     return {k: str(v) for k, v in (metrics.asDict() if metrics else {}).items()
@@ -94,7 +95,7 @@ def vacuum(spark: SparkSession, path: str, hours: float) -> None:
 
 
 def check_table(spark: SparkSession, path: str) -> None:
-    stored = sink.read_identity(spark, path)
+    stored = TableIdentity.read(spark, path)
     if stored is None:
         raise SourceError(f"no Delta table at {path}")
     if not stored:

@@ -10,14 +10,16 @@ then names that).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.lineage import sibling_table
 from pipeline.outputs import Projection
+from pipeline.tables.delta import append_rows, rows_frame
+from pipeline.tables.paths import TablePaths
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -28,15 +30,12 @@ SCHEMA = ("output_path string, column string, digest string, input_dim int, dim 
 
 
 def table_path(output_path: str) -> str:
-    return sibling_table(output_path, None, "_embedding_projections")
+    return TablePaths.beside(output_path).projections
 
 
 def store(spark: SparkSession, output_path: str, projections: dict[str, Projection],
           sample_rows: int, run_id: str) -> None:
     """Append this run's fitted projections (before the output commit that names them)."""
-    from pipeline import sink
-    from pipeline.lineage import rows_frame
-
     now = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
     rows = [{"output_path": output_path, "column": name, "digest": p.digest,
              "input_dim": p.dims[0], "dim": p.dims[1], "centered": p.mean is not None,
@@ -44,7 +43,7 @@ def store(spark: SparkSession, output_path: str, projections: dict[str, Projecti
              "mean": p.mean.tolist() if p.mean is not None else None,
              "sample_rows": sample_rows, "run_id": run_id, "fitted_at": now}
             for name, p in sorted(projections.items())]
-    sink.append_rows(rows_frame(spark, SCHEMA, rows).coalesce(1), table_path(output_path),
+    append_rows(rows_frame(spark, SCHEMA, rows).coalesce(1), table_path(output_path),
                      run_id)
 
 
@@ -83,5 +82,5 @@ def load(output_path: str, digests: dict[str, str]) -> dict[str, Projection]:
     return out
 
 
-def digests_of(identity: dict[str, str] | None) -> dict[str, str]:
+def digests_of(identity: Mapping[str, str] | None) -> dict[str, str]:
     return json.loads((identity or {}).get("projections") or "{}")

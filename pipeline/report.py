@@ -89,7 +89,7 @@ def write_report(spark: SparkSession, table_path: str, drift_path: str, run_id: 
     """Build the HTML report of one run's drift (default: the latest run; file:
     <table parent>/_drift_reports/<run>.html); returns (drift rows as pandas, path)."""
     from pipeline.outputs import Calibration
-    from pipeline.sink import read_identity
+    from pipeline.tables.identity import TableIdentity
 
     rows = drift.latest(spark, drift_path, table_path, run_id)
     if rows.empty:
@@ -99,7 +99,7 @@ def write_report(spark: SparkSession, table_path: str, drift_path: str, run_id: 
     refs = json.loads(rows["reference_runs"].iloc[0] or "[]")
     version = rows["output_version"].iloc[0]
     version = None if version != version else int(version)
-    identity = read_identity(spark, table_path) or {}
+    identity = TableIdentity.read(spark, table_path) or TableIdentity()
     specs = {s["name"]: s for s in json.loads(identity.get("outputs", "[]"))}
     calibration = Calibration.from_json(identity.get("calibration"))
     sections = []

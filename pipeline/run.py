@@ -35,13 +35,16 @@ from pipeline.errors import AlreadyCommitted, PipelineError, ReconciliationError
 from pipeline.outputs import Calibration, Projection, needs_calibration, needs_projection
 from pipeline.placement import Placement
 from pipeline.preflight import preflight
+from pipeline.results import CanaryResult, DriftResult, Partition, RunResult
+from pipeline.tables import delta
+from pipeline.tables.identity import TableIdentity, check_compatible, ensure_table, set_identity
+from pipeline.tables.paths import TablePaths
 from pipeline.write_plan import CommitKind, PlanPath, WritePlan
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
     from pyspark.sql.types import StructType
 
-    from pipeline.backfill import Partition
     from pipeline.udf import WarmUp
 
 log = logging.getLogger(__name__)
@@ -60,74 +63,6 @@ Progress = Callable[["SparkSession", str], contextlib.AbstractContextManager[Any
 
 
 @dataclass(frozen=True)
-class RunResult:
-    run_id: str
-    output_path: str
-    quarantine_path: str
-    rows_read: int
-    rows_embedded: int
-    rows_quarantined: int
-    rows_skipped: int
-    columns: list[str]
-    model: str
-    model_fingerprint: str
-    runtime: str  # device/precision/attention that actually ran
-    output_version: int | None
-    seconds: float
-    status: str = "succeeded"  # succeeded | skipped (a partition already committed)
-    placement: str = ""  # where the encode stage ran (pipeline.placement label)
-    gpus: str = ""  # the GPU addresses the encode tasks were given (EncoderStats.gpu_summary)
-    message: str = ""
-    rows_deleted: int = 0
-    chunks_written: int = 0  # chunked tables: passages committed (rows are documents)
-    chunks_deleted: int = 0  # chunked tables: stored passages of changed or gone documents
-    source_version: int | None = None
-    encode_seconds: float = 0.0  # summed over tasks: forward passes, pooling, quantization
-    prepare_seconds: float = 0.0  # summed over tasks: tokenizing
-    encoder_cpu_seconds: float = 0.0  # summed over tasks: CPU of tokenizing + encoding
-    worker_peak_rss_mb: float = 0.0
-    plan_path: str = "full"  # full: the whole source compared; cdf: only its changes
-    plan_note: str = ""  # why the full comparison ran where CDF could have
-    padding_efficiency: float = 1.0
-    tokens: int = 0
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    lineage_run_id: str = ""
-    source_files_hash: str | None = None
-    partition: str | None = None
-    calibration: str = "none"  # none | table | fit: where the int8 ranges came from
-    canary: drift.CanaryResult | None = None  # None: canary off, or not run
-    canary_note: str = ""  # why no canary ran though it is on
-    parity: str = ""  # a new table: the parity check against sentence-transformers
-    drift: drift.DriftResult | None = None
-    schemas: dict[str, list[tuple[str, str]]] = field(default_factory=dict, repr=False)
-    # config values that disagree with the model directory's own (the run used them)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def texts_per_second(self) -> float:
-        return self.rows_embedded / self.seconds if self.seconds else 0.0
-
-    @property
-    def canary_summary(self) -> str:
-        return self.canary.summary() if self.canary else (self.canary_note or "off")
-
-    @property
-    def drift_status(self) -> str:
-        return self.drift.status if self.drift else "disabled"
-
-    @property
-    def drift_summary(self) -> str:
-        return self.drift.summary() if self.drift else "disabled"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("schemas")
-        d.update(texts_per_second=self.texts_per_second, canary_summary=self.canary_summary,
-                 drift_status=self.drift_status, drift_summary=self.drift_summary)
-        return d
-
-
-@dataclass(frozen=True)
 class RunContext:
     """What every stage of one run knows; fixed before the first stage runs."""
 
@@ -137,10 +72,11 @@ class RunContext:
     started_at: datetime
     info: ModelInfo
     model_fp: str
-    identity: dict[str, str]  # what this run would record as the table's identity
-    stored: dict[str, str] | None  # the table's identity before this run (None: no table)
+    identity: TableIdentity  # what this run would record as the table's identity
+    stored: TableIdentity | None  # the table's identity before this run (None: no table)
     plan: WritePlan
     placement: Placement  # where the encode stage runs (pipeline.placement)
+    paths: TablePaths  # the output table and the tables kept beside it
     partition: Partition | None
     full_refresh: bool = False  # compare the whole source even where CDF could answer
     refresh: dict[str, str] = field(default_factory=dict)  # identity keys to set anew
@@ -193,7 +129,7 @@ class Checks:
     """The verdicts awaited before the write: the canary's, and for a new table the
     parity check's (None where none ran)."""
 
-    canary: drift.CanaryResult | None
+    canary: CanaryResult | None
     parity: ParityResult | None = None
 
 
@@ -205,7 +141,7 @@ class Calibrated:
 
 @dataclass(frozen=True)
 class Written:
-    commit: sink.Commit | None
+    commit: delta.Commit | None
     rows_deleted: int  # output rows (chunked: documents) deleted as gone from the source
     output_schema: StructType
     stats: Any  # EncoderStats summed over the encode tasks
@@ -293,7 +229,7 @@ def run(cfg: RunConfig, spark: SparkSession | None = None, progress: Progress | 
     ctx = _context(cfg, spark, info, model_fp, partition, full_refresh)
     recorder = lineage.RunRecorder(spark, cfg, ctx.run_id, ctx.started_at, info, model_fp,
                                    partition.value if partition else None)
-    if partition and partition.is_committed(spark, cfg.sink.path):
+    if partition and delta.txn_committed(spark, cfg.sink.path, partition.txn):
         return _skipped(ctx, recorder, timer)  # nothing recorded as running, no START
     recorder.start()
     try:
@@ -321,21 +257,23 @@ def _context(cfg: RunConfig, spark: SparkSession, info: ModelInfo, model_fp: str
     from pipeline import udf
 
     started_at = datetime.now(UTC).replace(microsecond=0)
-    identity = sink.table_identity(cfg, info, model_fp)
-    recorded = sink.read_identity(spark, cfg.sink.path)
-    stored = sink.upgraded_identity(recorded, info, model_fp)
-    plan = WritePlan.decide(cfg, stored, sink.identity_changes(stored, identity),
+    paths = TablePaths.of(cfg)
+    identity = TableIdentity.of_run(cfg, info, model_fp, paths.runs)
+    recorded = TableIdentity.read(spark, cfg.sink.path)
+    stored = recorded.upgraded(info, model_fp) if recorded is not None else None
+    plan = WritePlan.decide(cfg, stored, stored.changes(identity) if stored else frozenset(),
                             backfill=partition is not None, filtered=partition is not None)
     return RunContext(cfg=cfg, spark=spark, run_id=new_run_id(started_at),
                       started_at=started_at, info=info, model_fp=model_fp, identity=identity,
                       stored=stored, plan=plan, placement=udf.placement_for(spark, cfg),
+                      paths=paths,
                       partition=partition, full_refresh=full_refresh,
-                      refresh=sink.stale_keys(recorded, stored, identity))
+                      refresh=stored.stale(recorded, identity) if stored else {})
 
 
 def _stages(ctx: RunContext, timer: StageTimer, progress: Progress | None) -> RunResult:
     if ctx.plan.identity_check == "now":  # a config conflict fails before any Spark job
-        sink.check_compatible(ctx.stored, ctx.identity, ctx.cfg.sink.path)
+        check_compatible(ctx.stored, ctx.identity, ctx.cfg.sink.path)
     background = Background(ctx)
     if ctx.plan.warms_early or ctx.plan.identity_check == "after_canary":
         background.start()  # everything will be embedded: load the model during the read
@@ -345,7 +283,7 @@ def _stages(ctx: RunContext, timer: StageTimer, progress: Progress | None) -> Ru
     try:
         if ctx.plan.identity_check == "after_canary":
             background.canary_result()  # another model: the canary says what changed
-            sink.check_compatible(ctx.stored, ctx.identity, ctx.cfg.sink.path)
+            check_compatible(ctx.stored, ctx.identity, ctx.cfg.sink.path)
         with timer("read_validate"):
             src = read_validate(ctx)
         with timer("plan"):
@@ -376,7 +314,7 @@ def _skipped(ctx: RunContext, recorder: lineage.RunRecorder, timer: StageTimer) 
     message = (f"partition {ctx.partition.value} is already committed to {ctx.cfg.sink.path} "
                f"(Delta txn {ctx.partition.app_id}); nothing to do")
     result = RunResult(
-        run_id=ctx.run_id, output_path=ctx.cfg.sink.path, quarantine_path=ctx.cfg.sink.quarantine,
+        run_id=ctx.run_id, output_path=ctx.cfg.sink.path, quarantine_path=ctx.paths.quarantine,
         rows_read=0, rows_embedded=0, rows_quarantined=0, rows_skipped=0,
         columns=[o.name for o in ctx.cfg.outputs], model=ctx.info.name,
         model_fingerprint=ctx.model_fp, runtime="-", output_version=None,
@@ -411,10 +349,10 @@ class Pending(Generic[T]):
         futures_wait([self._future])
 
 
-def start_canary(ctx: RunContext) -> Pending[drift.CanaryResult] | None:
+def start_canary(ctx: RunContext) -> Pending[CanaryResult] | None:
     if not ctx.cfg.drift.canary.enabled:
         return None
-    baseline = (ctx.stored or {}).get("canary_run")
+    baseline = ctx.stored.canary_run if ctx.stored else None
     return Pending.start("canary", drift.run_canary, ctx.spark, ctx.cfg, ctx.placement,
                          baseline, ctx.run_id, ctx.model_fp, ctx.plan.rebaseline)
 
@@ -438,7 +376,7 @@ class Background:
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         self.warm: WarmUp | None = None
-        self.canary: Pending[drift.CanaryResult] | None = None
+        self.canary: Pending[CanaryResult] | None = None
         self.parity: Pending[ParityResult] | None = None
         self.started = False
 
@@ -452,7 +390,7 @@ class Background:
         self.canary = start_canary(self.ctx)
         self.parity = start_parity(self.ctx)
 
-    def canary_result(self) -> drift.CanaryResult | None:
+    def canary_result(self) -> CanaryResult | None:
         return self.canary.result() if self.canary else None
 
     def parity_result(self) -> ParityResult | None:
@@ -485,7 +423,10 @@ def read_validate(ctx: RunContext) -> SourceRead:
     """Read the source once (a Delta source at one pinned version): the whole of it, or
     with a Change Data Feed only what changed since the last run. Tag every row valid
     or quarantined and keep that snapshot for every later pass."""
-    df, version = source.read_source(ctx.spark, ctx.cfg.source, ctx.cfg.sink.partition_by)
+    pinned = (delta.latest_version(ctx.spark, ctx.cfg.source.path)
+              if ctx.cfg.source.format == "delta" else None)  # one snapshot for every pass
+    df, version = source.read_source(ctx.spark, ctx.cfg.source, ctx.cfg.sink.partition_by,
+                                     pinned)
     files_hash = source.files_hash(df) if version is None else None
     if ctx.partition:
         df = df.filter(ctx.partition.filter)
@@ -521,7 +462,7 @@ def _read_changes(ctx: RunContext, snapshot: DataFrame, version: int, last: int,
         feed = changes.latest_changes(ctx.spark, ctx.cfg.source, last + 1, version)
     feed = feed.persist()
     feed.count()  # the feed's files are read here: a vacuumed history fails now
-    rows = source.changed_rows(snapshot, feed, ctx.cfg.source)
+    rows = changes.changed_rows(snapshot, feed, ctx.cfg.source)
     ids = feed.select(ctx.cfg.source.id_column).withColumnRenamed(ctx.cfg.source.id_column, "id")
     return _tagged(rows, ctx.cfg, version=version, files_hash=None, path="cdf",
                    note=f"{note} (versions {last + 1}..{version})", changed_ids=ids)
@@ -603,9 +544,9 @@ def calibrate(ctx: RunContext, src: SourceRead) -> Calibrated:
 
 def _stored_calibration(ctx: RunContext) -> Calibration:
     """The table's ranges (a property) and projections (the side table, by digest)."""
-    stored = ctx.stored or {}
-    ranges = Calibration.from_json(stored.get("calibration")).ranges
-    found = projections.load(ctx.cfg.sink.path, projections.digests_of(stored))
+    stored = ctx.stored or TableIdentity()
+    found = projections.load(ctx.cfg.sink.path, stored.projection_digests)
+    ranges = stored.calibration.ranges
     return Calibration(ranges, found)
 
 
@@ -650,8 +591,8 @@ def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
     # The encode waits for the warm workers anyway; a config the workers refused
     # (device: cuda without CUDA) fails here, before the table is made.
     loaded = background.runtimes() if rows.embeds else set()
-    sink.ensure_table(spark, cfg.sink.path, encoded.schema, identity,
-                      deletion_vectors=cfg.sink.deletion_vectors)
+    ensure_table(spark, cfg.sink.path, encoded.schema, identity,
+                 deletion_vectors=cfg.sink.deletion_vectors)
     _update_identity(ctx, identity, calibrated, canary)
     txn = ctx.partition.txn if ctx.partition else None
     commit = None
@@ -662,15 +603,15 @@ def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
         spark.sparkContext.setJobGroup(ENCODE_JOB_GROUP, f"embed run {ctx.run_id}")
         with (progress(spark, f"embedding {rows.rows_todo:,} rows") if progress
               else contextlib.nullcontext()):
-            commit = sink.write(spark, encoded, cfg.sink.path, _commit_request(
+            commit = delta.write(spark, encoded, cfg.sink.path, _commit_request(
                 ctx, rows, txn, {"runtime": ", ".join(sorted(loaded)),
                                  "placement": ctx.placement.label}))
     elif rows.commit == "mark_txn" and txn:  # nothing to embed: still mark it done, once
-        sink.mark_txn(spark, cfg.sink.path, ctx.run_id, txn)
+        delta.mark_txn(spark, cfg.sink.path, ctx.run_id, txn)
     if commit is not None:
         deleted = commit.rows_deleted
     else:  # nothing to embed, only deletes: their own commit
-        deleted = (sink.delete_ids(spark, cfg.sink.path, rows.deleted_ids, ctx.run_id)
+        deleted = (delta.delete_ids(spark, cfg.sink.path, rows.deleted_ids, ctx.run_id)
                    if rows.deleted_ids is not None else 0)
     if not cfg.chunking.enabled:
         return Written(commit=commit, rows_deleted=deleted, output_schema=encoded.schema,
@@ -682,7 +623,7 @@ def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
 
 
 def _commit_request(ctx: RunContext, rows: RowPlan, txn: tuple[str, int] | None,
-                    meta: dict[str, str]) -> sink.CommitRequest:
+                    meta: dict[str, str]) -> delta.CommitRequest:
     """The encode commit. Chunked tables: keys gain chunk_index, and the ids of changed
     documents join the deletes, so the MERGE replaces all of a document's passages."""
     chunked = ctx.cfg.chunking.enabled
@@ -690,21 +631,21 @@ def _commit_request(ctx: RunContext, rows: RowPlan, txn: tuple[str, int] | None,
     if chunked and rows.replaced_ids is not None and rows.commit != "overwrite":
         deletes = rows.replaced_ids if deletes is None else deletes.unionByName(
             rows.replaced_ids).distinct()
-    return sink.CommitRequest(
+    return delta.CommitRequest(
         kind=rows.commit, merge_keys=ctx.plan.merge_keys + (("chunk_index",) if chunked else ()),
         replace_matched=ctx.plan.replaces_matched, run_id=ctx.run_id, txn=txn, meta=meta,
         deletes=deletes, partition_by=ctx.cfg.sink.partition_by,
         replace_documents=chunked and deletes is not None)
 
 
-def _update_identity(ctx: RunContext, identity: dict[str, str], calibrated: Calibrated,
-                     canary: drift.CanaryResult | None) -> None:
+def _update_identity(ctx: RunContext, identity: TableIdentity, calibrated: Calibrated,
+                     canary: CanaryResult | None) -> None:
     """An existing table learns what this run fixed for good: all of its identity on an
     overwrite, else int8 ranges fitted now and a canary stored as its new reference."""
     spark, path = ctx.spark, ctx.cfg.sink.path
     if ctx.plan.rewrites_identity:
         if ctx.stored != identity:
-            sink.set_identity(spark, path, identity)
+            set_identity(spark, path, identity)
         return
     if ctx.stored is None:
         return  # made with this identity by ensure_table
@@ -714,12 +655,12 @@ def _update_identity(ctx: RunContext, identity: dict[str, str], calibrated: Cali
     if canary and ctx.plan.stores_canary_reference(canary.stored_baseline):
         update["canary_run"] = ctx.run_id
     if update:
-        sink.set_identity(spark, path, update)
+        set_identity(spark, path, update)
 
 
-def _final_identity(ctx: RunContext, calibrated: Calibrated, checks: Checks) -> dict[str, str]:
+def _final_identity(ctx: RunContext, calibrated: Calibrated, checks: Checks) -> TableIdentity:
     canary = checks.canary
-    identity = dict(ctx.identity)
+    identity: dict[str, str] = dict(ctx.identity)
     if checks.parity is not None:  # a new or replaced table: how its model was proven
         identity["parity"] = checks.parity.to_json()
     if calibrated.calibration and calibrated.calibration.ranges:
@@ -729,7 +670,7 @@ def _final_identity(ctx: RunContext, calibrated: Calibrated, checks: Checks) -> 
     if canary is not None:
         identity["canary_run"] = (ctx.run_id if canary.stored_baseline
                                   else canary.baseline_run or "")
-    return identity
+    return TableIdentity(identity)
 
 
 def _partitions(ctx: RunContext, rows_todo: int) -> int:
@@ -749,12 +690,12 @@ def quarantine(ctx: RunContext, src: SourceRead) -> int:
     from pyspark.sql import functions as F
 
     if src.rows_quarantined:
-        sink.append_rows(
+        delta.append_rows(
             src.quarantined.select(
                 F.col("id").cast("string").alias("id"), "reason", "raw_value",
                 F.lit(ctx.run_id).alias("run_id"),
                 F.lit(ctx.started_at).cast("timestamp").alias("quarantined_at")),
-            ctx.cfg.sink.quarantine, ctx.run_id)
+            ctx.paths.quarantine, ctx.run_id)
     return src.rows_quarantined
 
 
@@ -771,18 +712,18 @@ def reconcile(ctx: RunContext, src: SourceRead, rows: RowPlan, written: Written)
 
 
 def measure_drift(ctx: RunContext, written: Written, calibrated: Calibrated,
-                  canary: drift.CanaryResult | None) -> drift.DriftResult:
+                  canary: CanaryResult | None) -> DriftResult:
     """Distribution drift of this run's committed rows, recorded in the drift table.
 
     The rows are committed already: a failure here is reported (status
     ``error``) and never turns a landed run into a failed one.
     """
     cfg, spark = ctx.cfg, ctx.spark
-    runs_table = lineage.runs_path(cfg.sink.path, cfg.sink.runs_path)
+    runs_table = ctx.paths.runs
     if not cfg.drift.distribution.enabled:
-        result = drift.DriftResult(status="disabled")
+        result = DriftResult(status="disabled")
     elif not written.rows_embedded or written.version is None:
-        result = drift.DriftResult(status="no_rows", message="nothing new to compare")
+        result = DriftResult(status="no_rows", message="nothing new to compare")
     else:
         try:
             result = drift.distribution(spark, cfg, ctx.run_id, written.version,
@@ -790,7 +731,7 @@ def measure_drift(ctx: RunContext, written: Written, calibrated: Calibrated,
                                         calibrated.calibration)
         except Exception as exc:
             log.warning("drift check failed: %s", exc)
-            return drift.DriftResult(status="error", message=str(exc).splitlines()[0][:500])
+            return DriftResult(status="error", message=str(exc).splitlines()[0][:500])
     if result.status in ("disabled", "no_rows") and canary is None:
         return result
     try:
@@ -803,14 +744,14 @@ def measure_drift(ctx: RunContext, written: Written, calibrated: Calibrated,
 
 def _result(ctx: RunContext, src: SourceRead, counts: Counts, written: Written,
             calibrated: Calibrated, checks: Checks,
-            drifted: drift.DriftResult) -> RunResult:
+            drifted: DriftResult) -> RunResult:
     s = written.stats
     schemas = {"source": [(f.name, f.dataType.simpleString()) for f in src.df.schema.fields],
                "output": [(f.name, f.dataType.simpleString())
                           for f in written.output_schema.fields]}
     return RunResult(
         run_id=ctx.run_id, output_path=ctx.cfg.sink.path,
-        quarantine_path=ctx.cfg.sink.quarantine, **asdict(counts),
+        quarantine_path=ctx.paths.quarantine, **asdict(counts),
         columns=[o.name for o in ctx.cfg.outputs], model=ctx.info.name,
         model_fingerprint=ctx.model_fp, runtime=s.runtime_label,
         placement=ctx.placement.label, gpus=s.gpu_summary,

@@ -33,6 +33,7 @@ import pyarrow as pa
 from pipeline.config import ModelConfig, OutputSpec
 from pipeline.errors import PipelineError
 from pipeline.outputs import Calibration, dequantize, row_bytes
+from pipeline.tables.identity import TableIdentity
 
 if TYPE_CHECKING:
     from pipeline.encoder import Encoder
@@ -75,7 +76,7 @@ class SearchResult:
 @dataclass(frozen=True)
 class TableInfo:
     path: str
-    identity: dict[str, str]
+    identity: TableIdentity
     specs: dict[str, OutputSpec]  # the table's embedding columns
     calibration: Calibration
     data_bytes: int
@@ -91,22 +92,20 @@ def open_table(path: str) -> TableInfo:
     from deltalake.exceptions import TableNotFoundError
 
     from pipeline import deltars
-    from pipeline.sink import PROP_PREFIX
 
     try:
         table = deltars.open_table(path)
     except TableNotFoundError:
         raise SearchError(f"no Delta table at {path}") from None
-    props = table.metadata().configuration
-    identity = {k[len(PROP_PREFIX):]: v for k, v in props.items() if k.startswith(PROP_PREFIX)}
+    identity = TableIdentity.from_properties(table.metadata().configuration)
     if "model_fingerprint" not in identity or "outputs" not in identity:
         raise SearchError(f"{path} is a Delta table, but not one embed made (it has no "
                           "embed.model_fingerprint / embed.outputs properties)")
-    specs = {d["name"]: OutputSpec(**d) for d in json.loads(identity["outputs"])}
+    specs = {s.name: s for s in identity.outputs}
     sizes = pa.table(cast(Any, table.get_add_actions(flatten=True))).column("size_bytes")
     resolved = str(Path(path).resolve()) if "://" not in path else path
     return TableInfo(path=resolved, identity=identity, specs=specs,
-                     calibration=Calibration.from_json(identity.get("calibration")),
+                     calibration=identity.calibration,
                      data_bytes=int(pa.compute.sum(sizes).as_py() or 0),
                      has_chunks="chunk_index" in table.schema().to_arrow().names,
                      arrow_readable=deltars.unreadable_because(table) is None)
@@ -198,7 +197,7 @@ def encode_query(encoder: Encoder, text: str, info: TableInfo | None = None
     columns through the table's own projections."""
     from pipeline import projections
 
-    fitted = projections.load(info.path, projections.digests_of(info.identity)) if info else {}
+    fitted = projections.load(info.path, info.identity.projection_digests) if info else {}
     floats, _ = encoder.encode_float([text], Calibration(None, fitted))
     return {name: vecs[0] for name, vecs in floats.items()}
 
@@ -392,7 +391,7 @@ def with_snippets(info: TableInfo, hits: list[Hit], width: int = 160
     (runs table); the hits unchanged, and why, when that source is out of reach."""
     import dataclasses
 
-    source = _latest_source(info.path)
+    source = _latest_source(info)
     if source is None:
         return hits, "no snippets: the runs table names no source"
     path, fmt, id_col, text_col = source
@@ -428,27 +427,17 @@ def _snippet(text: str | None, width: int) -> str | None:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-def _latest_source(table_path: str) -> tuple[str, str, str, str] | None:
-    """(path, format, id column, text column) of the latest succeeded run's source."""
-    from deltalake.exceptions import TableNotFoundError
+def _latest_source(info: TableInfo) -> tuple[str, str, str, str] | None:
+    """(path, format, id column, text column) of the latest succeeded run's source, from
+    the runs table the table's identity names (else the one beside it)."""
+    from pipeline.tables import runs
+    from pipeline.tables.paths import TablePaths
 
-    from pipeline import deltars
-    from pipeline.lineage import runs_path
-
-    try:
-        runs = deltars.dataset(runs_path(table_path, None))
-    except TableNotFoundError:
+    path = info.identity.get("runs_path") or TablePaths.beside(info.path).runs
+    src = runs.latest_source(path, info.path)
+    if src is None:
         return None
-    import pyarrow.dataset as ds
-
-    done = runs.to_table(columns=["event_time", "output_path", "config_json"],
-                         filter=(ds.field("status") == "succeeded")
-                         & (ds.field("output_path") == table_path)).to_pylist()
-    for row in sorted(done, key=lambda r: r["event_time"], reverse=True):
-        if row["config_json"]:
-            src = json.loads(row["config_json"])["source"]
-            return src["path"], src["format"], src["id_column"], src["text_column"]
-    return None
+    return src["path"], src["format"], src["id_column"], src["text_column"]
 
 
 def _source_texts(path: str, fmt: str, id_col: str, text_col: str, ids: list) -> dict:

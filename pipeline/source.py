@@ -52,20 +52,19 @@ def files_hash(df: DataFrame) -> str:
     return digest.hexdigest()
 
 
-def read_source(spark: SparkSession, cfg: SourceConfig, carry: str | None = None):
-    """Returns (DataFrame, source_version); the version is the Delta version read, if any."""
+def read_source(spark: SparkSession, cfg: SourceConfig, carry: str | None = None,
+                version: int | None = None):
+    """Returns (DataFrame, source_version). A Delta source is read at ``version`` (the
+    run pins it, so every pass reads one snapshot), else at its latest."""
     from pyspark.errors import AnalysisException
 
     reader = spark.read.format(cfg.format).options(**{k: str(v) for k, v in cfg.options.items()})
     if cfg.format == "csv":
         reader = reader.option("header", cfg.options.get("header", "true"))
-    version = None
-    if cfg.format == "delta":
-        from pipeline.sink import latest_version
-
-        # Pin the version so every pass of this run reads the same snapshot.
-        version = latest_version(spark, cfg.path)
+    if cfg.format == "delta" and version is not None:
         reader = reader.option("versionAsOf", version)
+    elif cfg.format != "delta":
+        version = None
     try:
         df = reader.load(cfg.path)
     except AnalysisException as exc:
@@ -112,27 +111,3 @@ def tag_rows(df: DataFrame, cfg: SourceConfig, carry: str | None = None) -> Data
         raw.alias("raw_value"),
         *([F.col(carry)] if carry else []),
     )
-
-
-def changed_rows(snapshot: DataFrame, changes: DataFrame, cfg: SourceConfig) -> DataFrame:
-    """The source rows to validate for a Change Data Feed run: each changed id's latest
-    row, except where the snapshot holds that id more than once, or holds it still
-    though its latest change was a delete (one of two copies went): then all of its
-    snapshot rows, so :func:`tag_rows` judges them as on the full path. Only the id
-    column of the snapshot is scanned, plus the rows of such ids."""
-    from pyspark.sql import functions as F
-
-    from pipeline.changes import CDF_COLUMNS
-
-    id_col = cfg.id_column
-    kinds = changes.select(id_col, (F.col("_change_type") == "delete").alias("_gone"))
-    counts = (snapshot.select(id_col).join(kinds.select(id_col), id_col, "left_semi")
-              .groupBy(id_col).count())
-    special = (counts.join(kinds, id_col)
-               .filter((F.col("count") > 1) | F.col("_gone")).select(id_col))
-    upserts = changes.filter(F.col("_change_type") != "delete") \
-        .drop(*(c for c in CDF_COLUMNS if c in changes.columns))
-    if special.limit(1).count() == 0:
-        return upserts
-    return (upserts.join(special, id_col, "left_anti")
-            .unionByName(snapshot.join(special, id_col, "left_semi")))

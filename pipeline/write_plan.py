@@ -9,7 +9,7 @@ table's identity is rewritten. ``run.py`` asks; it never re-derives a rule.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -53,7 +53,7 @@ class WritePlan:
     delete_missing: bool  # sink.deletes: delete
 
     @classmethod
-    def decide(cls, cfg: RunConfig, stored: dict[str, str] | None, changes: frozenset[str],
+    def decide(cls, cfg: RunConfig, stored: Mapping[str, str] | None, changes: frozenset[str],
                backfill: bool, filtered: bool) -> WritePlan:
         """``stored``: the output table's identity (None: no table yet)."""
         return cls(mode=cfg.sink.mode, table_exists=stored is not None, changes=changes,

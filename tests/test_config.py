@@ -28,7 +28,13 @@ def test_defaults_and_paths_resolved_against_config_dir(tmp_path):
     cfg = load_config(tmp_path / "c.yaml")
     assert cfg.source.path == str(tmp_path / "data" / "src")
     assert cfg.sink.path == str(tmp_path / "out")
-    assert cfg.sink.quarantine == str(tmp_path / "out") + "_quarantine"
+    from pipeline.tables.paths import TablePaths
+
+    paths = TablePaths.of(cfg)
+    assert paths.quarantine == str(tmp_path / "out") + "_quarantine"
+    assert (paths.runs, paths.samples) == (str(tmp_path / "_embedding_runs"),
+                                           str(tmp_path / "_embedding_samples" / "out"))
+    assert TablePaths.beside("s3://bucket/t/emb").drift == "s3://bucket/t/_embedding_drift"
     # the model's own, filled in by the preflight (test_model_stack.py)
     assert cfg.model.pooling == "auto" and cfg.model.max_length is None
     assert cfg.model.prompt is None and cfg.model.parity_check
@@ -158,11 +164,12 @@ def test_drift_and_lineage_paths_resolve_against_the_config(tmp_path):
     cfg = load_config(tmp_path / "c.yaml")
     assert cfg.drift.canary.texts == str(tmp_path / "canary.txt")
     assert cfg.lineage.path == str(tmp_path / "ol" / "events.jsonl")
-    from pipeline.drift import canary_table, canary_texts, drift_table
+    from pipeline.drift import canary_texts
+    from pipeline.tables.paths import TablePaths
 
     assert canary_texts(cfg.drift.canary.texts) == ["one", "two"]
-    assert drift_table(cfg) == str(tmp_path / "_embedding_drift")
-    assert canary_table(cfg) == str(tmp_path / "_embedding_canary")
+    assert TablePaths.of(cfg).drift == str(tmp_path / "_embedding_drift")
+    assert TablePaths.of(cfg).canary == str(tmp_path / "_embedding_canary")
 
 
 def test_an_error_raised_on_an_executor_comes_back_as_its_own_one_line_error():

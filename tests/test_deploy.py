@@ -19,6 +19,8 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.run import run
+from pipeline.tables import runs as runs_table
+from pipeline.tables.paths import TablePaths
 from tests.conftest import ROOT, cosine_rows, demo_table, sorted_table, write_config
 
 BIN = Path(sys.executable).parent
@@ -273,9 +275,8 @@ def test_airflow_dag_runs_dates_as_partitions_and_refuses_dates_before_start(
     empty = airflow("dags", "test", "embed_pipeline", "2024-03-01")
     assert "partition 2024-03-01 has no rows in the source: embedded 0 rows" in empty
 
-    from pipeline import lineage
 
-    runs = lineage.latest_runs(spark, lineage.runs_path(out, None), 10, output_path=out)
+    runs = runs_table.latest(TablePaths.beside(out).runs, spark=spark, limit=10, output_path=out)
     assert list(runs["status"]) == ["succeeded", "skipped"] + ["succeeded"] * 3
     assert list(runs["rows_embedded"].fillna(0)) == [0] * 2 + [8] * 3
     assert runs["partition"][1] == days[0] and sorted(runs["partition"][2:]) == days

@@ -21,6 +21,8 @@ from pipeline import deltars, drift, drift_stats
 from pipeline.config import load_config
 from pipeline.errors import CanaryError
 from pipeline.run import run
+from pipeline.tables import runs as runs_table
+from pipeline.tables.paths import TablePaths
 from tests.conftest import write_config
 
 SPLIT = 300  # rows per side of the random split
@@ -111,10 +113,9 @@ def test_another_model_fails_the_canary_and_writes_nothing(spark, runs):
 
 
 def test_runs_table_records_lineage_and_the_failure(spark, runs):
-    from pipeline import lineage
 
     cfg, results = runs["cfg"], runs["results"]
-    table = lineage.latest_runs(spark, lineage.runs_path(cfg.sink.path, None), limit=10)
+    table = runs_table.latest(TablePaths.beside(cfg.sink.path).runs, spark=spark, limit=10)
     by_id = {r.run_id: r for r in table.itertuples()}
     for result in results.values():
         row = by_id[result.run_id]
@@ -252,12 +253,11 @@ def test_delta_rs_reads_every_table_as_spark_does(spark, runs):
     """The output, runs, canary, drift and sample tables through delta-rs (`deltalake`):
     the same schema (column metadata included), rows and vectors as Spark's read, and
     every commit tagged with JSON userMetadata naming its run."""
-    from pipeline import lineage
 
     cfg = runs["cfg"]
-    tables = {"output": cfg.sink.path, "runs": lineage.runs_path(cfg.sink.path, None),
-              "canary": drift.canary_table(cfg), "drift": drift.drift_table(cfg),
-              "samples": drift.samples_table(cfg)}
+    tables = {"output": cfg.sink.path, "runs": TablePaths.beside(cfg.sink.path).runs,
+              "canary": TablePaths.of(cfg).canary, "drift": TablePaths.of(cfg).drift,
+              "samples": TablePaths.of(cfg).samples}
     for name, path in tables.items():
         theirs, ours = _delta_rs(path), spark.read.format("delta").load(path)
         assert json.loads(theirs.schema().to_json()) == json.loads(ours.schema.json()), name

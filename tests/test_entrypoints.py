@@ -73,7 +73,7 @@ def test_config_errors_are_one_line_without_stack_traces(small_source, tmp_path)
     _one_line_error(_run([embed, "run", "--config", str(cfg), "--set", "model.polling=cls"]),
                     "model.polling", "did you mean 'pooling'")
     _one_line_error(_run([embed, "run", "--config", str(cfg), "--set", "outputs.0.dim=1024"]),
-                    "outputs[0].dim", "hidden size 384")
+                    "outputs[0].dim", "output dimension 384")
     # needs the source's schema, so Spark starts: still one line, no JVM trace
     _one_line_error(_run([embed, "run", "--config", str(cfg),
                           "--set", "source.text_column=body"]),

@@ -17,10 +17,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import lineage
 from pipeline.config import load_config
 from pipeline.errors import ConcurrentRunError
 from pipeline.run import run
+from pipeline.tables import runs as runs_table
+from pipeline.tables.paths import TablePaths
 from tests.conftest import ROOT, cosine_rows, write_config
 
 BIN = Path(sys.executable).parent
@@ -98,7 +99,7 @@ def test_kill_minus_9_then_rerun_equals_an_uninterrupted_run(spark, kill_source,
     assert reference.rows_embedded == 400
 
     # the killed runs stay 'running' (no end time); the last one succeeded
-    runs = lineage.latest_runs(spark, lineage.runs_path(str(out), None), 10,
+    runs = runs_table.latest(TablePaths.beside(str(out)).runs, spark=spark, limit=10,
                                output_path=str(out))
     assert sorted(runs["status"]) == ["running", "running", "succeeded"]
 
@@ -145,7 +146,7 @@ def test_backfill_killed_after_two_partitions_resumes_exactly(spark, tmp_path, d
 
     # every partition's run is recorded; a run killed between its commit and its
     # final record stays 'running' (which is what happened), the rest succeeded
-    runs = lineage.latest_runs(spark, lineage.runs_path(str(out), None), 50,
+    runs = runs_table.latest(TablePaths.beside(str(out)).runs, spark=spark, limit=50,
                                output_path=str(out))
     assert set(runs["partition"]) == set(days)
     ok = runs[runs.status == "succeeded"]
@@ -193,12 +194,16 @@ def test_incremental_counts_come_from_the_runs_table(spark, tmp_path, demo_rows)
     spark.createDataFrame(pd.concat([changed, added])).write.format("delta") \
         .mode("overwrite").save(src)
     second = run(cfg, spark=spark)
-    runs = lineage.latest_runs(spark, lineage.runs_path(out, None), 5, output_path=out)
+    runs = runs_table.latest(TablePaths.beside(out).runs, spark=spark, limit=5, output_path=out)
     rec = runs[runs.run_id == second.run_id].iloc[0]
     assert rec.status == "succeeded"
     assert (rec.rows_read, rec.rows_embedded, rec.rows_skipped, rec.rows_deleted) == (
         109, 20, 89, 1)
-    assert rec.output_version is not None and rec.config_hash == cfg.config_hash()
+    # the config as it ran: the model's own pooling, max length and prompt filled in
+    from pipeline.preflight import preflight
+
+    assert rec.output_version is not None
+    assert rec.config_hash == preflight(cfg).cfg.config_hash() != cfg.config_hash()
     table = spark.read.format("delta").load(out)
     assert table.count() == 109 and table.filter("id = 99").count() == 0
 

@@ -9,7 +9,9 @@ package); ``scripts/gpu_check.sh`` runs these and the GPU benchmarks in one go.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +20,8 @@ import torch
 from pipeline.config import ModelConfig, OutputSpec
 from pipeline.encoder import Encoder
 from pipeline.encoder.engine import AUTO_BATCH
-from tests.conftest import cosine_rows
+from tests.conftest import ROOT, cosine_rows
+from tests.model_families import FAMILIES
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -141,3 +144,23 @@ def test_passages_on_cuda_match_cpu_fp32(gpu_model, texts, mode):
     assert gpu_info.chunks.char_start.tolist() == cpu_info.chunks.char_start.tolist()
     for name in cpu:
         assert cosine_rows(gpu[name], cpu[name]).min() >= 0.999, (mode, name)
+
+
+FAMILY_DIR = Path(os.environ.get("EMBED_GPU_FAMILIES", ROOT / ".gpu" / "families"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("precision", "threshold"), [("fp32", 0.9999), ("bf16", 0.999)])
+def test_model_family_on_cuda_matches_sentence_transformers(family, precision, threshold):
+    """Each family of tests/model_families.py, named by its directory alone, on CUDA
+    against sentence-transformers' own CPU fp32 vectors (made by scripts/gpu_bundle.sh)."""
+    folder = FAMILY_DIR / family
+    if not (folder / "reference.npy").is_file():
+        pytest.skip(f"no {folder}/reference.npy: run scripts/gpu_bundle.sh first")
+    ref = np.load(folder / "reference.npy")
+    texts = json.loads((FAMILY_DIR / "texts.json").read_text())
+    enc = Encoder(ModelConfig(name_or_path=str(folder), device="cuda", precision=precision),
+                  (OutputSpec(name="e", dim=ref.shape[1]),))
+    assert enc.runtime.device.startswith("cuda") and enc.runtime.precision == precision
+    ours = enc.encode_float(texts)[0]["e"]
+    assert cosine_rows(ours, ref).min() >= threshold, (family, precision, enc.runtime.label)

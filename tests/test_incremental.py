@@ -20,6 +20,8 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import ConcurrentRunError
 from pipeline.run import run
+from pipeline.tables import runs as runs_table
+from pipeline.tables.paths import TablePaths
 from tests.conftest import ROOT, cosine_rows, write_config
 
 ROWS = 20_000
@@ -131,9 +133,8 @@ def test_vacuumed_history_falls_back_to_the_full_comparison(spark, tiny_model, t
     assert result.plan_path == "full"
     assert "Change Data Feed could not answer" in result.plan_note, result.plan_note
     assert (result.rows_read, result.rows_embedded) == (2_000, 40)
-    from pipeline import lineage
 
-    runs = lineage.latest_runs(spark, lineage.runs_path(cfg.sink.path, None), 1)
+    runs = runs_table.latest(TablePaths.beside(cfg.sink.path).runs, spark=spark, limit=1)
     assert runs.iloc[0].plan_path == "full" and "could not answer" in runs.iloc[0].plan_note
 
 

@@ -11,6 +11,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.errors import SinkConflictError
 from pipeline.run import run
+from pipeline.tables.paths import TablePaths
 from tests.conftest import cosine_rows, read_vectors, write_config
 
 
@@ -146,7 +147,7 @@ def test_bad_rows_are_quarantined_with_reasons_and_counts_reconcile(spark, tmp_p
     result = run(cfg, spark=spark)
     assert (result.rows_read, result.rows_embedded, result.rows_quarantined) == (8, 2, 6)
     assert result.rows_read == result.rows_embedded + result.rows_quarantined + result.rows_skipped
-    q = spark.read.format("delta").load(cfg.sink.quarantine).toPandas()
+    q = spark.read.format("delta").load(TablePaths.of(cfg).quarantine).toPandas()
     got = sorted(zip(q["id"].fillna("<null>"), q["reason"], strict=True))
     assert got == sorted([("2", "null_text"), ("3", "empty_text"), ("4", "empty_text"),
                           ("<null>", "null_id"), ("5", "duplicate_id"), ("5", "duplicate_id")])

@@ -13,6 +13,7 @@ import torch
 from pipeline.config import ModelConfig, OutputSpec, load_config
 from pipeline.encoder import Encoder
 from pipeline.run import run
+from pipeline.tables.paths import TablePaths
 from tests.conftest import cosine_rows, write_config
 
 SPECS = (OutputSpec(name="e", dim=64),)
@@ -128,7 +129,7 @@ def test_invalid_utf8_and_non_string_text_are_quarantined(spark, tmp_path):
                                    outputs="[{name: e, dim: 32}]"))
     result = run(cfg, spark=spark)
     assert (result.rows_read, result.rows_embedded, result.rows_quarantined) == (3, 2, 1)
-    q = spark.read.format("delta").load(cfg.sink.quarantine).collect()
+    q = spark.read.format("delta").load(TablePaths.of(cfg).quarantine).collect()
     assert [(r.id, r.reason) for r in q] == [("2", "invalid_utf8")]
     assert q[0].raw_value.startswith("bad ")
 
@@ -138,5 +139,6 @@ def test_invalid_utf8_and_non_string_text_are_quarantined(spark, tmp_path):
                                    fmt="parquet", outputs="[{name: e, dim: 32}]"))
     result = run(cfg, spark=spark)
     assert (result.rows_embedded, result.rows_quarantined) == (0, 2)
-    reasons = {r.reason for r in spark.read.format("delta").load(cfg.sink.quarantine).collect()}
+    quarantined = spark.read.format("delta").load(TablePaths.of(cfg).quarantine).collect()
+    reasons = {r.reason for r in quarantined}
     assert reasons == {"text_not_string"}

@@ -15,11 +15,13 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pipeline import backfill, lineage
+from pipeline import backfill
 from pipeline.cli import main
 from pipeline.config import ModelConfig, OutputSpec, load_config
 from pipeline.encoder import model as model_module
 from pipeline.run import run
+from pipeline.tables import runs as runs_table
+from pipeline.tables.paths import TablePaths
 from tests.conftest import write_config
 
 MATERIALIZE = "spark.databricks.delta.merge.materializeSource"
@@ -58,7 +60,7 @@ def test_committed_partition_is_a_recorded_skip(spark, daily_source, tmp_path):
 
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output
-    runs_path = lineage.runs_path(str(tmp_path / "out"), None)
+    runs_path = TablePaths.beside(str(tmp_path / "out")).runs
     records = spark.read.format("delta").load(runs_path).toPandas()
     skips = records[records.run_id != committed_by]
     assert list(skips.status) == ["skipped"], skips[["run_id", "status", "error"]]
@@ -78,8 +80,15 @@ def test_committed_partition_is_a_recorded_skip(spark, daily_source, tmp_path):
     assert checked["run_id"] == committed_by and checked["rows_embedded"] == 30
     assert checked["skipped_by"] == summary["run_id"]
     out = str(tmp_path / "out")
-    by_spark = lineage.latest_runs(spark, runs_path, 5, out)
-    local = lineage.latest_runs_local(runs_path, 5, out)
+    # the one runs-table reader (delta-rs) agrees with Spark's own read of the events
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    local = runs_table.latest(runs_path, 5, out)
+    last = Window.partitionBy("run_id").orderBy(F.col("event_time").desc())
+    by_spark = (spark.read.format("delta").load(runs_path).filter(F.col("output_path") == out)
+                .withColumn("_n", F.row_number().over(last)).filter("_n = 1")
+                .orderBy(F.col("started_at").desc()).toPandas())
     assert list(local["run_id"]) == list(by_spark["run_id"]) and len(local) == 3
     assert list(local["status"]) == list(by_spark["status"])
 
@@ -132,24 +141,22 @@ def test_on_breach_fail_stops_a_backfill_with_exit_9(spark, daily_source, tmp_pa
     for the whole backfill."""
     out = tmp_path / "out"
     cfg_path = write_config(
-        tmp_path, daily_source, str(out), outputs="[{name: emb, dim: 32}]",
+        tmp_path, daily_source, str(out), outputs="[{name: emb, dim: 32}]", drift=True,
         extra="drift: {canary: {enabled: false}, distribution: {max_centroid_distance: 0.0,"
               " mmd_alpha: 1.0, on_breach: fail}}\n")
-    cfg_path.write_text(cfg_path.read_text().replace(
-        "drift: {canary: {enabled: false}, distribution: {enabled: false}}\n", ""))
-    model_module._hash_weight_files.cache_clear()
+    model_module._hash_files.cache_clear()
     result = CliRunner().invoke(main, ["backfill", "--config", str(cfg_path),
                                        "--set", "source.partition_column=day",
                                        "--from", "2024-01-01", "--to", "2024-01-03"])
     assert result.exit_code == 9, result.output
     assert "drift breach" in result.output
-    assert model_module._hash_weight_files.cache_info().misses == 1
+    assert model_module._hash_files.cache_info().misses == 1
     cfg = load_config(cfg_path, ["source.partition_column=day"])
     fp = model_module.fingerprint(model_module.inspect_model(cfg.model.name_or_path))
     plans = backfill.plan(spark, cfg, fp, "2024-01-01", "2024-01-03")
     # day 1 had nothing to compare with; day 2 drifted from day 1 and stopped the rest
     assert [p.committed for p in plans] == [True, True, False]
-    runs = lineage.latest_runs(spark, lineage.runs_path(str(out), None), 10)
+    runs = runs_table.latest(TablePaths.beside(str(out)).runs, spark=spark, limit=10)
     assert sorted(runs.drift_status) == ["breach", "no_reference"]
     assert set(runs.status) == {"succeeded"}
 
@@ -158,14 +165,14 @@ def test_fingerprint_is_hashed_once_per_process_and_file_state(model_dir, tmp_pa
     copy = tmp_path / "model"
     shutil.copytree(model_dir, copy)
     info = model_module.inspect_model(str(copy))
-    model_module._hash_weight_files.cache_clear()
+    model_module._hash_files.cache_clear()
     first = model_module.fingerprint(info)
     assert model_module.fingerprint(info) == first
-    assert model_module._hash_weight_files.cache_info()[:2] == (1, 1)  # hits, misses
+    assert model_module._hash_files.cache_info()[:2] == (1, 1)  # hits, misses
     weights = info.weight_files[0]
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert model_module.fingerprint(info) == first  # touched: hashed again, same bytes
-    assert model_module._hash_weight_files.cache_info().misses == 2
+    assert model_module._hash_files.cache_info().misses == 2
     with open(weights, "r+b") as handle:  # same size, other bytes
         handle.seek(1000)
         byte = handle.read(1)

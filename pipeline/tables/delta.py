@@ -1,0 +1,319 @@
+"""Delta mechanics, for every table a run writes: snapshots, txn ids, tagged commits,
+MERGE, appends.
+
+Each run commits its rows to the output table in ONE Delta commit tagged with the
+run id (``userMetadata``), so ``DESCRIBE HISTORY`` ties table versions to runs and
+a killed run leaves the table at its last commit. Bookkeeping appends carry the
+same tag. Delta's own exception classes (``delta.exceptions``) say when another
+writer won a race; the run turns that into one ConcurrentRunError line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import AlreadyCommitted, ConcurrentRunError
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame, SparkSession
+
+    from pipeline.write_plan import CommitKind
+
+# MERGE commits of one process take turns (backfill threads); they also set session
+# confs (txn ids), which are per session, not per thread.
+MERGE_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommitRequest:
+    """What one run's commit of embeddings is (:func:`write`). ``kind`` (see
+    :class:`~pipeline.write_plan.WritePlan`): merge: MERGE on ``merge_keys``, inserting
+    rows not matched and, with ``replace_matched``, replacing matched ones; insert: the
+    insert-only MERGE; blind_append: a plain append with the txn id (backfill partitions
+    of new ids only); overwrite: replace the table (partitioned by ``partition_by``).
+    ``deletes`` (ids, with a merge or insert): deleted in the same MERGE, so the rows and
+    the deletes of a run are one commit. ``meta`` goes in the commit's userMetadata."""
+
+    kind: CommitKind
+    merge_keys: tuple[str, ...]
+    replace_matched: bool
+    run_id: str
+    txn: tuple[str, int] | None = None
+    meta: dict[str, str] | None = None
+    deletes: DataFrame | None = None
+    partition_by: str | None = None
+    # chunked tables: a changed document's stored passages are all deleted (its id is
+    # among ``deletes``) and its new ones inserted, in the same MERGE
+    replace_documents: bool = False
+
+
+@dataclass(frozen=True)
+class Commit:
+    version: int
+    operation: str
+    rows_written: int
+    rows_deleted: int = 0
+
+
+def is_delta_table(path: str) -> bool:
+    if "://" in path and not path.startswith("file://"):
+        return True  # remote: let Delta decide
+    return (Path(path.removeprefix("file://")) / "_delta_log").is_dir()
+
+
+def commit_tag(run_id: str, meta: dict[str, str] | None = None) -> str:
+    """A commit's ``userMetadata``: the run id and, for a commit of embeddings, what
+    made them (``runtime``: device/precision/attention; ``placement``)."""
+    tag = {"run_id": run_id, **{k: v for k, v in (meta or {}).items() if v}}
+    return json.dumps(tag, separators=(",", ":"))
+
+
+def _run_commit(spark: SparkSession, path: str, run_id: str):
+    """This run's latest commit (by userMetadata: other runs may have committed since),
+    or None."""
+    from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
+
+    meta = F.col("userMetadata")
+    mine = (F.get_json_object(meta, "$.run_id") == run_id) | (meta == run_id)  # or pre-JSON
+    rows = (DeltaTable.forPath(spark, path).history(50)
+            .filter(mine).orderBy("version", ascending=False)
+            .limit(1).collect())
+    return rows[0] if rows else None
+
+
+def last_commit(spark: SparkSession, path: str, run_id: str,
+                txn: tuple[str, int] | None = None) -> Commit:
+    """This run's commit. A write with a txn id that Delta skipped (another run
+    committed that txn first) raises :class:`AlreadyCommitted`."""
+    row = _run_commit(spark, path, run_id)
+    if row is None:
+        if txn and committed_txn(spark, path, txn[0]) >= txn[1]:
+            raise AlreadyCommitted(f"{txn[0]} v{txn[1]} was committed to {path} by another "
+                                   "run while this one was writing")
+        # A MERGE that found every row already written (another run in this process
+        # committed them between this run's plan and its MERGE) commits nothing.
+        raise lost_race(path)
+    metrics = row["operationMetrics"] or {}
+    if row["operation"] == "MERGE":
+        written = int(metrics.get("numTargetRowsInserted", 0)) + int(
+            metrics.get("numTargetRowsUpdated", 0))
+    else:
+        written = int(metrics.get("numOutputRows", 0))
+    return Commit(version=int(row["version"]), operation=row["operation"], rows_written=written,
+                  rows_deleted=int(metrics.get("numTargetRowsDeleted", 0)))
+
+
+def _snapshot(spark: SparkSession, path: str):
+    """The table's latest Delta snapshot, from the JVM's cached DeltaLog: no Spark job
+    (DESCRIBE DETAIL or history() each cost one, ~1 s here)."""
+    jvm = spark._jvm
+    assert jvm is not None, "a classic (JVM) Spark session is needed, not Spark Connect"
+    none = getattr(getattr(jvm.scala, "None$"), "MODULE$")
+    log = jvm.org.apache.spark.sql.delta.DeltaLog.forTable(spark._jsparkSession, path)
+    return log.update(False, none, none)
+
+
+def committed_txn(spark: SparkSession, path: str, app_id: str) -> int:
+    """The last txnVersion Delta recorded for ``app_id`` on this table (-1: none)."""
+    if not is_delta_table(path):
+        return -1
+    found = _snapshot(spark, path).transactions().get(app_id)
+    return int(found.get()) if found.isDefined() else -1
+
+
+def latest_version(spark: SparkSession, path: str) -> int:
+    return int(_snapshot(spark, path).version())
+
+
+def table_property(spark: SparkSession, path: str, key: str) -> str | None:
+    """One Delta table property (``delta.*`` included) of the latest version."""
+    found = _snapshot(spark, path).metadata().configuration().get(key)
+    return str(found.get()) if found.isDefined() else None
+
+
+@contextlib.contextmanager
+def session_conf(spark: SparkSession, conf: dict[str, str]):
+    """Session confs for one commit, then each key back to what it was (or unset)."""
+    before = {key: spark.conf.get(key, None) for key in conf}
+    for key, value in conf.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, old in before.items():
+            if old is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, old)
+
+
+def _commit_conf(run_id: str, txn: tuple[str, int] | None,
+                 meta: dict[str, str] | None = None) -> dict[str, str]:
+    conf = {"spark.databricks.delta.commitInfo.userMetadata": commit_tag(run_id, meta)}
+    if txn:
+        conf["spark.databricks.delta.write.txnAppId"] = txn[0]
+        conf["spark.databricks.delta.write.txnVersion"] = str(txn[1])
+    return conf
+
+
+def _concurrent(exc: Exception, path: str) -> ConcurrentRunError | None:
+    """A ConcurrentRunError for Delta's commit-conflict exceptions, else None."""
+    import delta.exceptions as conflicts
+
+    kinds = tuple(getattr(conflicts, name) for name in conflicts.__all__)
+    return lost_race(path) if isinstance(exc, kinds) else None
+
+
+def lost_race(path: str) -> ConcurrentRunError:
+    """Another run committed to the table while this one was writing: Delta's conflict
+    check stopped this run, or its MERGE found every row already written."""
+    return ConcurrentRunError(
+        f"another run holds this table: it committed to {path} while this run was writing "
+        "(nothing of this run was written); re-run to embed what it did not")
+
+
+@contextlib.contextmanager
+def conflicts_reported(path: str):
+    """Delta's concurrent-commit exceptions -> one ConcurrentRunError line."""
+    try:
+        yield
+    except Exception as exc:
+        conflict = _concurrent(exc, path)
+        if conflict:
+            raise conflict from None
+        raise
+
+
+def write(spark: SparkSession, df: DataFrame, path: str, req: CommitRequest) -> Commit:
+    """ONE Delta commit of ``df`` as ``req`` says, tagged with the run id and its meta
+    (:func:`commit_tag`; and, for backfills, a txn app id/version). MERGE (not a blind
+    append) reads the target, so two runs writing the same table at once conflict in
+    Delta's commit check instead of doubling rows; the insert-only MERGE is one pass
+    over the encoded rows, no file rewritten, still conflict-checked."""
+    run_id, txn = req.run_id, req.txn
+    try:
+        if req.kind == "blind_append":  # writer options, no session state
+            writer = df.write.format("delta").mode("append").option(
+                "userMetadata", commit_tag(run_id, req.meta))
+            if txn:
+                writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])
+            with conflicts_reported(path):
+                writer.save(path)
+            return last_commit(spark, path, run_id, txn)
+        conf = _commit_conf(run_id, txn, req.meta)
+        # The source holds a Python UDF: a MERGE that updates passes over its source
+        # twice, so materialise it and never encode a row twice; an insert-only MERGE
+        # passes once and needs no copy.
+        insert_only = req.kind == "insert" and req.deletes is None
+        conf["spark.databricks.delta.merge.materializeSource"] = "none" if insert_only else "all"
+        with conflicts_reported(path), MERGE_LOCK, session_conf(spark, conf):
+            if req.kind == "overwrite":
+                writer = df.write.format("delta").mode("overwrite") \
+                    .option("overwriteSchema", "true")
+                if req.partition_by:
+                    writer = writer.partitionBy(req.partition_by)
+                writer.save(path)
+            else:
+                _merge(spark, df, path, req)
+        return last_commit(spark, path, run_id, txn)
+    except ConcurrentRunError:
+        # The run we lost to may have committed this very txn (the same partition
+        # at once): that is a skip, not a conflict.
+        if txn and committed_txn(spark, path, txn[0]) >= txn[1]:
+            raise AlreadyCommitted(f"{txn[0]} v{txn[1]} was committed to {path} by another "
+                                   "run while this one was writing") from None
+        raise
+
+
+def _merge(spark: SparkSession, df: DataFrame, path: str, req: CommitRequest) -> None:
+    """The MERGE of a merge or insert commit. ``req.replace_documents`` (chunked tables):
+    a source row matches only through its id's delete marker, so every stored row
+    (passage) of the ids in ``deletes`` is deleted (a changed document's old passages,
+    however many) and every row of ``df`` inserted; ``deletes`` holds each id once, so a
+    stored row matches one source row at most."""
+    from delta.tables import DeltaTable
+
+    keys, deletes, by_id = req.merge_keys, req.deletes, req.replace_documents
+    replace_matched = req.replace_matched and req.kind == "merge" and not by_id
+    on = " AND ".join(f"t.{k} = s.{k}" for k in keys)
+    if deletes is None:
+        merge = DeltaTable.forPath(spark, path).alias("t").merge(df.alias("s"), on)
+        if replace_matched:
+            merge = merge.whenMatchedUpdateAll()
+        merge.whenNotMatchedInsertAll().execute()
+        return
+    # The deleted ids ride along as source rows flagged _delete (their other columns
+    # null); a flagged row matches every stored row of its id.
+    rest = "FALSE" if by_id else (
+        " AND ".join(f"t.{k} = s.{k}" for k in keys if k != "id") or "TRUE")
+    source = _with_deletes(df, deletes)
+    columns: dict[str, str | Column] = {c: f"s.`{c}`" for c in df.columns}
+    merge = (DeltaTable.forPath(spark, path).alias("t")
+             .merge(source.alias("s"), f"t.id = s.id AND (s._delete OR ({rest}))")
+             .whenMatchedDelete(condition="s._delete"))
+    if replace_matched:
+        merge = merge.whenMatchedUpdate(condition="NOT s._delete", set=columns)
+    merge.whenNotMatchedInsert(condition="NOT s._delete", values=columns).execute()
+
+
+def _with_deletes(df: DataFrame, deletes: DataFrame) -> DataFrame:
+    from pyspark.sql import functions as F
+
+    nulls = [F.col("id") if c == "id" else F.lit(None).cast(df.schema[c].dataType).alias(c)
+             for c in df.columns]
+    return (df.withColumn("_delete", F.lit(False))
+            .unionByName(deletes.select(*nulls, F.lit(True).alias("_delete"))))
+
+
+def mark_txn(spark: SparkSession, path: str, run_id: str, txn: tuple[str, int]) -> None:
+    """Record a txn with no rows (an empty partition), so a re-run skips it too."""
+    from delta.tables import DeltaTable
+
+    empty = spark.read.format("delta").load(path).limit(0)
+    with MERGE_LOCK, session_conf(spark, _commit_conf(run_id, txn)):
+        DeltaTable.forPath(spark, path).alias("t").merge(empty.alias("s"), "t.id = s.id") \
+            .whenNotMatchedInsertAll().execute()
+
+
+def delete_ids(spark: SparkSession, path: str, ids_df: DataFrame, run_id: str) -> int:
+    """Delete output rows whose id left the source; returns rows deleted."""
+    from delta.tables import DeltaTable
+
+    if ids_df.limit(1).count() == 0:
+        return 0
+    with MERGE_LOCK, session_conf(spark, _commit_conf(run_id, None)):
+        DeltaTable.forPath(spark, path).alias("t").merge(ids_df.alias("s"), "t.id = s.id") \
+            .whenMatchedDelete().execute()
+    row = _run_commit(spark, path, run_id)
+    metrics = (row["operationMetrics"] if row is not None else None) or {}
+    return int(metrics.get("numTargetRowsDeleted", 0))
+
+
+def append_rows(df: DataFrame, path: str, run_id: str, merge_schema: bool = False) -> None:
+    """A bookkeeping append (quarantine, runs, canary, drift, samples), its commit tagged
+    with the same JSON ``userMetadata`` as the output table's commits."""
+    writer = df.write.format("delta").mode("append").option("userMetadata", commit_tag(run_id))
+    if merge_schema:
+        writer = writer.option("mergeSchema", "true")
+    writer.save(path)
+
+
+def rows_frame(spark: SparkSession, schema_ddl: str, rows: list[dict[str, Any]]) -> DataFrame:
+    """A DataFrame of dict rows in a DDL schema's column order; missing keys are null."""
+    from pyspark.sql.types import DataType, StructType
+
+    schema = DataType.fromDDL(schema_ddl)
+    assert isinstance(schema, StructType)
+    names = schema.fieldNames()
+    return spark.createDataFrame([tuple(row.get(n) for n in names) for row in rows], schema)
+
+
+def txn_committed(spark: SparkSession, path: str, txn: tuple[str, int]) -> bool:
+    """Delta recorded this txn (app id, version) for the table: that commit is done."""
+    return committed_txn(spark, path, txn[0]) >= txn[1]

@@ -1,0 +1,236 @@
+"""What made an output table: its identity, kept in the table's ``embed.*`` properties.
+
+One type, :class:`TableIdentity`, for every reader and writer of it: the run that
+makes or checks a table, the commit that updates it, ``embed search`` (delta-rs)
+and the write plan. It maps keys (without the ``embed.`` prefix) to strings, as
+Delta keeps them; the typed accessors decode the JSON ones.
+
+Keys that decide the stored vectors (:data:`COMPARED`): a run whose values differ is
+refused before anything is written. The others record what was fixed once for
+the table (int8 ranges, projections, the canary run, the parity check) or where
+things are (the model directory, the runs table).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import SinkConflictError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+    from pyspark.sql.types import StructType
+
+    from pipeline.config import OutputSpec, RunConfig
+    from pipeline.encoder.model import ModelInfo
+    from pipeline.outputs import Calibration
+
+PREFIX = "embed."
+# partition_by, chunking, head and backend are there only when set, so tables made
+# before they existed keep matching.
+COMPARED = ("model", "model_fingerprint", "pooling", "max_length", "prompt", "outputs",
+            "partition_by", "chunking", "head", "backend")
+# Keys an older release recorded otherwise (or a moved model directory), set anew on
+# the table's next commit (:meth:`TableIdentity.stale`).
+REFRESHED = ("model_fingerprint", "model_path", "runs_path")
+
+
+@dataclass(frozen=True)
+class TableIdentity(Mapping[str, str]):
+    entries: Mapping[str, str] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ Mapping
+    def __getitem__(self, key: str) -> str:
+        return self.entries[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    # ------------------------------------------------------------------ making
+    @classmethod
+    def of_run(cls, cfg: RunConfig, info: ModelInfo | None, fingerprint: str,
+               runs_path: str | None = None) -> TableIdentity:
+        """What a table made by this run records (``cfg``: resolved by the preflight, so
+        the model's own pooling, max length and document prompt)."""
+        from pipeline.outputs import describe
+
+        head = info.modules.head() if info else None
+        backend = getattr(cfg.model, "backend", "torch")
+        values = {
+            "model": info.name if info else "",
+            "model_fingerprint": fingerprint,
+            "pooling": str(cfg.model.pooling),
+            "max_length": str(cfg.model.max_length),
+            "prompt": cfg.model.prompt or "",
+            "outputs": json.dumps(describe(cfg.outputs), sort_keys=True),
+            **({"partition_by": cfg.sink.partition_by} if cfg.sink.partition_by else {}),
+            **({"chunking": chunking_identity(cfg)} if cfg.chunking.enabled else {}),
+            **({"head": json.dumps(head, sort_keys=True)} if head else {}),
+            **({"backend": backend} if backend != "torch" else {}),
+            **({"model_path": str(info.path)} if info else {}),
+            **({"runs_path": runs_path} if runs_path else {}),
+        }
+        return cls(values)
+
+    @classmethod
+    def from_properties(cls, props: Mapping[str, str]) -> TableIdentity:
+        return cls({k[len(PREFIX):]: v for k, v in props.items() if k.startswith(PREFIX)})
+
+    @classmethod
+    def read(cls, spark: SparkSession, path: str) -> TableIdentity | None:
+        """The table's identity (empty: a Delta table embed did not make; None: no table)."""
+        from delta.tables import DeltaTable
+
+        from pipeline.tables.delta import is_delta_table
+
+        if not is_delta_table(path) or not DeltaTable.isDeltaTable(spark, path):
+            return None
+        props = DeltaTable.forPath(spark, path).detail().collect()[0]["properties"] or {}
+        return cls.from_properties(props)
+
+    def properties(self) -> dict[str, str]:
+        return {PREFIX + k: v for k, v in self.entries.items()}
+
+    def updated(self, **values: str) -> TableIdentity:
+        return TableIdentity({**self.entries, **values})
+
+    # ------------------------------------------------------------------ typed views
+    @property
+    def fingerprint(self) -> str:
+        return self.entries.get("model_fingerprint", "")
+
+    @property
+    def outputs(self) -> list[OutputSpec]:
+        from pipeline.config import OutputSpec
+
+        return [OutputSpec(**d) for d in json.loads(self.entries.get("outputs") or "[]")]
+
+    @property
+    def calibration(self) -> Calibration:
+        from pipeline.outputs import Calibration
+
+        return Calibration.from_json(self.entries.get("calibration"))
+
+    @property
+    def projection_digests(self) -> dict[str, str]:
+        return json.loads(self.entries.get("projections") or "{}")
+
+    @property
+    def canary_run(self) -> str | None:
+        return self.entries.get("canary_run") or None
+
+    # ------------------------------------------------------------------ comparing
+    def changes(self, wanted: TableIdentity) -> frozenset[str]:
+        """The compared keys whose value here differs from ``wanted``'s."""
+        return frozenset(k for k in COMPARED if self.entries.get(k) != wanted.get(k))
+
+    def check_compatible(self, wanted: TableIdentity, path: str) -> None:
+        """Refuse to mix vectors of two models / two output layouts in one table."""
+        if not self.entries:
+            raise SinkConflictError(f"{path} is a Delta table that embed did not make (no "
+                                    "embed.* table properties); choose another sink.path")
+        diffs = [k for k in COMPARED if self.entries.get(k) != wanted.get(k)]
+        if not diffs:
+            return
+        key = diffs[0]
+        shown = {side: (v if len(v) < 80 else v[:77] + "...") for side, v in
+                 (("stored", self.entries.get(key) or "<none>"),
+                  ("wanted", wanted.get(key) or "<none>"))}
+        raise SinkConflictError(
+            f"output table {path} was made with {key}={shown['stored']}, this run has "
+            f"{key}={shown['wanted']} (differs in: {', '.join(diffs)}); write to a new "
+            "sink.path or set sink.mode: overwrite to replace the table")
+
+    def upgraded(self, info: ModelInfo, fingerprint: str) -> TableIdentity:
+        """A table of an older release records the weights-only fingerprint of the same
+        model: it is this model's table, returned with today's fingerprint."""
+        if self.fingerprint == fingerprint:
+            return self
+        from pipeline.encoder.model import legacy_fingerprint
+
+        if self.fingerprint != legacy_fingerprint(info):
+            return self
+        return self.updated(model_fingerprint=fingerprint)
+
+    def stale(self, recorded: TableIdentity | None,
+              wanted: TableIdentity) -> dict[str, str]:
+        """Of the :data:`REFRESHED` keys, those the table (``recorded``; ``self`` after
+        :meth:`upgraded`) of this very model records otherwise."""
+        if recorded is None or not recorded or self.fingerprint != wanted.fingerprint:
+            return {}
+        return {k: wanted[k] for k in REFRESHED if k in wanted and recorded.get(k) != wanted[k]}
+
+
+def chunking_identity(cfg: RunConfig) -> str:
+    """What decides a chunked table's rows: how documents are cut and encoded, and
+    whether the passages' texts are stored (a column of the table)."""
+    c = cfg.chunking
+    return json.dumps({"mode": c.mode, "max_tokens": c.max_tokens,
+                       "overlap_tokens": c.overlap_tokens, "boundary": c.boundary,
+                       "store_chunk_text": cfg.sink.store_chunk_text}, sort_keys=True)
+
+
+def changes_between(stored: TableIdentity | None, wanted: TableIdentity) -> frozenset[str]:
+    """The compared keys that differ (empty: the same, or no table yet)."""
+    return frozenset() if stored is None else stored.changes(wanted)
+
+
+def check_compatible(stored: TableIdentity | None, wanted: TableIdentity, path: str) -> None:
+    if stored is not None:
+        stored.check_compatible(wanted, path)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def ensure_table(spark: SparkSession, path: str, schema: StructType, identity: TableIdentity,
+                 deletion_vectors: bool = False) -> None:
+    """Create the output table with ``identity`` in its properties, unless it exists."""
+    from delta.tables import DeltaTable
+
+    builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(schema)
+    if identity.get("partition_by"):
+        builder = builder.partitionedBy(identity["partition_by"])
+    for key, value in identity.properties().items():
+        builder = builder.property(key, value)
+    if deletion_vectors:
+        builder = builder.property("delta.enableDeletionVectors", "true")
+    try:
+        builder.execute()
+    except Exception:
+        # Two runs creating the table at once: the loser finds it made (or, a moment
+        # before its first commit lands, a folder that is not a table yet: wait for
+        # it); then the identity check decides, as for any existing table.
+        stored = _identity_once_made(spark, path)
+        if stored is None:
+            raise
+        stored.check_compatible(identity, path)
+
+
+def _identity_once_made(spark: SparkSession, path: str,
+                        wait: float = 10.0) -> TableIdentity | None:
+    from pipeline.tables.delta import is_delta_table
+
+    deadline = time.monotonic() + wait
+    while True:
+        stored = TableIdentity.read(spark, path) if is_delta_table(path) else None
+        if stored is not None or time.monotonic() > deadline:
+            return stored
+        time.sleep(0.5)
+
+
+def set_identity(spark: SparkSession, path: str, values: Mapping[str, Any]) -> None:
+    """Set these identity keys on the table (one ALTER TABLE: one Delta commit)."""
+    pairs = ", ".join(f"'{PREFIX}{k}' = '{_sql_str(str(v))}'" for k, v in values.items())
+    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ({pairs})")
+
+
+def _sql_str(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
