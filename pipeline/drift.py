@@ -27,10 +27,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -216,21 +217,14 @@ def run_canary(spark: SparkSession, cfg: RunConfig, placement: Placement,
 # --------------------------------------------------------------------------- distribution
 
 
-def decode(values, spec: dict, calibration=None) -> np.ndarray:
+def decode(values: Sequence[Any], spec: dict[str, Any],
+           calibration: Calibration | None = None) -> np.ndarray:
     """Stored cells of one column -> float32 [N, dim] (int8/uint8 dequantized when the
     table's ranges are known; binary as +-1 per bit)."""
-    from pipeline.outputs import dequantize, from_stored
+    from pipeline.encoder import codec
 
     output = OutputSpec(**spec)
-    rows = np.stack([from_stored(v, output) for v in values]) if len(values) else \
-        np.zeros((0, output.dim), np.float32)
-    if output.dtype in ("binary", "ubinary"):
-        bits = np.unpackbits(rows.view(np.uint8) if output.dtype == "ubinary"
-                             else (rows.astype(np.int16) + 128).astype(np.uint8), axis=1)
-        return bits[:, :output.dim].astype(np.float32) * 2 - 1
-    if output.dtype in ("int8", "uint8") and calibration and output.name in calibration.ranges:
-        return dequantize(rows, output, calibration)
-    return rows.astype(np.float32)
+    return codec.to_float(codec.from_cells(values, output), output, calibration)
 
 
 def reference_runs(spark: SparkSession, runs_path: str, output_path: str, run_id: str,

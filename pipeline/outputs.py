@@ -5,21 +5,7 @@ pool -> truncate to ``dim`` -> L2-renormalize -> quantize; with ``reduce: pca``:
 pool -> L2-normalize -> (centre) -> project onto the table's ``dim`` axes ->
 L2-renormalize -> quantize (int8 ranges are fitted on the projected values).
 
-Stored types (Arrow -> Spark):
-
-| dtype   | Arrow                     | Spark          | bytes per row |
-|---------|---------------------------|----------------|---------------|
-| float32 | fixed_size_list<float32>  | array<float>   | 4 x dim       |
-| float16 | binary (IEEE half, LE)    | binary         | 2 x dim       |
-| int8    | fixed_size_list<int8>     | array<tinyint> | dim           |
-| uint8   | binary                    | binary         | dim           |
-| binary  | binary (packbits - 128)   | binary         | dim / 8       |
-| ubinary | binary (packbits)         | binary         | dim / 8       |
-
-Spark has neither a half-float nor an unsigned byte type, hence binary for
-those. int8/uint8 use per-dimension ranges from a calibration sample stored
-with the table (never per-batch ranges, so vectors stay comparable across
-runs); ``binary``/``ubinary`` follow sentence-transformers' quantize_embeddings.
+How each dtype is stored and read back: :mod:`pipeline.encoder.codec`.
 
 Spark-free: numpy in, Arrow out.
 """
@@ -33,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import CALIBRATED_DTYPES, OutputSpec
+from pipeline.encoder.codec import ENCODING, stored_length
 
 
 class Projection:
@@ -150,57 +137,6 @@ def cut(pooled: np.ndarray, spec: OutputSpec, projection: Projection | None = No
     return np.ascontiguousarray(vecs, dtype=np.float32)
 
 
-def quantize(vecs: np.ndarray, spec: OutputSpec, calibration: Calibration | None = None):
-    """float32 [N, dim] -> the stored dtype's numpy array ([N, dim] or [N, dim/8])."""
-    if spec.dtype == "float32":
-        return vecs
-    if spec.dtype == "float16":
-        return vecs.astype("<f2")
-    if spec.dtype in ("binary", "ubinary"):
-        packed = np.packbits(vecs > 0, axis=-1)
-        return packed if spec.dtype == "ubinary" else (packed.astype(np.int16) - 128).astype(
-            np.int8)
-    if calibration is None or spec.name not in calibration.ranges:
-        raise ValueError(f"column {spec.name!r} ({spec.dtype}) needs calibration ranges")
-    lo, hi = calibration.ranges[spec.name]
-    steps = np.maximum((hi - lo) / 255.0, 1e-12)
-    levels = np.clip(np.floor((vecs - lo) / steps), 0, 255)
-    return (levels - 128).astype(np.int8) if spec.dtype == "int8" else levels.astype(np.uint8)
-
-
-def dequantize(values: np.ndarray, spec: OutputSpec, calibration: Calibration) -> np.ndarray:
-    """Approximate float32 vectors back from int8/uint8 (bucket centres)."""
-    lo, hi = calibration.ranges[spec.name]
-    steps = (hi - lo) / 255.0
-    levels = values.astype(np.float32) + (128 if spec.dtype == "int8" else 0)
-    return lo + (levels + 0.5) * steps
-
-
-def row_bytes(spec: OutputSpec) -> int:
-    """Payload bytes per row of one column (no container overhead)."""
-    return {"float32": 4 * spec.dim, "float16": 2 * spec.dim, "int8": spec.dim,
-            "uint8": spec.dim, "binary": spec.dim // 8, "ubinary": spec.dim // 8}[spec.dtype]
-
-
-def to_arrow(values: np.ndarray, spec: OutputSpec) -> pa.Array:
-    """Stored numpy values -> the column's Arrow array (see the table above)."""
-    n = values.shape[0]
-    if spec.dtype in ("float32", "int8"):
-        return pa.FixedSizeListArray.from_arrays(
-            pa.array(np.ascontiguousarray(values).reshape(-1)), spec.dim)
-    width = row_bytes(spec)
-    data = np.ascontiguousarray(values).view(np.uint8).reshape(-1)
-    offsets = np.arange(0, (n + 1) * width, width, dtype=np.int32)
-    return pa.Array.from_buffers(pa.binary(), n, [None, _buffer(offsets), _buffer(data)])
-
-
-def _buffer(values: np.ndarray) -> pa.Buffer:
-    """A contiguous numpy array's bytes as an Arrow buffer (pa.array wraps it, no copy)."""
-    buffer = pa.array(values.reshape(-1)).buffers()[1]
-    assert buffer is not None
-    return buffer
-
-
 def to_spark_arrow(column: pa.Array) -> pa.Array:
     """Spark's ArrayType travels as an Arrow list: rewrap fixed-size lists (no copy)."""
     if not isinstance(column, pa.FixedSizeListArray):
@@ -220,21 +156,6 @@ def spark_type(spec: OutputSpec):
     return BinaryType()
 
 
-def from_stored(value, spec: OutputSpec) -> np.ndarray:
-    """One stored cell (a list or bytes, as Spark returns it) -> numpy."""
-    if spec.dtype == "float32":
-        return np.asarray(value, dtype=np.float32)
-    if spec.dtype == "int8":
-        return np.asarray(value, dtype=np.int8)
-    raw = np.frombuffer(bytes(value), dtype=np.uint8)
-    if spec.dtype == "float16":
-        return raw.view("<f2").astype(np.float32)
-    return raw.view(np.int8) if spec.dtype == "binary" else raw
-
-
-ENCODING = {"float32": "float32 array", "int8": "int8 array (calibrated ranges)",
-            "float16": "IEEE half, little-endian bytes", "uint8": "uint8 bytes (calibrated ranges)",
-            "binary": "packbits - 128 bytes", "ubinary": "packbits bytes"}
 
 
 def column_metadata(spec: OutputSpec, model_pooling: str) -> dict:
@@ -242,7 +163,7 @@ def column_metadata(spec: OutputSpec, model_pooling: str) -> dict:
     column metadata (Delta has no fixed-size array type: every reader sees a
     variable-length list or bytes). ``embed.length`` is the stored length: array
     elements, or bytes for the binary-typed columns."""
-    length = spec.dim if spec.dtype in ("float32", "int8") else row_bytes(spec)
+    length = stored_length(spec)
     return {"embed.dim": spec.dim, "embed.dtype": spec.dtype, "embed.length": length,
             "embed.layer": spec.layer if spec.layer is not None else "last",
             "embed.reduce": spec.reduce + (" (centred)" if spec.center else ""),

@@ -31,8 +31,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import ModelConfig, OutputSpec
+from pipeline.encoder import codec
 from pipeline.errors import PipelineError
-from pipeline.outputs import Calibration, dequantize, row_bytes
+from pipeline.outputs import Calibration
 from pipeline.tables.identity import TableIdentity
 
 if TYPE_CHECKING:
@@ -207,35 +208,12 @@ def encode_query(encoder: Encoder, text: str, info: TableInfo | None = None
 
 def decode(column: pa.Array | pa.ChunkedArray, spec: OutputSpec,
            calibration: Calibration) -> np.ndarray:
-    """A stored column's batch -> float32 [N, dim] (binary columns: uint8 [N, dim/8])."""
-    import pyarrow.compute as pc
-
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    if spec.dtype in ("float32", "int8"):
-        flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
-        values = flat.reshape(len(column), spec.dim)
-    else:
-        values = _fixed_binary(column, row_bytes(spec))
-        if spec.dtype == "float16":
-            return values.view("<f2").astype(np.float32)
-        if spec.dtype == "binary":  # stored as packbits - 128 (signed bytes)
-            return (values.view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-        if spec.dtype == "ubinary":
-            return values
-    if spec.dtype in ("int8", "uint8"):
-        return dequantize(values, spec, calibration)
-    return values.astype(np.float32, copy=False)
-
-
-def _fixed_binary(column: pa.Array, width: int) -> np.ndarray:
-    """A binary Arrow array whose every value has ``width`` bytes -> uint8 [N, width]."""
-    _, offset_buf, data_buf = column.buffers()
-    assert offset_buf is not None and data_buf is not None
-    start = column.offset
-    offsets = np.frombuffer(cast(Any, offset_buf), np.int32)[start:start + len(column) + 1]
-    data = np.frombuffer(cast(Any, data_buf), np.uint8)[offsets[0]:offsets[-1]]
-    return data.reshape(len(column), width)
+    """A stored column's batch -> float32 [N, dim] (binary columns: packed bits, uint8
+    [N, dim/8], for Hamming distance)."""
+    values = codec.from_arrow(column, spec)
+    if spec.dtype in codec.BIT_DTYPES:
+        return codec.packed_bits(values, spec)
+    return codec.to_float(values, spec, calibration)
 
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)

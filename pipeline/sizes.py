@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.encoder.codec import row_bytes
 from pipeline.encoder.engine import resolve_layer
-from pipeline.outputs import row_bytes
 from pipeline.preflight import Preflight
 
 

@@ -28,9 +28,10 @@ from pipeline.config import (
     OutputSpec,
     RunConfig,
 )
+from pipeline.encoder.codec import to_arrow
 from pipeline.encoder.stats import EncoderStats
 from pipeline.errors import PipelineError, raised_on_worker
-from pipeline.outputs import Calibration, column_metadata, spark_type, to_arrow, to_spark_arrow
+from pipeline.outputs import Calibration, column_metadata, spark_type, to_spark_arrow
 from pipeline.placement import ClusterView, Placement, local_slots
 from pipeline.placement import plan as plan_placement
 

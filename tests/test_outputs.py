@@ -9,10 +9,19 @@ import torch
 
 from pipeline.config import ModelConfig, OutputSpec, parse_config
 from pipeline.encoder import Encoder
+from pipeline.encoder.codec import (
+    dequantize,
+    from_arrow,
+    from_cells,
+    quantize,
+    row_bytes,
+    to_arrow,
+    to_float,
+)
 from pipeline.encoder.engine import resolve_layer, validate_outputs
 from pipeline.encoder.model import inspect_model
 from pipeline.errors import ConfigError
-from pipeline.outputs import Calibration, dequantize, from_stored, quantize, row_bytes, to_arrow
+from pipeline.outputs import Calibration
 from tests.conftest import cosine_rows
 
 
@@ -71,10 +80,13 @@ def test_arrow_types_and_stored_roundtrip(dtype, arrow_type, nbytes):
     stored = quantize(vecs, spec, calibration)
     arr = to_arrow(stored, spec)
     assert arr.type == arrow_type and len(arr) == 7 and row_bytes(spec) == nbytes
-    cells = arr.to_pylist()
-    for row, cell in enumerate(cells):
-        np.testing.assert_array_equal(from_stored(cell, spec), stored[row].astype(
-            np.float32 if dtype == "float16" else stored.dtype))
+    # read back the one way every reader does: from cells (Spark, pandas), from Arrow
+    np.testing.assert_array_equal(from_cells(arr.to_pylist(), spec), stored)
+    np.testing.assert_array_equal(from_arrow(arr, spec), stored)
+    floats = to_float(from_arrow(arr, spec), spec, calibration)
+    assert floats.shape == (7, 32) and floats.dtype == np.float32
+    if dtype in ("float32", "float16"):
+        np.testing.assert_allclose(floats, vecs, atol=1e-3)
 
 
 # ------------------------------------------------------------------ validation

@@ -58,7 +58,7 @@ def test_top_k_is_the_exact_cosine_top_k(spark, table, st_query, reader):
 
 
 def test_int8_columns_are_dequantized_with_the_tables_ranges(spark, table):
-    from pipeline.outputs import dequantize
+    from pipeline.encoder.codec import dequantize
     from pipeline.search import encode_query, open_table, query_encoder, search
 
     info = open_table(table["path"])

@@ -23,12 +23,13 @@ from pipeline.config import ChunkingConfig, ModelConfig, OutputSpec
 from pipeline.encoder import attention
 from pipeline.encoder import chunking as chunker
 from pipeline.encoder.batching import pad_batch, padded_tokens, plan_batches
+from pipeline.encoder.codec import quantize, to_arrow
 from pipeline.encoder.head import Head
 from pipeline.encoder.model import ModelInfo, inspect_model, pool, pool_packed, pool_spans, resolve
 from pipeline.encoder.stats import EncoderStats
 from pipeline.encoder.varlen import pack_batch
 from pipeline.errors import ConfigError
-from pipeline.outputs import Calibration, cut, needs_calibration, quantize, row_cosines, to_arrow
+from pipeline.outputs import Calibration, cut, needs_calibration, row_cosines
 
 log = logging.getLogger(__name__)
 
