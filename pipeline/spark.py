@@ -184,19 +184,63 @@ def task_slots(spark: SparkSession) -> int:
     return max(1, spark.sparkContext.defaultParallelism)
 
 
+_IVY_SETTINGS = """\
+<!-- Written by `embed setup-spark`: Delta's jars come from Maven Central only (Spark's
+     default resolver chain also asks the Spark Packages host, which is unreachable
+     from many networks and fills the console with "not found" lines). -->
+<ivysettings>
+  <settings defaultResolver="central"/>
+  <resolvers>
+    <ibiblio name="central" m2compatible="true" root="https://repo1.maven.org/maven2/"/>
+  </resolvers>
+</ivysettings>
+"""
+
+
+def ivy_settings() -> Path:
+    """The ivysettings.xml the one resolution of Delta's jars uses."""
+    path = spark_home() / "conf" / "ivysettings.xml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.is_file() or path.read_text() != _IVY_SETTINGS:
+        path.write_text(_IVY_SETTINGS)
+    return path
+
+
 def warm_jar_cache() -> None:
-    """Start a local session once so spark.jars.packages lands in Ivy's cache."""
+    """Resolve Delta's jars into Ivy's cache once (from Maven Central), in a child
+    process whose Ivy report goes to a log file: the console gets one line, or on
+    failure the error and what to do."""
+    import subprocess
+
+    if resolved_jars():
+        return
+    log_file = spark_home() / "conf" / "delta-jars-resolve.log"
+    print(f"bootstrap: resolving {delta_package()} from Maven Central", flush=True)
+    with open(log_file, "w") as log:
+        done = subprocess.run([sys.executable, "-m", "pipeline.spark", "--resolve"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0 or not resolved_jars():
+        lines = [ln.strip() for ln in log_file.read_text(errors="replace").splitlines()]
+        why = next((ln for ln in reversed(lines) if any(
+            word in ln for word in ("UNRESOLVED", "unresolved", "Error", "Exception",
+                                    "not found"))), lines[-1] if lines else "no output")
+        print(f"bootstrap: could not resolve Delta's jars: {why[:200]} (full log: {log_file});"
+              " check that https://repo1.maven.org is reachable, then run make demo again",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+def _resolve_jars() -> None:
+    """The child process of :func:`warm_jar_cache`: one session with spark.jars.packages."""
     import shutil
     import tempfile
 
     from pipeline.config import SparkConfig
 
-    if resolved_jars():
-        return
-    print(f"bootstrap: resolving {delta_package()} into Ivy's cache", flush=True)
     _jar_manifest().unlink(missing_ok=True)
     write_spark_defaults()  # packages, not stale jars, for this one resolution
-    spark = get_session(SparkConfig(master="local[1]", app_name="embed-warm"))
+    spark = get_session(SparkConfig(master="local[1]", app_name="embed-warm",
+                                    conf={"spark.jars.ivySettings": str(ivy_settings())}))
     tmp = tempfile.mkdtemp(prefix="embed-warm-")
     try:
         spark.range(1).write.format("delta").save(tmp + "/t")
@@ -212,3 +256,5 @@ def warm_jar_cache() -> None:
 if __name__ == "__main__":
     if "--warm" in sys.argv:
         warm_jar_cache()
+    elif "--resolve" in sys.argv:
+        _resolve_jars()

@@ -1,4 +1,4 @@
-"""Pick the device, precision and attention backend, and load the model with them.
+"""Pick the device, precision and attention backend (backends.TorchBackend loads them).
 
 Backends, best first: flash-attn (the ``gpu`` extra, CUDA only) -> varlen (torch's
 own varlen kernel on CUDA, a gathered SDPA elsewhere) -> torch SDPA -> eager.
@@ -15,11 +15,11 @@ import logging
 from dataclasses import dataclass
 
 from pipeline.encoder import varlen
-from pipeline.errors import ConfigError, ModelError
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-_HF_NAMES = {"flash": "flash_attention_2", "varlen": varlen.NAME, "sdpa": "sdpa",
+HF_NAMES = {"flash": "flash_attention_2", "varlen": varlen.NAME, "sdpa": "sdpa",
              "eager": "eager"}
 PACKED = frozenset({"flash", "varlen"})  # backends that take unpadded (packed) batches
 
@@ -86,41 +86,3 @@ def candidate_backends(requested: str, device: str) -> list[str]:
                           "package (pip install 'embed-pipeline[gpu]'); allowed values: "
                           "auto, flash, varlen, sdpa, eager")
     return [requested]
-
-
-def load_model(path, requested_attention: str, precision: str, device: str,
-               trust_remote_code: bool = False, check=None, extra: dict | None = None):
-    """Load AutoModel with the first backend that works; returns (model, attention).
-
-    ``check(model, backend)`` may refuse a loaded backend by returning a reason;
-    ``extra``: the model's own from_pretrained keywords (its sentence_bert_config's
-    model_args / config_args).
-    """
-    from transformers import AutoModel
-
-    dtype = torch_dtype(precision)
-    errors = []
-    for backend in candidate_backends(requested_attention, device):
-        if backend == "varlen":
-            varlen.register()
-        try:
-            model = AutoModel.from_pretrained(
-                str(path), dtype=dtype, attn_implementation=_HF_NAMES[backend],
-                trust_remote_code=trust_remote_code, local_files_only=True, **(extra or {}))
-        except (ValueError, ImportError, NotImplementedError) as exc:
-            errors.append(f"{backend}: {str(exc).splitlines()[0]}")
-            log.info("attention backend %s unavailable: %s", backend, exc)
-            continue
-        model.eval().to(device)
-        reason = check(model, backend) if check else None
-        if reason:
-            errors.append(f"{backend}: {reason}")
-            log.warning("attention backend %s refused: %s", backend, reason)
-            del model
-            if device.startswith("cuda"):
-                import torch
-
-                torch.cuda.empty_cache()  # the next candidate loads into this memory
-            continue
-        return model, backend
-    raise ModelError(f"no attention backend could load {path}: " + "; ".join(errors))

@@ -22,6 +22,7 @@ import pyarrow as pa
 from pipeline.config import ChunkingConfig, ModelConfig, OutputSpec
 from pipeline.encoder import attention
 from pipeline.encoder import chunking as chunker
+from pipeline.encoder.backends import Backend, LoadRequest, load_backend
 from pipeline.encoder.batching import pad_batch, padded_tokens, plan_batches
 from pipeline.encoder.codec import quantize, to_arrow
 from pipeline.encoder.head import Head
@@ -143,10 +144,6 @@ def _chunk_rows(plans: list[list[chunker.Chunk]]) -> ChunkRows:
         n_tokens=column(c.n_tokens for c in flat))
 
 
-class _EarlyExit(Exception):
-    """Raised by the hook on the deepest layer any column needs: skip the rest."""
-
-
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the CPU allocator's failure."""
     import torch
@@ -214,31 +211,6 @@ def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False):
     return tok
 
 
-def position_offset(model) -> int:
-    """Where the model's position ids start: RoBERTa-style embeddings (an int
-    padding_idx next to a learned position table) count from padding_idx + 1, and a
-    packed batch must say so (sentence-transformers' rule for flattened batches)."""
-    import torch
-
-    for module in model.modules():
-        padding_idx = getattr(module, "padding_idx", None)
-        if isinstance(padding_idx, int) and isinstance(
-                getattr(module, "position_embeddings", None), torch.nn.Embedding):
-            return padding_idx + 1
-    return 0
-
-
-def find_layers(model, num_layers: int):
-    """The model's ModuleList of transformer blocks (encoder.layer, layers, h, ...)."""
-    import torch
-
-    for _, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
-            return module
-    raise ValueError(f"cannot find the {num_layers} transformer layers of "
-                     f"{type(model).__name__}; per-layer outputs need them")
-
-
 class Encoder:
     """Tokenizer + model + output specs, loaded once and reused for every batch."""
 
@@ -275,17 +247,14 @@ class Encoder:
             pad_id = self.tokenizer.eos_token_id or 0
         self.pad_id = int(pad_id)
         self.left_pad = getattr(self.tokenizer, "padding_side", "right") == "left"
-        self._torch = torch
-        self._device = device
-        self._captured: dict[int, object] = {}
         self.groups: list[tuple[int, str]] = [(self.info.num_layers, self.pooling)]
         self.head = Head(self.info.modules, device)
         self.position_offset = 0  # until the model is loaded (the probe sets it first)
-        self.model, backend = attention.load_model(
-            self.info.modules.transformer_dir, model_cfg.attention, precision, device,
-            trust_remote_code=model_cfg.trust_remote_code, check=self._check_packed,
-            extra=self.info.modules.model_kwargs)
-        self.runtime = attention.Runtime(device=device, precision=precision, attention=backend)
+        self.backend = load_backend(self.cfg, LoadRequest(
+            path=self.info.modules.transformer_dir, attention=model_cfg.attention,
+            precision=precision, device=device, trust_remote_code=model_cfg.trust_remote_code,
+            extra=self.info.modules.model_kwargs), self)
+        self.runtime = self.backend.runtime
         # Running totals; a caller's share of them is ``after - before``. prepare() runs
         # on a prefetch thread, encode() on the caller's: one lock for both.
         self.stats = EncoderStats(runtime=frozenset({self.runtime.label}),
@@ -319,7 +288,12 @@ class Encoder:
     @property
     def packed(self) -> bool:
         """Batches run unpadded (rows concatenated, cu_seqlens): flash or varlen."""
-        return self.runtime.attention in attention.PACKED
+        return self.backend.packed
+
+    @property
+    def model(self) -> Any:
+        """The torch model (torch backend)."""
+        return getattr(self.backend, "model", None)
 
     def _setup_layers(self) -> None:
         """Hooks that capture intermediate layers and stop at the deepest one needed.
@@ -338,22 +312,7 @@ class Encoder:
         self.exit_layer = max(inner) if inner and max(layer for layer, _ in self.groups) < L \
             else None
         self.layers_run = self.exit_layer or L
-        if not inner:
-            return
-        blocks = find_layers(self.model, L)
-        for layer in inner:
-            blocks[layer - 1].register_forward_hook(self._make_hook(layer))
-
-    def _free_cache(self) -> None:
-        if self.runtime.device.startswith("cuda"):
-            self._torch.cuda.empty_cache()
-
-    def _make_hook(self, layer: int):
-        def hook(module, args, output):
-            self._captured[layer] = output[0] if isinstance(output, tuple) else output
-            if layer == self.exit_layer:
-                raise _EarlyExit
-        return hook
+        self.backend.use_layers(L, inner, self.exit_layer)
 
     # ------------------------------------------------------------------ stages
     def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -466,35 +425,15 @@ class Encoder:
                 np.asarray(unit_owner), np.asarray(unit_weight, dtype=np.float32), total,
                 cut_off)
 
-    def _to_device(self, *arrays: np.ndarray):
-        torch = self._torch
-        device = self._device
-        tensors = [torch.from_numpy(a) for a in arrays]
-        if str(device).startswith("cuda"):
-            # page-locked host memory: the copies run asynchronously on the stream
-            tensors = [t.pin_memory() for t in tensors]
-        return [t.to(device, non_blocking=True) for t in tensors]
-
-    def _run(self, model, pooler, **inputs) -> dict[tuple[int, str], np.ndarray]:
-        """Forward (stopping at the early-exit layer) -> pooled float32 per (layer, pooling)."""
-        self._captured.clear()
-        with self._torch.inference_mode():
-            try:
-                out = model(**inputs)
-                self._captured[self.info.num_layers] = out.last_hidden_state
-            except _EarlyExit:
-                pass
-            return {(layer, mode): pooler(self._captured[layer], mode).cpu().numpy()
-                    for layer, mode in self.groups}
-
-    def forward(self, ids: np.ndarray, mask: np.ndarray, model=None,
+    def forward(self, ids: np.ndarray, mask: np.ndarray, backend: Backend | None = None,
                 spans: tuple[np.ndarray, ...] | None = None) -> dict[tuple[int, str], np.ndarray]:
         """One padded batch -> {(layer, pooling): pooled [B, H] float32 (numpy)}.
 
         ``spans`` (late chunking): (row in batch, start, end) per output row; each is
         the mean of that row's token states [start, end) instead of a row's pooling.
         """
-        input_ids, attn = self._to_device(ids, mask)
+        backend = backend or self.backend
+        input_ids, attn = backend.to_device(ids, mask)
         kwargs = {}
         if self.left_pad:
             # Left padding shifts real tokens right: positions must come from the
@@ -506,51 +445,62 @@ class Encoder:
             width = ids.shape[1]
             row, lo, hi = spans
             base = row * width + ((width - mask[row].sum(1)) if self.left_pad else 0)
-            starts, ends = self._to_device(base + lo, base + hi)
+            starts, ends = backend.to_device(base + lo, base + hi)
             pooler = lambda h, mode: pool_spans(h.reshape(-1, h.shape[-1]), starts, ends)  # noqa: E731
-        return self._run(model or self.model, pooler,
-                         input_ids=input_ids, attention_mask=attn, **kwargs)
+        return self._pool(backend.hidden({"input_ids": input_ids, "attention_mask": attn,
+                                          **kwargs}), pooler)
 
     def forward_packed(self, ids: np.ndarray, positions: np.ndarray, cu: np.ndarray,
-                       model=None, spans: tuple[np.ndarray, ...] | None = None
+                       backend: Backend | None = None,
+                       spans: tuple[np.ndarray, ...] | None = None
                        ) -> dict[tuple[int, str], np.ndarray]:
         """One packed batch (no padding; rows delimited by ``cu``) -> as :meth:`forward`."""
-        input_ids, position_ids, cu_dev = self._to_device(ids[None], positions[None], cu)
+        backend = backend or self.backend
+        input_ids, position_ids, cu_dev = backend.to_device(ids[None], positions[None], cu)
         longest = int(np.diff(cu).max()) if len(cu) > 1 else 0
         skip = self.prompt_skip
         pooler = lambda h, mode: pool_packed(h[0], cu_dev, mode, skip)  # noqa: E731
         if spans is not None:
             row, lo, hi = spans
             base = cu[row].astype(np.int64)
-            starts, ends = self._to_device(base + lo, base + hi)
+            starts, ends = backend.to_device(base + lo, base + hi)
             pooler = lambda h, mode: pool_spans(h[0], starts, ends)  # noqa: E731
-        return self._run(model or self.model, pooler,
-                         input_ids=input_ids, position_ids=position_ids,
-                         cu_seq_lens_q=cu_dev, cu_seq_lens_k=cu_dev,
-                         max_length_q=longest, max_length_k=longest)
+        return self._pool(backend.hidden(
+            {"input_ids": input_ids, "position_ids": position_ids, "cu_seq_lens_q": cu_dev,
+             "cu_seq_lens_k": cu_dev, "max_length_q": longest, "max_length_k": longest}), pooler)
 
-    def _check_packed(self, model, backend: str) -> str | None:
+    def _pool(self, hidden: dict[int, Any],
+              pooler: Callable[[Any, str], Any]) -> dict[tuple[int, str], np.ndarray]:
+        """The captured layers' states -> pooled float32 (numpy) per (layer, pooling)."""
+        import torch
+
+        with torch.inference_mode():
+            return {(layer, mode): pooler(hidden[layer], mode).cpu().numpy()
+                    for layer, mode in self.groups}
+
+    def check_packed(self, backend: Backend) -> str | None:
         """A packed backend must give what a padded batch gives, on this model, here.
 
         Run once at load on a few texts of unlike lengths: a model whose layers
         drop the packing arguments (or mis-position packed rows) is refused, and
         ``auto`` moves on to the padded backends.
         """
-        if backend not in attention.PACKED:
+        if not backend.packed:
             return None
+        backend.use_layers(self.info.num_layers, [], None)
         probe = ["a", "The quick brown fox jumps over the lazy dog. " * 6,
                  "Return the sum of a and b.", "Ünïcödé, 数字 and emoji 🙂 " * 3]
         flat, offsets, lengths = self.tokenize(probe)
         idx = np.arange(len(probe))
-        self.position_offset = position_offset(model)
+        self.position_offset = backend.position_offset()
         try:
             packed = self.forward_packed(*pack_batch(flat, offsets, lengths, idx,
-                                                     self.position_offset), model=model)
+                                                     self.position_offset), backend=backend)
             padded = self.forward(*pad_batch(flat, offsets, lengths, idx, self.pad_id,
-                                             self.left_pad), model=model)
+                                             self.left_pad), backend=backend)
         except Exception as exc:  # noqa: BLE001 - any failure means "not this backend"
             return f"packed forward failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-        floor = 0.9999 if next(model.parameters()).dtype == self._torch.float32 else 0.999
+        floor = 0.9999 if backend.runtime.precision == "fp32" else 0.999
         for group, a in packed.items():
             cos = row_cosines(a, padded[group])
             if not np.all(cos >= floor):
@@ -718,7 +668,7 @@ class Encoder:
                 log.warning("out of memory on a batch of %d rows x %d tokens: splitting it, "
                             "token budget now %d", len(idx), int(lengths[idx].max()),
                             self.token_budget)
-                self._free_cache()
+                self.backend.free_cache()
                 half = len(idx) // 2
                 pending += [idx[half:], idx[:half]]
                 continue
