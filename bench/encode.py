@@ -46,7 +46,9 @@ def model_flops(info, tokens: int, layers: int) -> float:
     return 2.0 * per_layer * layers * tokens
 
 
-def run_engine(texts, model, precision, attention, token_budget, max_rows, layers, chunk):
+def run_engine(texts, model, precision, attention, token_budget, max_rows, layers, chunk,
+               backend="torch", vectors=None):
+    import numpy as np
     import pyarrow as pa
 
     from pipeline.config import ModelConfig, OutputSpec
@@ -55,7 +57,7 @@ def run_engine(texts, model, precision, attention, token_budget, max_rows, layer
 
     hidden = inspect_model(model).hidden_size
     cfg = ModelConfig(name_or_path=model, precision=precision, attention=attention,
-                      token_budget=token_budget, max_batch_rows=max_rows)
+                      token_budget=token_budget, max_batch_rows=max_rows, backend=backend)
     specs = (OutputSpec(name="emb", dim=hidden, layer=layers),
              OutputSpec(name="emb_64", dim=min(64, hidden), layer=layers))
     encoder = Encoder(cfg, specs)
@@ -73,17 +75,25 @@ def run_engine(texts, model, precision, attention, token_budget, max_rows, layer
     before = encoder.stats
     start = time.perf_counter()
     tokens = 0
+    out = []
     for _, prepared in encoder.prefetched(chunks):
-        tokens += int(encoder.encode(prepared).n_tokens.sum())
+        result = encoder.encode(prepared)
+        tokens += int(result.n_tokens.sum())
+        out.append(result.columns["emb"])
     sync(encoder.runtime.device)
     seconds = time.perf_counter() - start
+    if vectors is not None:  # the run's full-width vectors, for cosines between runs
+        vectors.append(np.concatenate([np.asarray(c.values, np.float32).reshape(len(c), -1)
+                                       for c in out]))
     stats = dataclasses.asdict(encoder.stats - before)
     report = {
         "texts_per_s": round(len(texts) / seconds, 1),
         "tokens_per_s": round(tokens / seconds, 1),
         "seconds": round(seconds, 3),
         "padding_efficiency": round(stats["tokens"] / max(stats["padded_tokens"], 1), 3),
-        "backend": encoder.runtime.attention,
+        "backend": backend,
+        "runtime": encoder.runtime.label,
+        "attention": encoder.runtime.attention,
         "precision": encoder.runtime.precision,
         "device": encoder.runtime.device,
         "layers_run": encoder.layers_run,
@@ -108,6 +118,52 @@ def run_engine(texts, model, precision, attention, token_budget, max_rows, layer
             report["mfu"] = round(flops / seconds / (peak * 1e12), 4)
             report["mfu_model_time"] = round(flops / stats["seconds"] / (peak * 1e12), 4)
     return report
+
+
+def _row_cos(a, b):
+    import numpy as np
+
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1),
+                                       1e-12)
+
+
+def run_openvino(texts, model, layers, reference) -> dict:
+    """OpenVINO's CPU runtime on the engine's exported graphs (fp32, and the int8 one):
+    the engine's tokenizer, length-sorted padded batches of its budget, mean pooling."""
+    import numpy as np
+    import openvino as ov
+
+    from pipeline.config import ModelConfig, OutputSpec
+    from pipeline.encoder import Encoder
+    from pipeline.encoder.batching import pad_batch, plan_batches
+
+    out = {}
+    core = ov.Core()
+    for backend in ("onnx", "onnx-int8"):
+        enc = Encoder(ModelConfig(name_or_path=model, backend=backend),
+                      (OutputSpec(name="emb", dim=8, layer=layers),))
+        path = str(enc.backend.path)
+        compiled = core.compile_model(core.read_model(path), "CPU",
+                                      {"INFERENCE_NUM_THREADS": str(os.cpu_count() or 1)})
+        flat, offsets, lengths = enc.tokenize(texts)
+        start = time.perf_counter()
+        pooled = np.zeros((len(texts), enc.info.hidden_size), np.float32)
+        for idx in plan_batches(lengths, enc.token_budget, enc.max_batch_rows):
+            ids, mask = pad_batch(flat, offsets, lengths, idx, enc.pad_id, enc.left_pad)
+            feed = {"input_ids": ids, "attention_mask": mask}
+            if "position_ids" in enc.backend.meta["inputs"]:
+                feed["position_ids"] = np.clip(np.cumsum(mask, 1) - 1, 0, None) + \
+                    enc.backend.position_offset()
+            hidden = compiled(feed)[0]
+            m = mask[..., None].astype(np.float32)
+            pooled[idx] = (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+        seconds = time.perf_counter() - start
+        cos = _row_cos(pooled, reference)
+        out[f"openvino_{backend.replace('onnx', 'fp32').replace('fp32-int8', 'int8')}"] = {
+            "texts_per_s": round(len(texts) / seconds, 1), "seconds": round(seconds, 3),
+            "cos_to_first_min": round(float(cos.min()), 5),
+            "cos_to_first_mean": round(float(cos.mean()), 5)}
+    return out
 
 
 def run_st(texts, model_dir, batch_size, dtype: str, device: str, max_length: int) -> dict:
@@ -138,6 +194,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="pool this layer (early exit)")
     parser.add_argument("--compare-layers", type=int, default=None,
                         help="also run at this layer and report the time ratio")
+    parser.add_argument("--backend", default="torch",
+                        help="torch|onnx|onnx-int8; a comma list runs each in turn, the "
+                             "others with cosines to the first's vectors (min, mean)")
+    parser.add_argument("--openvino", action="store_true",
+                        help="also run OpenVINO (fp32 on the exported graph, and on the "
+                             "int8 graph), same batches, cosines to the first backend")
     parser.add_argument("--st-bf16", action="store_true", help="also run ST in bf16")
     parser.add_argument("--no-st", action="store_true")
     parser.add_argument("--host-only", action="store_true",
@@ -154,7 +216,7 @@ def main() -> None:
 
     from pipeline.config import ModelConfig
     from pipeline.demo import demo_rows
-    from pipeline.encoder.model import resolve_model_dir
+    from pipeline.encoder.model import inspect_model, resolve_model_dir
 
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -176,12 +238,25 @@ def main() -> None:
     engine = dict(texts=texts, model=model, precision=args.precision, token_budget=budget,
                   max_rows=max_rows, chunk=args.chunk)
     backends = args.attention.split(",")
-    report["engine"] = run_engine(attention=backends[0], layers=args.layers, **engine)
+    runtimes = args.backend.split(",")
+    first: list = []
+    report["engine"] = run_engine(attention=backends[0], layers=args.layers,
+                                  backend=runtimes[0], vectors=first, **engine)
     for backend in backends[1:]:
         other = run_engine(attention=backend, layers=args.layers, **engine)
         report[f"engine_{backend}"] = other
         report[f"ratio_engine_over_{backend}"] = round(
             report["engine"]["texts_per_s"] / other["texts_per_s"], 3)
+    for runtime in runtimes[1:]:  # other backends, against the first's vectors
+        theirs: list = []
+        other = run_engine(attention=backends[0], layers=args.layers, backend=runtime,
+                           vectors=theirs, **engine)
+        cos = _row_cos(theirs[0], first[0])
+        other.update(cos_to_first_min=round(float(cos.min()), 5),
+                     cos_to_first_mean=round(float(cos.mean()), 5))
+        report[f"engine_{runtime}"] = other
+    if args.openvino:
+        report.update(run_openvino(texts, model, args.layers, first[0]))
     if args.compare_layers:
         shallow = run_engine(attention=backends[0], layers=args.compare_layers, **engine)
         report[f"engine_layer_{args.compare_layers}"] = shallow
@@ -196,9 +271,13 @@ def main() -> None:
             settings["st_fp16_bs256"] = (256, "fp16")
             settings["st_best"] = (512, "bf16")
         for key, (batch, dtype) in settings.items():
-            report[key] = run_st(texts, model_dir, batch, dtype, device, defaults.max_length)
-            report[f"ratio_engine_over_{key}"] = round(
-                report["engine"]["texts_per_s"] / report[key]["texts_per_s"], 3)
+            report[key] = run_st(texts, model_dir, batch, dtype, device,
+                                 inspect_model(str(model_dir)).default_max_length)
+            for name in [k for k in report if k == "engine" or k.startswith("engine_")
+                         or k.startswith("openvino")]:
+                suffix = "" if name == "engine" else name.removeprefix("engine")
+                report[f"ratio_engine{suffix}_over_{key}"] = round(
+                    report[name]["texts_per_s"] / report[key]["texts_per_s"], 3)
     print(json.dumps(report, indent=2))
 
 

@@ -487,12 +487,12 @@ def search_cmd(table_path: str, column: str, k: int, prompt: str | None,
     """Exact top-k rows of a table's column for QUERY, encoded as the rows were."""
     from rich.table import Table
 
-    from pipeline.search import search
+    from pipeline.search import SearchOptions, search
 
     try:
-        result = search(table_path, column, query, k, prompt=prompt, prompt_name=prompt_name,
-                        model=model_path,
-                        reader=reader, rescore_factor=rescore_factor, snippets=not as_json)
+        result = search(table_path, column, query, SearchOptions(
+            k=k, prompt=prompt, prompt_name=prompt_name, model=model_path, reader=reader,
+            rescore_factor=rescore_factor, snippets=not as_json))
     except PipelineError as err:
         _fail(err)
     if as_json:

@@ -34,6 +34,7 @@ ModelPooling = Literal["auto", "mean", "cls", "last_token", "max", "weightedmean
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
 AttentionBackend = Literal["auto", "flash", "varlen", "sdpa", "eager"]
 Device = Literal["auto", "cpu", "cuda"]
+ModelBackend = Literal["torch", "onnx", "onnx-int8"]
 OutputDtype = Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"]
 Reduce = Literal["truncate", "pca"]
 SinkMode = Literal["incremental", "append", "overwrite"]
@@ -105,6 +106,12 @@ class ModelConfig:
     # The first run of a table checks the engine against sentence-transformers itself
     # on 32 canary texts (on the executors) and refuses the model below the threshold.
     parity_check: bool = True
+    # What runs the forward pass: torch (CPU or GPU), or on CPUs ONNX Runtime over a graph
+    # exported once from the model (onnx: fp32; onnx-int8: int8 weights). See the README's
+    # "CPU clusters"; onnx_cache: where exported graphs are kept (null: $EMBED_ONNX_CACHE,
+    # else ~/.cache/embed-pipeline/onnx).
+    backend: ModelBackend = "torch"
+    onnx_cache: str | None = None
     # Texts over max_length tokens: cut them (and flag the row), or split them into
     # max_length windows overlapping by chunk_overlap tokens and take the
     # token-weighted mean of the windows' pooled vectors (at most max_chunks).
@@ -400,6 +407,9 @@ def _validate(cfg: RunConfig) -> None:
     if m.max_length is not None and m.max_length <= 0:
         raise ConfigError("model.max_length", f"must be a positive integer or null, "
                           f"got {m.max_length}")
+    if m.backend != "torch" and m.device == "cuda":
+        raise ConfigError("model.backend", f"{m.backend} runs on the CPU only; device: cuda "
+                          "needs model.backend: torch")
     if m.max_chunks <= 0:
         raise ConfigError("model.max_chunks", f"must be a positive integer, got {m.max_chunks}")
     if cfg.spark.gpus_per_task is not None and cfg.spark.gpus_per_task <= 0:

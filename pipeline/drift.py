@@ -28,7 +28,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -134,18 +134,30 @@ def embed_canary(spark: SparkSession, cfg: RunConfig, placement: Placement,
     return udf.encode_floats(spark, cfg, placement, rows, pca="truncate", first_chunks=True)
 
 
-def store_canary(spark: SparkSession, path: str, output_path: str, run_id: str, model_fp: str,
-                 runtime: str, texts: list[str], vectors: dict[str, np.ndarray]) -> None:
+@dataclass(frozen=True)
+class CanaryJob:
+    """One run's canary: the baseline it compares with (None: none stored yet), who runs
+    it, and whether its vectors become the table's new baseline whatever they say."""
+
+    baseline_run: str | None
+    run_id: str
+    model_fp: str
+    rebaseline: bool
+
+
+def store_canary(spark: SparkSession, cfg: RunConfig, job: CanaryJob, runtime: str,
+                 texts: list[str], vectors: dict[str, np.ndarray]) -> None:
     import pandas as pd
 
     now = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
     hashes = [text_hash(t) for t in texts]
     frame = pd.DataFrame([
-        {"output_path": output_path, "run_id": run_id, "canary_id": i, "text_hash": hashes[i],
-         "column": name, "vector": vecs[i].tolist(), "runtime": runtime,
-         "model_fingerprint": model_fp, "stored_at": now}
+        {"output_path": cfg.sink.path, "run_id": job.run_id, "canary_id": i,
+         "text_hash": hashes[i], "column": name, "vector": vecs[i].tolist(),
+         "runtime": runtime, "model_fingerprint": job.model_fp, "stored_at": now}
         for name, vecs in vectors.items() for i in range(len(texts))])
-    append_rows(spark.createDataFrame(frame, CANARY_SCHEMA).coalesce(1), path, run_id)
+    append_rows(spark.createDataFrame(frame, CANARY_SCHEMA).coalesce(1),
+                TablePaths.of(cfg).canary, job.run_id)
 
 
 def load_canary(spark: SparkSession, path: str, output_path: str, run_id: str):
@@ -169,14 +181,14 @@ def load_canary(spark: SparkSession, path: str, output_path: str, run_id: str):
 
 
 def run_canary(spark: SparkSession, cfg: RunConfig, placement: Placement,
-               baseline_run: str | None,
-               run_id: str, model_fp: str, rebaseline: bool) -> CanaryResult:
+               job: CanaryJob) -> CanaryResult:
     """Embed the canary; compare it with the table's stored one, or store it as the baseline.
 
-    ``rebaseline`` (a new table, or an overwrite): the result is stored as the new
+    ``job.rebaseline`` (a new table, or an overwrite): the result is stored as the new
     baseline and never fails the run. Otherwise a ``model_changed`` verdict raises
     :class:`CanaryError` before anything of the run is written.
     """
+    baseline_run, model_fp, rebaseline = job.baseline_run, job.model_fp, job.rebaseline
     texts = canary_texts(cfg.drift.canary.texts)
     current, runtime = embed_canary(spark, cfg, placement, texts)
     path = TablePaths.of(cfg).canary
@@ -208,7 +220,7 @@ def run_canary(spark: SparkSession, cfg: RunConfig, placement: Placement,
             f"({(result.baseline_fingerprint or '-')[:12]} -> {model_fp[:12]}). Nothing was "
             f"written to {cfg.sink.path}; write to a new sink.path or set sink.mode: overwrite")
     if rebaseline or result.verdict == "baseline":
-        store_canary(spark, path, cfg.sink.path, run_id, model_fp, runtime, texts, current)
+        store_canary(spark, cfg, job, runtime, texts, current)
         result.stored_baseline = True
     log.info("canary: %s", result.summary())
     return result
@@ -240,8 +252,7 @@ def reference_runs(spark: SparkSession, runs_path: str, output_path: str, run_id
     return found["run_id"].head(cfg.reference_runs).tolist()
 
 
-def store_sample(spark: SparkSession, cfg: RunConfig, run_id: str, version: int,
-                 rows_written: int) -> None:
+def store_sample(spark: SparkSession, cfg: RunConfig, landed: Landed) -> None:
     """Keep a seeded sample (``drift.distribution.sample`` rows) of what this run wrote,
     so later runs compare with it without reading the output table: the cost is a
     scan of this run's own rows (its files, by the run_id statistics), not of the table."""
@@ -250,15 +261,37 @@ def store_sample(spark: SparkSession, cfg: RunConfig, run_id: str, version: int,
     from pipeline.sampling import seeded_sample
 
     d = cfg.drift.distribution
-    mine = (spark.read.format("delta").option("versionAsOf", version).load(cfg.sink.path)
-            .filter(F.col("run_id") == run_id))
+    run_id, rows_written = landed.run_id, landed.rows_written
+    mine = (spark.read.format("delta").option("versionAsOf", landed.version)
+            .load(cfg.sink.path).filter(F.col("run_id") == run_id))
     columns = ["run_id", "content_hash", "n_tokens", "truncated", *(s.name for s in cfg.outputs)]
     append_rows(seeded_sample(mine, d.seed, d.sample, rows_written).select(*columns)
                 .coalesce(1), TablePaths.of(cfg).samples, run_id)
 
 
-def sample_rows(spark: SparkSession, output_path: str, version: int | None, run_id: str,
-                refs: list[str], columns: list[str], size: int, seed: int):
+@dataclass(frozen=True)
+class SampleRequest:
+    """Whose rows to sample (this run, and the reference runs), which columns, how many a
+    side, with which seed."""
+
+    run_id: str
+    refs: list[str]
+    columns: list[str]
+    size: int
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Landed:
+    """What a run committed: its id, the output version, and how many rows it wrote."""
+
+    run_id: str
+    version: int
+    rows_written: int
+
+
+def sample_rows(spark: SparkSession, output_path: str, version: int | None,
+                want: SampleRequest) -> tuple[Any, Any]:
     """Seeded, repeatable samples (pandas) of the rows written by this run and by the
     reference runs, at most ``size`` each: from the runs' stored samples, and, for a
     run that stored none (older releases), from its rows in the output table."""
@@ -266,7 +299,9 @@ def sample_rows(spark: SparkSession, output_path: str, version: int | None, run_
     from pyspark.sql import functions as F
 
     from pipeline.sampling import order_key, seeded_sample
-    wanted = [run_id, *refs]
+
+    run_id, columns, size, seed = want.run_id, want.columns, want.size, want.seed
+    wanted = [run_id, *want.refs]
     keep = ["run_id", "content_hash", *columns, "n_tokens", "truncated"]
     frames = []
     samples = TablePaths.beside(output_path).samples
@@ -292,21 +327,22 @@ def sample_rows(spark: SparkSession, output_path: str, version: int | None, run_
             reference.drop(columns=["_key"]).reset_index(drop=True))
 
 
-def distribution(spark: SparkSession, cfg: RunConfig, run_id: str, version: int,
-                 rows_written: int, runs_path: str,
+def distribution(spark: SparkSession, cfg: RunConfig, landed: Landed,
                  calibration: Calibration | None = None) -> DriftResult:
     """This run's new vectors vs the reference window, per column; stores this run's
     sample first, for the runs that will compare with it."""
     from pipeline.outputs import describe
 
     d = cfg.drift.distribution
-    store_sample(spark, cfg, run_id, version, rows_written)
-    refs = reference_runs(spark, runs_path, cfg.sink.path, run_id, d)
+    run_id, version = landed.run_id, landed.version
+    store_sample(spark, cfg, landed)
+    refs = reference_runs(spark, TablePaths.of(cfg).runs, cfg.sink.path, run_id, d)
     if not refs:
         return DriftResult(status="no_reference", message="no earlier run to compare with")
     specs = describe(cfg.outputs)
     names = [s["name"] for s in specs]
-    cur, ref = sample_rows(spark, cfg.sink.path, version, run_id, refs, names, d.sample, d.seed)
+    cur, ref = sample_rows(spark, cfg.sink.path, version,
+                           SampleRequest(run_id, refs, names, d.sample, d.seed))
     if len(cur) < 2 or len(ref) < 2:
         return DriftResult(status="no_reference", reference_runs=refs,
                            message=f"too few rows to compare ({len(cur)} vs {len(ref)})")

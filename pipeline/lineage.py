@@ -20,6 +20,7 @@ import logging
 import os
 import platform
 import subprocess
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,32 +109,43 @@ def code_revision() -> str:
     return rev + ("+dirty" if dirty else "")
 
 
+@dataclass(frozen=True)
+class RunMeta:
+    """Who a run is, for its records and events: fixed when it starts."""
+
+    run_id: str
+    started_at: datetime
+    info: ModelInfo | None
+    model_fp: str
+    partition: str | None = None
+
+    @property
+    def nominal_time(self) -> datetime | None:
+        return nominal_time(self.partition)
+
+
 class RunRecorder:
     """One run's records: the runs table (``running`` -> ``succeeded`` | ``failed``, or a
     lone ``skipped``) and its OpenLineage events (START -> COMPLETE | FAIL)."""
 
-    def __init__(self, spark: SparkSession, cfg: RunConfig, run_id: str, started_at: datetime,
-                 info: ModelInfo, model_fp: str, partition: str | None):
-        self.spark, self.cfg, self.info, self.model_fp = spark, cfg, info, model_fp
+    def __init__(self, spark: SparkSession, cfg: RunConfig, meta: RunMeta):
+        self.spark, self.cfg, self.meta = spark, cfg, meta
         self.path = TablePaths.of(cfg).runs
         self.lineage_run_id = new_lineage_run_id()
         self.emitter = Emitter(cfg, self.lineage_run_id, job_name(cfg.sink.path))
-        self.nominal = nominal_time(partition)
         self.base: dict[str, Any] = {
-            "run_id": run_id, "started_at": started_at, "output_path": cfg.sink.path,
-            "source_path": cfg.source.path, "model": info.name, "model_fingerprint": model_fp,
-            "config_hash": cfg.config_hash(), "mode": cfg.sink.mode, "partition": partition,
+            "run_id": meta.run_id, "started_at": meta.started_at,
+            "output_path": cfg.sink.path, "source_path": cfg.source.path,
+            "model": meta.info.name if meta.info else cfg.model.name_or_path,
+            "model_fingerprint": meta.model_fp, "config_hash": cfg.config_hash(),
+            "mode": cfg.sink.mode, "partition": meta.partition,
             "config_json": json.dumps(cfg.to_dict(), sort_keys=True, default=str),
             "versions": software_versions(), "lineage_run_id": self.lineage_run_id,
         }
 
-    def _emit(self, state: str, **kwargs) -> None:
-        self.emitter.emit(state, info=self.info, model_fp=self.model_fp,
-                          embed_run_id=self.base["run_id"], nominal_time=self.nominal, **kwargs)
-
     def start(self) -> None:
         runs.append(self.spark, self.path, {"status": "running", **self.base})
-        self._emit("START")
+        self.emitter.emit("START", self.meta)
 
     def fail(self, exc: BaseException, stage_seconds: dict[str, float]) -> None:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -142,12 +154,12 @@ class RunRecorder:
         runs.append(self.spark, self.path, {
             "status": "failed", "ended_at": datetime.now(UTC), "seconds": seconds,
             "stage_seconds": stage_seconds, "error": error, **self.base})
-        self._emit("FAIL", error=error)
+        self.emitter.emit("FAIL", self.meta, error=error)
 
     def succeed(self, result: RunResult) -> None:
         runs.append(self.spark, self.path, {"status": "succeeded", "ended_at": datetime.now(UTC),
                                             **_result_fields(result), **self.base})
-        self._emit("COMPLETE", result=result, schemas=result.schemas)
+        self.emitter.emit("COMPLETE", self.meta, result=result)
 
     def skip(self, result: RunResult) -> None:
         runs.append(self.spark, self.path, {"status": "skipped", "ended_at": datetime.now(UTC),
@@ -214,7 +226,7 @@ def _embedding_facet_class():
 class Emitter:
     """OpenLineage events for one run; a no-op when ``lineage.transport`` is none."""
 
-    def __init__(self, cfg, run_uuid: str, job_name: str):
+    def __init__(self, cfg: RunConfig, run_uuid: str, job_name: str):
         self.cfg, self.run_uuid, self.job_name = cfg, run_uuid, job_name
         self.client = None
         if cfg.lineage.transport == "none":
@@ -228,7 +240,7 @@ class Emitter:
             return
         lin = cfg.lineage
         transport: dict = {"type": lin.transport}
-        if lin.transport == "file":
+        if lin.transport == "file" and lin.path:  # (config validation requires the path)
             Path(lin.path).parent.mkdir(parents=True, exist_ok=True)
             transport.update(log_file_path=lin.path, append=True)
         elif lin.transport == "http":
@@ -237,24 +249,23 @@ class Emitter:
                 transport["auth"] = {"type": "api_key", "apiKey": os.environ[lin.api_key_env]}
         self.client = OpenLineageClient(config={"transport": transport})
 
-    def emit(self, state: str, *, info=None, model_fp: str = "", embed_run_id: str = "",
-             result=None, error: str | None = None, schemas: dict | None = None,
-             nominal_time: datetime | None = None) -> None:
+    def emit(self, state: str, meta: RunMeta, result: RunResult | None = None,
+             error: str | None = None) -> None:
         if self.client is None:
             return
         try:
-            self.client.emit(self._event(state, info, model_fp, embed_run_id, result, error,
-                                         schemas or {}, nominal_time))
+            self.client.emit(self.event(state, meta, result, error))
         except Exception as exc:  # lineage is observability: it never fails a run
             log.warning("OpenLineage %s event not sent: %s", state, exc)
 
-    def _event(self, state, info, model_fp, embed_run_id, result, error, schemas, nominal_time):
+    def event(self, state: str, meta: RunMeta, result: RunResult | None = None,
+              error: str | None = None) -> Any:
+        """The RunEvent of ``state`` (START, COMPLETE with the run's result, FAIL)."""
         from openlineage.client.event_v2 import Job, Run, RunEvent, RunState
         from openlineage.client.facet_v2 import JobFacet, job_type_job
 
-        inputs, outputs = _datasets(self.cfg, result, schemas)
-        run_facets = _run_facets(self.cfg, info, model_fp, embed_run_id, result, error,
-                                 nominal_time)
+        inputs, outputs = _datasets(self.cfg, result, result.schemas if result else {})
+        run_facets = _run_facets(self.cfg, meta, result, error)
         job_facets: dict[str, JobFacet] = {"jobType": job_type_job.JobTypeJobFacet(
             processingType="BATCH", integration="EMBED", jobType="JOB", producer=producer())}
         return RunEvent(
@@ -308,8 +319,8 @@ def _datasets(cfg: RunConfig, result: RunResult | None, schemas: dict):
     return inputs, outputs
 
 
-def _run_facets(cfg: RunConfig, info: ModelInfo | None, model_fp: str, embed_run_id: str,
-                result: RunResult | None, error: str | None, nominal_time: datetime | None):
+def _run_facets(cfg: RunConfig, meta: RunMeta, result: RunResult | None,
+                error: str | None) -> dict[str, Any]:
     from importlib.metadata import version
 
     from openlineage.client.facet_v2 import (
@@ -321,10 +332,11 @@ def _run_facets(cfg: RunConfig, info: ModelInfo | None, model_fp: str, embed_run
 
     from pipeline.outputs import describe
 
+    info, nominal = meta.info, meta.nominal_time
     facets: dict[str, RunFacet] = {
         EMBEDDING_FACET_KEY: _embedding_facet_class()(
-            model=info.name if info else cfg.model.name_or_path, modelFingerprint=model_fp,
-            outputs=describe(cfg.outputs), embedRunId=embed_run_id,
+            model=info.name if info else cfg.model.name_or_path, modelFingerprint=meta.model_fp,
+            outputs=describe(cfg.outputs), embedRunId=meta.run_id,
             runtime=result.runtime if result else None,
             canary=result.canary_summary if result else None,
             drift=result.drift_summary if result else None,
@@ -335,9 +347,9 @@ def _run_facets(cfg: RunConfig, info: ModelInfo | None, model_fp: str, embed_run
             version=version("pyspark"), name="spark",
             openlineageAdapterVersion=package_version(), producer=producer()),
     }
-    if nominal_time is not None:
+    if nominal is not None:
         facets["nominalTime"] = nominal_time_run.NominalTimeRunFacet(
-            nominalStartTime=nominal_time.isoformat(), producer=producer())
+            nominalStartTime=nominal.isoformat(), producer=producer())
     if error:
         facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
             message=error, programmingLanguage="python", producer=producer())

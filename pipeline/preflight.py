@@ -62,4 +62,9 @@ def preflight(cfg: RunConfig) -> Preflight:
         around = chunker.tokens_around(info.modules.transformer_dir, cfg.model.prompt or "")
         chunker.check_fits(cfg.chunking, cfg.model.max_length or 0, around or 0, info.window)
     source.check_source_path(cfg.source)
-    return Preflight(cfg=cfg, info=info, warnings=resolved.warnings)
+    checked = Preflight(cfg=cfg, info=info, warnings=resolved.warnings)
+    if cfg.model.backend != "torch":  # exported (or found in the cache) before Spark starts
+        from pipeline.encoder import onnx
+
+        onnx.prepare(cfg.model, info, cfg.outputs, checked.fingerprint)
+    return checked

@@ -85,7 +85,7 @@ def _fmt(value) -> str:
 
 
 def write_report(spark: SparkSession, table_path: str, drift_path: str, run_id: str | None,
-                 out: Path | None = None, sample: int = 2000, seed: int = 0):
+                 out: Path | None = None, sample: int = 2000):
     """Build the HTML report of one run's drift (default: the latest run; file:
     <table parent>/_drift_reports/<run>.html); returns (drift rows as pandas, path)."""
     from pipeline.outputs import Calibration
@@ -106,7 +106,8 @@ def write_report(spark: SparkSession, table_path: str, drift_path: str, run_id: 
     names = [c for c in rows["column"] if c in specs]
     cur = ref = None
     if refs and names:
-        cur, ref = drift.sample_rows(spark, table_path, version, run_id, refs, names, sample, seed)
+        cur, ref = drift.sample_rows(spark, table_path, version,
+                                     drift.SampleRequest(run_id, refs, names, sample))
     for row in rows.itertuples():
         metrics = "".join(
             f"<tr><th>{k}</th><td>{_fmt(getattr(row, k))}</td></tr>" for k in (

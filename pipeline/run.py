@@ -227,8 +227,8 @@ def run(cfg: RunConfig, spark: SparkSession | None = None, progress: Progress | 
         spark = spark or spark_setup.get_session(cfg.spark)
     udf.check_gpu_request(spark, cfg)
     ctx = _context(cfg, spark, info, model_fp, partition, full_refresh)
-    recorder = lineage.RunRecorder(spark, cfg, ctx.run_id, ctx.started_at, info, model_fp,
-                                   partition.value if partition else None)
+    recorder = lineage.RunRecorder(spark, cfg, lineage.RunMeta(
+        ctx.run_id, ctx.started_at, info, model_fp, partition.value if partition else None))
     if partition and delta.txn_committed(spark, cfg.sink.path, partition.txn):
         return _skipped(ctx, recorder, timer)  # nothing recorded as running, no START
     recorder.start()
@@ -353,8 +353,8 @@ def start_canary(ctx: RunContext) -> Pending[CanaryResult] | None:
     if not ctx.cfg.drift.canary.enabled:
         return None
     baseline = ctx.stored.canary_run if ctx.stored else None
-    return Pending.start("canary", drift.run_canary, ctx.spark, ctx.cfg, ctx.placement,
-                         baseline, ctx.run_id, ctx.model_fp, ctx.plan.rebaseline)
+    job = drift.CanaryJob(baseline, ctx.run_id, ctx.model_fp, ctx.plan.rebaseline)
+    return Pending.start("canary", drift.run_canary, ctx.spark, ctx.cfg, ctx.placement, job)
 
 
 def start_parity(ctx: RunContext) -> Pending[ParityResult] | None:
@@ -719,16 +719,14 @@ def measure_drift(ctx: RunContext, written: Written, calibrated: Calibrated,
     ``error``) and never turns a landed run into a failed one.
     """
     cfg, spark = ctx.cfg, ctx.spark
-    runs_table = ctx.paths.runs
     if not cfg.drift.distribution.enabled:
         result = DriftResult(status="disabled")
     elif not written.rows_embedded or written.version is None:
         result = DriftResult(status="no_rows", message="nothing new to compare")
     else:
         try:
-            result = drift.distribution(spark, cfg, ctx.run_id, written.version,
-                                        written.rows_written, runs_table,
-                                        calibrated.calibration)
+            landed = drift.Landed(ctx.run_id, written.version, written.rows_written)
+            result = drift.distribution(spark, cfg, landed, calibrated.calibration)
         except Exception as exc:
             log.warning("drift check failed: %s", exc)
             return DriftResult(status="error", message=str(exc).splitlines()[0][:500])

@@ -188,7 +188,8 @@ def query_encoder(info: TableInfo, specs: list[OutputSpec], model: str | None,
                           "with the directory of the table's model")
     cfg = ModelConfig(name_or_path=location, max_length=int(ident.get("max_length", 256)),
                       pooling=ident.get("pooling", "mean"),  # type: ignore[arg-type]
-                      prompt=query_prompt(location, prompt, prompt_name), device="cpu")
+                      prompt=query_prompt(location, prompt, prompt_name), device="cpu",
+                      backend=ident.get("backend", "torch"))  # type: ignore[arg-type]
     return Encoder(cfg, [dataclasses.replace(s, dtype="float32") for s in specs])
 
 
@@ -255,10 +256,11 @@ class TopK:
         return [(s, key) for s, _, key in sorted(self.heap, reverse=True)]
 
 
-def score_batches(batches: Iterable[pa.RecordBatch], column: str, query: np.ndarray,
-                  spec: OutputSpec, calibration: Calibration, k: int,
+def score_batches(batches: Iterable[pa.RecordBatch], query: np.ndarray, spec: OutputSpec,
+                  calibration: Calibration, k: int,
                   key_columns: list[str]) -> tuple[list[tuple[float, Any]], int]:
-    """Best k (score, key tuple) over Arrow batches; the rows scored."""
+    """Best k (score, key tuple) over Arrow batches (column ``spec.name``); rows scored."""
+    column = spec.name
     top, rows = TopK(k), 0
     for batch in batches:
         if not batch.num_rows:
@@ -284,17 +286,17 @@ def _delta_rs_batches(path: str, columns: list[str], ids: list | None = None
     yield from dataset.to_batches(columns=columns, filter=where, batch_size=BATCH_ROWS)
 
 
-def _spark_top(info: TableInfo, column: str, query: np.ndarray, spec: OutputSpec, k: int,
+def _spark_top(info: TableInfo, query: np.ndarray, spec: OutputSpec, k: int,
                key_columns: list[str]) -> tuple[list[tuple[float, Any]], int]:
     """Each partition's top-k on the executors; the driver merges k per partition."""
     from pipeline.config import SparkConfig
     from pipeline.spark import get_session
 
     spark = get_session(SparkConfig(app_name="embed-search"))
-    calibration = info.calibration
+    calibration, column = info.calibration, spec.name
 
-    def partition_top(batches):
-        best, rows = score_batches(batches, column, query, spec, calibration, k, key_columns)
+    def partition_top(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        best, rows = score_batches(batches, query, spec, calibration, k, key_columns)
         yield pa.RecordBatch.from_pydict({
             "scores": [[s for s, _ in best]], "keys": [[json.dumps(list(k)) for _, k in best]],
             "rows": [rows]})
@@ -310,10 +312,27 @@ def _spark_top(info: TableInfo, column: str, query: np.ndarray, spec: OutputSpec
 # --------------------------------------------------------------------------- search
 
 
-def search(table: str, column: str, query: str, k: int = 10, *, prompt: str | None = None,
-           prompt_name: str | None = None, model: str | None = None, reader: str = "auto",
-           rescore_factor: int = 4, snippets: bool = True) -> SearchResult:
+@dataclass(frozen=True)
+class SearchOptions:
+    """How ``embed search`` runs: hits, the query's prompt (``prompt``, or the model's
+    prompt named ``prompt_name``; default: its query prompt), the model directory
+    (default: where the table's model was), the reader, the binary rescore factor,
+    and whether hits get snippets of their source text."""
+
+    k: int = 10
+    prompt: str | None = None
+    prompt_name: str | None = None
+    model: str | None = None
+    reader: str = "auto"
+    rescore_factor: int = 4
+    snippets: bool = True
+
+
+def search(table: str, column: str, query: str,
+           options: SearchOptions | None = None) -> SearchResult:
     """The exact top-k rows of ``column`` for ``query`` (see the module doc)."""
+    opts = options or SearchOptions()
+    k, reader, rescore_factor = opts.k, opts.reader, opts.rescore_factor
     if not query.strip():
         raise SearchError("the query is empty")
     if k <= 0:
@@ -322,8 +341,8 @@ def search(table: str, column: str, query: str, k: int = 10, *, prompt: str | No
     info = open_table(table)
     spec = column_spec(info, column)
     rescore = rescore_column(info, spec)
-    encoder = query_encoder(info, [spec, *([rescore] if rescore else [])], model, prompt,
-                            prompt_name)
+    encoder = query_encoder(info, [spec, *([rescore] if rescore else [])], opts.model,
+                            opts.prompt, opts.prompt_name)
     queries = encode_query(encoder, query, info)
     chosen = reader if reader != "auto" else (
         "spark" if info.data_bytes > SPARK_ABOVE_BYTES or not info.arrow_readable
@@ -331,9 +350,9 @@ def search(table: str, column: str, query: str, k: int = 10, *, prompt: str | No
     keys = ["id", *(["chunk_index"] if info.has_chunks else [])]
     wanted = k * rescore_factor if rescore or spec.dtype in ("binary", "ubinary") else k
     if chosen == "spark":
-        best, rows = _spark_top(info, column, queries[column], spec, wanted, keys)
+        best, rows = _spark_top(info, queries[column], spec, wanted, keys)
     else:
-        best, rows = score_batches(_delta_rs_batches(info.path, [*keys, column]), column,
+        best, rows = score_batches(_delta_rs_batches(info.path, [*keys, column]),
                                    queries[column], spec, info.calibration, wanted, keys)
     if rescore:
         best = _rescored(info, rescore, queries[rescore.name], best, keys)
@@ -341,7 +360,7 @@ def search(table: str, column: str, query: str, k: int = 10, *, prompt: str | No
             for score, key in best[:k]]
     result = SearchResult(hits=hits, column=column, reader=chosen, rows=rows,
                           seconds=0.0, rescored_with=rescore.name if rescore else None)
-    if snippets and hits:
+    if opts.snippets and hits:
         result.hits, note = with_snippets(info, hits)
         if note:
             result.notes.append(note)
@@ -355,7 +374,7 @@ def _rescored(info: TableInfo, spec: OutputSpec, query: np.ndarray,
     ids = list({key[0] for _, key in candidates})
     wanted = {key for _, key in candidates}
     batches = _delta_rs_batches(info.path, [*keys, spec.name], ids=ids)
-    best, _ = score_batches(batches, spec.name, query, spec, info.calibration,
+    best, _ = score_batches(batches, query, spec, info.calibration,
                             len(candidates), keys)
     return [(score, key) for score, key in best if key in wanted]
 

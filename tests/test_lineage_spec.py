@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import copy
 import json
-from types import SimpleNamespace
+from datetime import UTC, datetime
 
 import pytest
 
 from pipeline import lineage
 from pipeline.config import load_config
+from pipeline.results import RunResult
 from tests.conftest import write_config
 from tests.openlineage_spec import validate_event
 
@@ -22,15 +23,19 @@ def _events(tmp_path, extra: str = "") -> dict[str, dict]:
     cfg = load_config(write_config(tmp_path, str(tmp_path / "src"), str(tmp_path / "out"),
                                    extra="lineage: {transport: console}\n" + extra))
     emitter = lineage.Emitter(cfg, lineage.new_lineage_run_id(), "embed.out")
-    result = SimpleNamespace(source_version=3, output_version=7, rows_embedded=10,
-                             rows_quarantined=2, runtime="cpu fp32 sdpa", canary_summary="ok",
-                             drift_summary="ok", chunks_written=40)
     schemas = {"source": [("id", "bigint"), ("text", "string")],
                "output": [("id", "bigint"), ("emb_384", "array<float>")]}
-    built = {"START": emitter._event("START", None, "fp", "r1", None, None, schemas, None),
-             "COMPLETE": emitter._event("COMPLETE", None, "fp", "r1", result, None, schemas,
-                                        lineage.nominal_time("2024-01-02")),
-             "FAIL": emitter._event("FAIL", None, "fp", "r1", None, "ValueError: x", {}, None)}
+    # a real RunResult (a renamed field breaks this test), as run() makes it
+    result = RunResult(
+        run_id="r1", output_path=cfg.sink.path, quarantine_path=cfg.sink.path + "_quarantine",
+        rows_read=12, rows_embedded=10, rows_quarantined=2, rows_skipped=0, columns=["emb_384"],
+        model="m", model_fingerprint="fp", runtime="cpu/fp32/sdpa", output_version=7,
+        seconds=1.0, source_version=3, chunks_written=40, schemas=schemas)
+    started = datetime(2024, 1, 2, tzinfo=UTC)
+    meta = lineage.RunMeta("r1", started, None, "fp", partition="2024-01-02")
+    built = {"START": emitter.event("START", meta),
+             "COMPLETE": emitter.event("COMPLETE", meta, result),
+             "FAIL": emitter.event("FAIL", meta, error="ValueError: x")}
     # the client adds its own facets (tags) as it emits: check what it would send
     assert emitter.client is not None
     return {state: json.loads(Serde.to_json(emitter.client.update_event_tags_facets(event)))

@@ -270,7 +270,7 @@ def test_a_config_naming_only_the_directory_lands_sentence_transformers_vectors(
         assert result.parity.startswith("passed: min cosine")
         assert json.loads(identity["parity"])["status"] == "passed"
     query = "how do I read a file line by line"
-    found = search.search(out, "e", query, k=5, snippets=False)
+    found = search.search(out, "e", query, search.SearchOptions(k=5, snippets=False))
     q = st.encode_query([query], convert_to_numpy=True)[0]
     scores = stored @ q / np.linalg.norm(stored, axis=1) / np.linalg.norm(q)
     by_id = dict(zip(table["id"].tolist(), scores.tolist(), strict=True))

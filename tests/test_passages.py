@@ -141,9 +141,10 @@ def test_incremental_rounds_per_document(spark, tiny_model, tmp_path, demo_rows)
     assert len(deltars.read_pandas(cfg.sink.path)) == len(table)
 
     # search returns passages, each with its own text as the snippet
-    from pipeline.search import search
+    from pipeline.search import SearchOptions, search
 
-    found = search(cfg.sink.path, "emb", "what the first document says", k=5, model=tiny_model)
+    found = search(cfg.sink.path, "emb", "what the first document says",
+                   SearchOptions(k=5, model=tiny_model))
     assert len(found.hits) == 5 and all(h.chunk_index is not None for h in found.hits)
     texts = table.set_index(["id", "chunk_index"])["chunk_text"]
     for hit in found.hits:

@@ -126,7 +126,7 @@ def test_later_runs_reuse_the_projection(
 
 
 def test_search_projects_the_query_with_the_tables_projection(spark, pca_table):
-    from pipeline.search import encode_query, open_table, query_encoder, search
+    from pipeline.search import SearchOptions, encode_query, open_table, query_encoder, search
 
     path = load_config(pca_table["cfg_path"]).sink.path
     info = open_table(path)
@@ -135,7 +135,8 @@ def test_search_projects_the_query_with_the_tables_projection(spark, pca_table):
     table = _rows(spark, path)
     vecs = np.stack(table["emb_32"]).astype(np.float32)
     want = table["id"].to_numpy()[np.argsort(-(vecs @ query))[:5]].tolist()
-    assert [h.id for h in search(path, "emb_32", "parse command line arguments", 5).hits] == want
+    assert [h.id for h in search(path, "emb_32", "parse command line arguments",
+                                        SearchOptions(k=5)).hits] == want
 
 
 def test_a_missing_projection_fails_and_overwrite_refits(spark, pca_table, demo_rows):

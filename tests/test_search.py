@@ -47,9 +47,9 @@ def _brute_force(spark, path: str, column: str, query: np.ndarray, k: int):
 
 @pytest.mark.parametrize("reader", ["delta-rs", "spark"])
 def test_top_k_is_the_exact_cosine_top_k(spark, table, st_query, reader):
-    from pipeline.search import search
+    from pipeline.search import SearchOptions, search
 
-    result = search(table["path"], "emb_384", QUERY, 10, reader=reader)
+    result = search(table["path"], "emb_384", QUERY, SearchOptions(k=10, reader=reader))
     want_ids, want_scores = _brute_force(spark, table["path"], "emb_384", st_query, 10)
     assert [h.id for h in result.hits] == want_ids
     assert np.allclose([h.score for h in result.hits], want_scores, atol=1e-4)
@@ -59,7 +59,7 @@ def test_top_k_is_the_exact_cosine_top_k(spark, table, st_query, reader):
 
 def test_int8_columns_are_dequantized_with_the_tables_ranges(spark, table):
     from pipeline.encoder.codec import dequantize
-    from pipeline.search import encode_query, open_table, query_encoder, search
+    from pipeline.search import SearchOptions, encode_query, open_table, query_encoder, search
 
     info = open_table(table["path"])
     spec = info.specs["emb_64"]
@@ -68,17 +68,18 @@ def test_int8_columns_are_dequantized_with_the_tables_ranges(spark, table):
     vecs = dequantize(np.stack(pdf["emb_64"]).astype(np.int8), spec, info.calibration)
     scores = vecs @ query / np.linalg.norm(vecs, axis=1)
     want = pdf["id"].to_numpy()[np.argsort(-scores)[:5]].tolist()
-    assert [h.id for h in search(table["path"], "emb_64", QUERY, 5).hits] == want
+    assert [h.id for h in search(table["path"], "emb_64", QUERY, SearchOptions(k=5)).hits] == want
 
 
 def test_binary_columns_are_rescored_by_a_float_column(table):
-    from pipeline.search import search
+    from pipeline.search import SearchOptions, search
 
-    bits = search(table["path"], "emb_bits", QUERY, 5, rescore_factor=8)
-    floats = search(table["path"], "emb_384", QUERY, 5)
+    bits = search(table["path"], "emb_bits", QUERY, SearchOptions(k=5, rescore_factor=8))
+    floats = search(table["path"], "emb_384", QUERY, SearchOptions(k=5))
     assert bits.rescored_with == "emb_384"
     # the rescored scores are the float column's cosines of those rows
-    by_id = {h.id: h.score for h in search(table["path"], "emb_384", QUERY, 300).hits}
+    every = search(table["path"], "emb_384", QUERY, SearchOptions(k=300)).hits
+    by_id = {h.id: h.score for h in every}
     assert all(abs(by_id[h.id] - h.score) < 1e-6 for h in bits.hits)
     assert bits.hits[0].id == floats.hits[0].id
 
@@ -116,6 +117,7 @@ def test_binary_rescore_equals_a_numpy_reference(table):
     """Hamming top k x factor over the stored bits (earlier rows win ties, as the search
     reads them), rescored by cosine on emb_384: the same ids and scores."""
     from pipeline.search import (
+        SearchOptions,
         _delta_rs_batches,
         decode,
         encode_query,
@@ -138,6 +140,6 @@ def test_binary_rescore_equals_a_numpy_reference(table):
     candidates = np.lexsort((np.arange(len(ids)), hamming))[:5 * 3]
     cosine = floats[candidates] @ q["emb_384"] / np.linalg.norm(floats[candidates], axis=1)
     want = candidates[np.argsort(-cosine, kind="stable")[:5]]
-    got = search(table["path"], "emb_bits", QUERY, 5, rescore_factor=3)
+    got = search(table["path"], "emb_bits", QUERY, SearchOptions(k=5, rescore_factor=3))
     assert [h.id for h in got.hits] == ids[want].tolist()
     assert np.allclose([h.score for h in got.hits], np.sort(cosine)[::-1][:5], atol=1e-5)

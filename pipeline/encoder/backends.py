@@ -158,7 +158,10 @@ class TorchBackend:
 
         The last layer comes from the model's own output (decoders apply a final
         norm there); a shallower layer is its block's raw output, which is what
-        ``hidden_states[k]`` of a full pass holds."""
+        ``hidden_states[k]`` of a full pass holds. Once per model (the packed probe
+        sets them up first)."""
+        if self._last:
+            return
         self._last, self._exit = num_layers, exit_layer
         if not inner:
             return

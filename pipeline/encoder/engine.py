@@ -247,7 +247,7 @@ class Encoder:
             pad_id = self.tokenizer.eos_token_id or 0
         self.pad_id = int(pad_id)
         self.left_pad = getattr(self.tokenizer, "padding_side", "right") == "left"
-        self.groups: list[tuple[int, str]] = [(self.info.num_layers, self.pooling)]
+        self._plan_layers()
         self.head = Head(self.info.modules, device)
         self.position_offset = 0  # until the model is loaded (the probe sets it first)
         self.backend = load_backend(self.cfg, LoadRequest(
@@ -264,7 +264,7 @@ class Encoder:
         if self.chunking is not None:
             chunker.check_fits(self.chunking, self.max_length, self.chunk_budget()[0],
                                self.info.window)
-        self._setup_layers()
+        self.backend.use_layers(self.info.num_layers, self.inner_layers, self.exit_layer)
 
     @property
     def prompt(self) -> str:
@@ -290,19 +290,22 @@ class Encoder:
         """Batches run unpadded (rows concatenated, cu_seqlens): flash or varlen."""
         return self.backend.packed
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of what shapes the vectors (pipeline.encoder.model.fingerprint)."""
+        from pipeline.encoder.model import fingerprint
+
+        return fingerprint(self.info)
+
     @property
     def model(self) -> Any:
         """The torch model (torch backend)."""
         return getattr(self.backend, "model", None)
 
-    def _setup_layers(self) -> None:
-        """Hooks that capture intermediate layers and stop at the deepest one needed.
-
-        The last layer comes from the model's own output (decoders apply a final
-        norm there); a shallower layer is its block's raw output, which is what
-        ``hidden_states[k]`` of a full pass holds. When no column needs the last
-        layer, the forward pass stops after the deepest needed block (early exit).
-        """
+    def _plan_layers(self) -> None:
+        """The (layer, pooling) groups the columns need, the shallower layers to capture,
+        and the early-exit layer: when no column needs the last layer, the forward pass
+        stops after the deepest needed block."""
         L = self.info.num_layers
         self.groups = sorted({(resolve_layer(s.layer, L), s.pooling or self.pooling)
                               for s in self.outputs})
@@ -312,7 +315,7 @@ class Encoder:
         self.exit_layer = max(inner) if inner and max(layer for layer, _ in self.groups) < L \
             else None
         self.layers_run = self.exit_layer or L
-        self.backend.use_layers(L, inner, self.exit_layer)
+        self.inner_layers = inner
 
     # ------------------------------------------------------------------ stages
     def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -487,7 +490,7 @@ class Encoder:
         """
         if not backend.packed:
             return None
-        backend.use_layers(self.info.num_layers, [], None)
+        backend.use_layers(self.info.num_layers, self.inner_layers, self.exit_layer)
         probe = ["a", "The quick brown fox jumps over the lazy dog. " * 6,
                  "Return the sum of a and b.", "Ünïcödé, 数字 and emoji 🙂 " * 3]
         flat, offsets, lengths = self.tokenize(probe)
