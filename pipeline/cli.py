@@ -13,11 +13,20 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from pipeline.backfill import PartitionPlan
+    from pipeline.config import RunConfig
+    from pipeline.encoder.parity import ParityResult
+    from pipeline.preflight import Preflight
+    from pipeline.results import RunResult
 
 
 def _fail(err: PipelineError) -> None:
@@ -25,7 +34,7 @@ def _fail(err: PipelineError) -> None:
     sys.exit(err.exit_code)
 
 
-def print_summary(result, as_json: bool = False) -> None:
+def print_summary(result: RunResult, as_json: bool = False) -> None:
     if as_json:
         click.echo(json.dumps(result.to_dict(), default=str))
         return
@@ -135,7 +144,8 @@ def run_cmd(config_path: Path, overrides: tuple[str, ...], as_json: bool, progre
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Skip partitions already committed (--no-resume starts a new backfill "
                    "id; unchanged rows are still skipped by content hash).")
-def backfill_cmd(config_path: Path, overrides: tuple[str, ...], start, end, dry_run: bool,
+def backfill_cmd(config_path: Path, overrides: tuple[str, ...], start: str | None,
+                 end: str | None, dry_run: bool,
                  parallelism: int, resume: bool) -> None:
     """Embed source partitions in [--from, --to], each committed exactly once."""
     import uuid
@@ -161,7 +171,7 @@ def backfill_cmd(config_path: Path, overrides: tuple[str, ...], start, end, dry_
         _fail(err)
 
 
-def _print_plan(console, cfg, plans) -> None:
+def _print_plan(console: Any, cfg: RunConfig, plans: list[PartitionPlan]) -> None:
     from rich.table import Table
 
     table = Table(title=f"backfill of {cfg.sink.path} by {cfg.source.partition_column}")
@@ -174,7 +184,8 @@ def _print_plan(console, cfg, plans) -> None:
     console.print(f"{len(plans)} partitions, {todo} to do, {len(plans) - todo} already committed")
 
 
-def _run_partitions(console, spark, cfg, plans, parallelism: int) -> None:
+def _run_partitions(console: Any, spark: SparkSession, cfg: RunConfig,
+                    plans: list[PartitionPlan], parallelism: int) -> None:
     """The pending partitions with a progress bar; a failure (drift breach included)
     stops the backfill with its exit code."""
     import time
@@ -191,7 +202,7 @@ def _run_partitions(console, spark, cfg, plans, parallelism: int) -> None:
                   TextColumn("{task.description}"), console=console) as progress:
         bar = progress.add_task("", total=len(todo))
 
-        def done(p, result):
+        def done(p: PartitionPlan, result: RunResult) -> None:
             note = (f"{p.value}: {result.rows_embedded:,} embedded, "
                     f"{result.rows_skipped:,} skipped" if result.status == "succeeded"
                     else f"{p.value}: already committed")
@@ -334,14 +345,14 @@ def drift_cmd(table_path: str, run_id: str | None, drift_path: str | None, out: 
                           f"(see {written})"))
 
 
-def _console():
+def _console() -> Any:
     """A rich console; off a terminal (logs, Airflow, pipes) wide enough not to cut cells."""
     from rich.console import Console
 
     return Console() if sys.stdout.isatty() else Console(width=200)
 
 
-def _num(value, spec: str) -> str:
+def _num(value: float | None, spec: str) -> str:
     return "-" if value is None or value != value else format(value, spec)
 
 
@@ -541,7 +552,7 @@ def validate_cmd(config_path: Path, overrides: tuple[str, ...], parity: bool) ->
                f"{len(cfg.outputs)} output columns{passages})")
 
 
-def _local_parity(checked):
+def _local_parity(checked: Preflight) -> ParityResult:
     """``embed validate --parity``: the parity check in this process, on the CPU."""
     import dataclasses
 

@@ -60,7 +60,7 @@ def dataset(path: str) -> ds.Dataset:
     return arrow_dataset(open_table(path))
 
 
-def read_pandas(path: str, equal: dict[str, Any] | None = None):
+def read_pandas(path: str, equal: dict[str, Any] | None = None) -> Any:
     """The rows of a small table (a runs or drift table) as pandas, filtered on
     ``column == value`` for each item of ``equal`` (pushed down to the Parquet scan)."""
     import pyarrow.compute as pc

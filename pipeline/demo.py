@@ -13,6 +13,7 @@ import datetime
 import os
 import sysconfig
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ def shuffled_words(rows: list[dict], id_offset: int) -> list[dict]:
     return out
 
 
-def copy_model_files(model_dir, dest) -> None:
+def copy_model_files(model_dir: str | Path, dest: str | Path) -> None:
     """Everything of a model directory but its weights (tokenizer, config, the
     sentence-transformers pooling files), for a copy with other weights."""
     import shutil
@@ -160,7 +161,7 @@ RANDOM_SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def random_bert(shape: str, tokenizer_from: str, dest, seed: int = 0) -> str:
+def random_bert(shape: str, tokenizer_from: str, dest: str | Path, seed: int = 0) -> str:
     """A BERT of a RANDOM_SHAPES shape with random weights, saved (safetensors) with the
     real tokenizer of the model ``tokenizer_from``."""
     import torch
@@ -177,7 +178,7 @@ def random_bert(shape: str, tokenizer_from: str, dest, seed: int = 0) -> str:
     return str(dest)
 
 
-def random_weights_model(model_dir, dest, seed: int = 0) -> str:
+def random_weights_model(model_dir: str | Path, dest: str | Path, seed: int = 0) -> str:
     """A copy of a BERT-family model directory with random weights of the same
     shape: 'another model' for the canary."""
     import torch

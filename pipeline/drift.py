@@ -131,7 +131,8 @@ def embed_canary(spark: SparkSession, cfg: RunConfig, placement: Placement,
     rows = spark.createDataFrame(frame, "id long, text string, content_hash string")
     # reduce: pca columns are checked on their layer's vector truncated to the same
     # dim: the same forward pass, independent of the projection the table fixes
-    return udf.encode_floats(spark, cfg, placement, rows, pca="truncate", first_chunks=True)
+    return udf.encode_floats(spark, cfg, placement, rows,
+                             udf.FloatRequest(pca="truncate", first_chunks=True))
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,8 @@ def store_canary(spark: SparkSession, cfg: RunConfig, job: CanaryJob, runtime: s
                 TablePaths.of(cfg).canary, job.run_id)
 
 
-def load_canary(spark: SparkSession, path: str, output_path: str, run_id: str):
+def load_canary(spark: SparkSession, path: str, output_path: str, run_id: str
+                ) -> tuple[list[str], dict[Any, np.ndarray], str, str] | None:
     """(text hashes, {column: [N, dim]}, runtime, fingerprint) stored by ``run_id``,
     or None."""
     from pyspark.sql import functions as F
@@ -391,12 +393,12 @@ def record(spark: SparkSession, cfg: RunConfig, run_id: str, version: int | None
                 run_id)
 
 
-def stored_flags(rows) -> list[str]:
+def stored_flags(rows: Any) -> list[str]:
     """"column: check" for every check the stored drift rows (``latest``) tripped."""
     return [f"{r.column}: {f}" for r in rows.itertuples() for f in json.loads(r.flags or "[]")]
 
 
-def latest_local(path: str, output_path: str, run_id: str):
+def latest_local(path: str, output_path: str, run_id: str) -> Any:
     """One run's drift rows without Spark (delta-rs), as pandas: the Airflow drift task."""
     from pipeline import deltars
 
@@ -404,7 +406,7 @@ def latest_local(path: str, output_path: str, run_id: str):
 
 
 def latest(spark: SparkSession, path: str, output_path: str | None = None,
-           run_id: str | None = None):
+           run_id: str | None = None) -> Any:
     """Drift rows of one run (default: the latest run with rows), as pandas."""
     from pyspark.sql import functions as F
 

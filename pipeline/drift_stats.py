@@ -69,7 +69,7 @@ def centroid_test(x: np.ndarray, y: np.ndarray, permutations: int,
     z = np.concatenate([x, y]).astype(np.float64)
     n, m = len(x), len(y)
 
-    def distance(a, b):
+    def distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return 1.0 - (a * b).sum(axis=0) / np.maximum(
             np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=0), 1e-12)
 

@@ -7,6 +7,7 @@ Entry points (CLI, spark-submit job, Airflow) print ``str(err)`` and exit with
 from __future__ import annotations
 
 import re
+from typing import Any
 
 
 class PipelineError(Exception):
@@ -76,7 +77,7 @@ class DriftBreach(PipelineError):
 
     exit_code = 9
 
-    def __init__(self, message: str, result: object | None = None):
+    def __init__(self, message: str, result: Any = None):
         super().__init__(message)
         self.result = result
 

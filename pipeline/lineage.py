@@ -198,7 +198,7 @@ def dataset_name(path: str) -> tuple[str, str]:
     return "file", str(Path(path.removeprefix("file://")).resolve())
 
 
-def _embedding_facet_class():
+def _embedding_facet_class() -> Any:
     import attr
     from openlineage.client.facet_v2 import RunFacet
 
@@ -276,7 +276,7 @@ class Emitter:
             producer=producer(), inputs=inputs, outputs=outputs)
 
 
-def _datasets(cfg: RunConfig, result: RunResult | None, schemas: dict):
+def _datasets(cfg: RunConfig, result: RunResult | None, schemas: dict) -> tuple[list, list]:
     """The event's input (the source) and outputs (the table; the quarantine table when
     rows went there), with schema and version facets; row counts are output facets."""
     from openlineage.client.event_v2 import InputDataset, OutputDataset

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -110,11 +112,11 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / norms
 
 
-def needs_calibration(specs) -> list[OutputSpec]:
+def needs_calibration(specs: Iterable[OutputSpec]) -> list[OutputSpec]:
     return [s for s in specs if s.dtype in CALIBRATED_DTYPES]
 
 
-def needs_projection(specs) -> list[OutputSpec]:
+def needs_projection(specs: Iterable[OutputSpec]) -> list[OutputSpec]:
     return [s for s in specs if s.reduce == "pca"]
 
 
@@ -146,7 +148,7 @@ def to_spark_arrow(column: pa.Array) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, column.values)
 
 
-def spark_type(spec: OutputSpec):
+def spark_type(spec: OutputSpec) -> Any:
     from pyspark.sql.types import ArrayType, BinaryType, ByteType, FloatType
 
     if spec.dtype == "float32":
@@ -171,7 +173,7 @@ def column_metadata(spec: OutputSpec, model_pooling: str) -> dict:
             "embed.pooling": spec.pooling or model_pooling, "embed.encoding": ENCODING[spec.dtype]}
 
 
-def describe(specs) -> list[dict]:
+def describe(specs: Iterable[OutputSpec]) -> list[dict]:
     """The part of each spec that decides the stored bytes (kept in table properties)."""
     # reduce/center only where not the default: identities of older tables stay equal
     return [{"name": s.name, "dim": s.dim, "layer": s.layer, "dtype": s.dtype,

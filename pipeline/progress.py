@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -12,7 +13,7 @@ if TYPE_CHECKING:
 
 @contextlib.contextmanager
 def spark_task_progress(spark: SparkSession, label: str, job_group: str = "embed-encode",
-                        poll: float = 0.5):
+                        poll: float = 0.5) -> Iterator[None]:
     """Show completed / total tasks of the running job group until the block exits."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -23,7 +24,7 @@ def spark_task_progress(spark: SparkSession, label: str, job_group: str = "embed
                         transient=False)
     task = progress.add_task(label, total=None)
 
-    def poll_loop():
+    def poll_loop() -> None:
         while not stop.wait(poll):
             done = total = 0
             for job_id in tracker.getJobIdsForGroup(job_group):

@@ -13,7 +13,7 @@ import html
 import io
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 
-def _png(fig) -> str:
+def _png(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -76,7 +76,7 @@ def column_plots(name: str, cur: np.ndarray, ref: np.ndarray) -> list[tuple[str,
     return plots
 
 
-def _fmt(value) -> str:
+def _fmt(value: float | None) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "-"
     if isinstance(value, float):
@@ -85,7 +85,7 @@ def _fmt(value) -> str:
 
 
 def write_report(spark: SparkSession, table_path: str, drift_path: str, run_id: str | None,
-                 out: Path | None = None, sample: int = 2000):
+                 out: Path | None = None, sample: int = 2000) -> tuple[Any, Path | None]:
     """Build the HTML report of one run's drift (default: the latest run; file:
     <table parent>/_drift_reports/<run>.html); returns (drift rows as pandas, path)."""
     from pipeline.outputs import Calibration

@@ -306,7 +306,7 @@ def _stages(ctx: RunContext, timer: StageTimer, progress: Progress | None) -> Ru
     counts = reconcile(ctx, src, rows, written)
     with timer("drift"):
         drifted = measure_drift(ctx, written, calibrated, checks.canary)
-    return _result(ctx, src, counts, written, calibrated, checks, drifted)
+    return _result(ctx, src, Outcome(counts, written, calibrated, checks, drifted))
 
 
 def _skipped(ctx: RunContext, recorder: lineage.RunRecorder, timer: StageTimer) -> RunResult:
@@ -555,7 +555,8 @@ def _fit(ctx: RunContext, sample: DataFrame, need: list, pca: list) -> Calibrati
 
     fitted: dict[str, Projection] = {}
     if pca:  # the normalized pooled vectors of the sample, at full width
-        full, _ = udf.encode_floats(ctx.spark, ctx.cfg, ctx.placement, sample, pca="full")
+        full, _ = udf.encode_floats(ctx.spark, ctx.cfg, ctx.placement, sample,
+                                    udf.FloatRequest(pca="full"))
         rows = len(full[pca[0].name])
         try:
             fitted = {s.name: Projection.fit(full[s.name], s.dim, s.center) for s in pca}
@@ -564,7 +565,7 @@ def _fit(ctx: RunContext, sample: DataFrame, need: list, pca: list) -> Calibrati
     if not need:
         return Calibration(None, fitted)
     floats, _ = udf.encode_floats(ctx.spark, ctx.cfg, ctx.placement, sample,
-                                  Calibration(None, fitted))
+                                  udf.FloatRequest(Calibration(None, fitted)))
     if not len(floats[need[0].name]):
         raise PipelineError("int8/uint8 columns need a calibration sample, but the source "
                             "has no valid rows to take it from")
@@ -585,8 +586,9 @@ def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
         projections.store(spark, cfg.sink.path, fitted, cfg.sink.calibration.size, ctx.run_id)
     stats = udf.stats_accumulator(spark.sparkContext)
     encoded = sink.with_lineage_columns(
-        udf.encode(spark, cfg, rows.todo, _partitions(ctx, rows.rows_todo), ctx.placement, stats,
-                   calibrated.calibration),
+        udf.encode(spark, cfg, rows.todo, _partitions(ctx, rows.rows_todo), udf.EncodeJob(
+            cfg.model, cfg.outputs, ctx.placement, calibrated.calibration,
+            carry=cfg.sink.partition_by, chunks=udf.Chunked.of(cfg)), stats),
         ctx.info.name, ctx.model_fp, ctx.run_id, ctx.started_at, cfg.sink.partition_by)
     # The encode waits for the warm workers anyway; a config the workers refused
     # (device: cuda without CUDA) fails here, before the table is made.
@@ -740,9 +742,21 @@ def measure_drift(ctx: RunContext, written: Written, calibrated: Calibrated,
     return result
 
 
-def _result(ctx: RunContext, src: SourceRead, counts: Counts, written: Written,
-            calibrated: Calibrated, checks: Checks,
-            drifted: DriftResult) -> RunResult:
+@dataclass(frozen=True)
+class Outcome:
+    """What the stages after the read made of a run: its counts, its commit, what it
+    fitted, the checks before the write and the drift after it."""
+
+    counts: Counts
+    written: Written
+    calibrated: Calibrated
+    checks: Checks
+    drifted: DriftResult
+
+
+def _result(ctx: RunContext, src: SourceRead, outcome: Outcome) -> RunResult:
+    counts, written, calibrated = outcome.counts, outcome.written, outcome.calibrated
+    checks, drifted = outcome.checks, outcome.drifted
     s = written.stats
     schemas = {"source": [(f.name, f.dataType.simpleString()) for f in src.df.schema.fields],
                "output": [(f.name, f.dataType.simpleString())

@@ -53,7 +53,7 @@ def files_hash(df: DataFrame) -> str:
 
 
 def read_source(spark: SparkSession, cfg: SourceConfig, carry: str | None = None,
-                version: int | None = None):
+                version: int | None = None) -> tuple[DataFrame, int | None]:
     """Returns (DataFrame, source_version). A Delta source is read at ``version`` (the
     run pins it, so every pass reads one snapshot), else at its latest."""
     from pyspark.errors import AnalysisException

@@ -147,7 +147,7 @@ def pin_spark_home() -> Path | None:
     return target
 
 
-def get_session(cfg: SparkConfig):
+def get_session(cfg: SparkConfig) -> SparkSession:
     """The active session (spark-submit) or a new local one with Delta configured."""
     from pyspark.sql import SparkSession
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -37,13 +37,17 @@ from pipeline.placement import plan as plan_placement
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.types import StructType
+
+    from pipeline.encoder import Encoder
+    from pipeline.encoder.parity import ParityResult
 
 log = logging.getLogger(__name__)
 _ENCODERS: dict = {}
 
 
 def get_encoder(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...], gpu: str | None,
-                chunking: ChunkingConfig | None = None):
+                chunking: ChunkingConfig | None = None) -> Encoder:
     """The worker's encoder for this model, outputs and chunking: loaded once, reused by
     the warm-up, the canary, the calibration sample and every encode task. Never
     mutated per call (int8 ranges are an argument of ``encode``)."""
@@ -76,7 +80,7 @@ def placed_model(model_cfg: ModelConfig, placement: Placement) -> ModelConfig:
 
 
 def task_encoder(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...],
-                 placement: Placement, chunking: ChunkingConfig | None = None):
+                 placement: Placement, chunking: ChunkingConfig | None = None) -> Encoder:
     """This task's encoder, on the GPU its placement gives it, with its thread count."""
     import os
 
@@ -108,8 +112,8 @@ def float_specs(outputs: tuple[OutputSpec, ...]) -> tuple[OutputSpec, ...]:
     return tuple(dataclasses.replace(s, dtype="float32") for s in outputs)
 
 
-def output_schema(id_type, outputs: tuple[OutputSpec, ...], raw: bool = False,
-                  model_pooling: str = "mean", chunks: Chunked | None = None):
+def output_schema(id_type: Any, outputs: tuple[OutputSpec, ...], raw: bool = False,
+                  model_pooling: str = "mean", chunks: Chunked | None = None) -> StructType:
     """The encode stage's rows; stored columns carry their decoding in the column
     metadata (outputs.column_metadata), which Delta keeps in the table's schema.
     Chunked: one row per passage, keyed (id, chunk_index), with its place in the text."""
@@ -141,7 +145,8 @@ class Chunked:
         return cls(cfg.chunking, cfg.sink.store_chunk_text) if cfg.chunking.enabled else None
 
 
-def chunk_arrays(batch: pa.RecordBatch, result, chunks: Chunked | None) -> tuple[list, object]:
+def chunk_arrays(batch: pa.RecordBatch, result: Any, chunks: Chunked | None
+                 ) -> tuple[list, Any]:
     """The id and chunk columns of an encoded batch, and the take() index that repeats
     each input row once per passage (None when not chunked)."""
     if chunks is None:
@@ -157,18 +162,31 @@ def chunk_arrays(batch: pa.RecordBatch, result, chunks: Chunked | None) -> tuple
     return arrays, take
 
 
-def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...],
-                   placement: Placement, stats_acc=None, calibration: Calibration | None = None,
-                   raw: bool = False, pca: str = "project", carry: str | None = None,
-                   chunks: Chunked | None = None):
-    """The function given to ``mapInArrow``; it closes over plain, picklable config.
-
-    ``raw``: emit every column as float32 before quantization (the canary, the
+@dataclasses.dataclass(frozen=True)
+class EncodeJob:
+    """What an encode task runs; plain, picklable config the mapInArrow function closes
+    over. ``raw``: emit every column as float32 before quantization (the canary, the
     calibration sample), from the same cached encoder as the run's encode tasks;
     ``pca``: what ``reduce: pca`` columns emit then (``outputs.cut``); ``carry``: an
     input column passed through as it is (sink.partition_by); ``chunks``: one row per
-    passage (id and carry repeated per passage).
-    """
+    passage (id and carry repeated per passage)."""
+
+    model: ModelConfig
+    outputs: tuple[OutputSpec, ...]
+    placement: Placement
+    calibration: Calibration | None = None
+    raw: bool = False
+    pca: str = "project"
+    carry: str | None = None
+    chunks: Chunked | None = None
+
+
+def make_encode_fn(job: EncodeJob, stats_acc: Any = None
+                   ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The function given to ``mapInArrow`` (see :class:`EncodeJob`)."""
+    model_cfg, outputs, placement = job.model, job.outputs, job.placement
+    calibration, raw, pca, carry, chunks = (job.calibration, job.raw, job.pca, job.carry,
+                                            job.chunks)
     raw_specs = float_specs(outputs)
     names = ["id", *((*CHUNK_COLUMNS, *([CHUNK_TEXT] if chunks.store_text else []))
                      if chunks else ()),
@@ -180,6 +198,7 @@ def make_encode_fn(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...],
         encoder = task_encoder(model_cfg, outputs, placement, chunking)
         before = encoder.stats  # the encoder counts; this task reports its share
         for batch, prepared in encoder.prefetched(batches, lambda b: b.column("text")):
+            result: Any
             if raw:
                 floats, result = encoder.encode_float(prepared, calibration, pca)
                 # (pca: full: the pooled width, not the column's dim)
@@ -212,12 +231,11 @@ def _peak_rss_mb() -> float:
 
 
 def encode(spark: SparkSession, cfg: RunConfig, rows: DataFrame, partitions: int,
-           placement: Placement, stats_acc, calibration: Calibration | None) -> DataFrame:
+           job: EncodeJob, stats_acc: Any) -> DataFrame:
     """Rows (id, text, content_hash) -> (id, content_hash, every output column, n_tokens,
     truncated), encoded on the executors; the encode stage alone asks for GPUs."""
-    carry, chunks = cfg.sink.partition_by, Chunked.of(cfg)
-    fn = make_encode_fn(cfg.model, cfg.outputs, placement, stats_acc, calibration, carry=carry,
-                        chunks=chunks)
+    carry, chunks, placement = job.carry, job.chunks, job.placement
+    fn = make_encode_fn(job, stats_acc)
     schema = output_schema(rows.schema["id"].dataType, cfg.outputs,
                            model_pooling=cfg.model.pooling, chunks=chunks)
     if carry:
@@ -227,8 +245,7 @@ def encode(spark: SparkSession, cfg: RunConfig, rows: DataFrame, partitions: int
 
 
 def encode_floats(spark: SparkSession, cfg: RunConfig, placement: Placement,
-                  rows: DataFrame, calibration: Calibration | None = None,
-                  pca: str = "project", first_chunks: bool = False
+                  rows: DataFrame, request: FloatRequest | None = None
                   ) -> tuple[dict[str, np.ndarray], str]:
     """A small set of rows (the canary, a calibration sample) through the run's own
     encode path (same executors, same cached encoders), as float32 before
@@ -237,12 +254,14 @@ def encode_floats(spark: SparkSession, cfg: RunConfig, placement: Placement,
     first passage only (one vector per text: the canary)."""
     from pipeline import spark as spark_setup
 
+    req = request or FloatRequest()
     stats = stats_accumulator(spark.sparkContext)
     chunks = Chunked.of(cfg)
     if chunks is not None:
         chunks = dataclasses.replace(chunks, store_text=False)
-    fn = make_encode_fn(cfg.model, cfg.outputs, placement, stats, calibration, raw=True,
-                        pca=pca, chunks=chunks)
+    fn = make_encode_fn(EncodeJob(cfg.model, cfg.outputs, placement, req.calibration,
+                                  raw=True, pca=req.pca, chunks=chunks), stats)
+    first_chunks = req.first_chunks
     schema = output_schema(rows.schema["id"].dataType, cfg.outputs, raw=True, chunks=chunks)
     encoded = (rows.select("id", "text", "content_hash")
                .repartition(placement.encode_tasks or spark_setup.task_slots(spark))
@@ -256,6 +275,16 @@ def encode_floats(spark: SparkSession, cfg: RunConfig, placement: Placement,
     return vectors, stats.value.runtime_label
 
 
+@dataclasses.dataclass(frozen=True)
+class FloatRequest:
+    """How :func:`encode_floats` cuts: the table's projections (``calibration``), what
+    ``reduce: pca`` columns give (``outputs.cut``), and one passage per text."""
+
+    calibration: Calibration | None = None
+    pca: str = "project"
+    first_chunks: bool = False
+
+
 def _matrix(column: pa.ChunkedArray) -> np.ndarray:
     """An Arrow list<float> column of equal-length rows -> float32 [N, width]."""
     import pyarrow.compute as pc
@@ -266,7 +295,7 @@ def _matrix(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def parity_on_executors(spark: SparkSession, cfg: RunConfig, placement: Placement,
-                        texts: list[str]):
+                        texts: list[str]) -> ParityResult:
     """The parity check (pipeline.encoder.parity) in one task on the executors: the
     engine as the encode tasks load it (same device, precision, attention) against
     sentence-transformers itself. Returns the ParityResult."""
@@ -275,7 +304,7 @@ def parity_on_executors(spark: SparkSession, cfg: RunConfig, placement: Placemen
     model_cfg, outputs = cfg.model, cfg.outputs
     chunking = cfg.chunking if cfg.chunking.enabled else None
 
-    def check(batches):
+    def check(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for _ in batches:
             pass
         encoder = task_encoder(model_cfg, outputs, placement, chunking)
@@ -294,13 +323,13 @@ class WarmUp(threading.Thread):
     """The warm-up job's thread; ``runtimes`` holds what the workers loaded, ``error``
     a PipelineError the workers raised (a bad config that no retry mends)."""
 
-    def __init__(self, job):
+    def __init__(self, job: Callable[[], None]):
         super().__init__(target=job, name="embed-warm-workers", daemon=True)
         self.runtimes: set[str] = set()
         self.error: PipelineError | None = None
 
 
-def warm_workers(spark: SparkSession, cfg, placement: Placement) -> WarmUp:
+def warm_workers(spark: SparkSession, cfg: RunConfig, placement: Placement) -> WarmUp:
     """Start every task slot's Python worker and load the model, in the background.
 
     Spark starts Python workers lazily, at the first Python task: each then
@@ -314,13 +343,13 @@ def warm_workers(spark: SparkSession, cfg, placement: Placement) -> WarmUp:
     outputs, model_cfg = cfg.outputs, cfg.model
     chunking = cfg.chunking if cfg.chunking.enabled else None
 
-    def warm(batches):
+    def warm(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         encoder = task_encoder(model_cfg, outputs, placement, chunking)
         for _ in batches:
             pass
         yield pa.RecordBatch.from_pydict({"runtime": [encoder.runtime.label]})
 
-    def job():
+    def job() -> None:
         try:
             rows = (spark.range(slots, numPartitions=slots)
                     .mapInArrow(warm, "runtime string", profile=gpu_profile(spark, placement))
@@ -340,7 +369,7 @@ def is_local(spark: SparkSession) -> bool:
     return (spark.sparkContext.master or "").startswith("local")
 
 
-def gpu_profile(spark: SparkSession, placement: Placement):
+def gpu_profile(spark: SparkSession, placement: Placement) -> Any:
     """A ResourceProfile asking the placement's GPUs per task for the encode stage only.
 
     None on local masters (Spark refuses ResourceProfiles there) or where the
@@ -415,7 +444,7 @@ def placement_for(spark: SparkSession, cfg: RunConfig) -> Placement:
     return placed
 
 
-def check_gpu_request(spark: SparkSession, cfg) -> None:
+def check_gpu_request(spark: SparkSession, cfg: RunConfig) -> None:
     """device: cuda needs a GPU somewhere: on this machine (local) or on executors."""
     if cfg.model.device != "cuda":
         return
@@ -433,15 +462,15 @@ def check_gpu_request(spark: SparkSession, cfg) -> None:
                           "conf/spark-defaults.gpu.conf) or use device: auto")
 
 
-def stats_accumulator(sc):
+def stats_accumulator(sc: Any) -> Any:
     """Encoder statistics summed over tasks (:class:`EncoderStats`, ``+``)."""
     from pyspark.accumulators import AccumulatorParam
 
     class StatsParam(AccumulatorParam):
-        def zero(self, value):
+        def zero(self, value: EncoderStats) -> EncoderStats:
             return EncoderStats()
 
-        def addInPlace(self, a, b):
+        def addInPlace(self, a: EncoderStats, b: EncoderStats) -> EncoderStats:
             return a + b
 
     return sc.accumulator(EncoderStats(), StatsParam())

@@ -229,18 +229,29 @@ def test_canary_set_is_varied():
     assert lengths[0] <= 2 and lengths[-1] >= 300
 
 
-def test_dag_drift_task_fails_on_a_breach_only(spark, runs, tmp_path):
+def test_dag_drift_task_follows_the_configs_policy(spark, runs, tmp_path):
+    """The config's on_breach is the one policy: fail -> the DAG's drift task fails on a
+    breach (and only then); warn -> the breach is reported, the task succeeds."""
+    import dataclasses
+
     from pipeline.dag_tasks import check_drift
     from pipeline.errors import DriftBreach
 
-    cfg_path = tmp_path / "run.yaml"
-    cfg_path.write_text(json.dumps(runs["cfg"].to_dict()))  # JSON is YAML
-    ok = check_drift(str(cfg_path), runs["results"]["split"].run_id)
+    cfg = runs["cfg"]
+    policies = {}
+    for policy in ("fail", "warn"):
+        d = dataclasses.replace(cfg.drift, distribution=dataclasses.replace(
+            cfg.drift.distribution, on_breach=policy))
+        path = tmp_path / f"{policy}.yaml"
+        path.write_text(json.dumps(dataclasses.replace(cfg, drift=d).to_dict()))  # JSON: YAML
+        policies[policy] = str(path)
+    ok = check_drift(policies["fail"], runs["results"]["split"].run_id)
     assert ok["status"] == "ok" and ok["canary"] == "same_runtime" and ok["flags"] == []
     shuffled = runs["results"]["shuffled"].run_id
     with pytest.raises(DriftBreach, match=f"run {shuffled} drifted: emb_384: "):
-        check_drift(str(cfg_path), shuffled)
-    assert check_drift(str(cfg_path), shuffled, fail_on_breach=False)["flags"]
+        check_drift(policies["fail"], shuffled)
+    warned = check_drift(policies["warn"], shuffled)
+    assert warned["status"] == "breach" and warned["flags"]
 
 
 def _delta_rs(path: str):

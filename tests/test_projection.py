@@ -55,9 +55,9 @@ def pca_table(spark, tmp_path_factory, demo_rows):
 
 
 def _identity(spark, path: str) -> dict:
-    from pipeline.sink import read_identity
+    from pipeline.tables.identity import TableIdentity
 
-    return read_identity(spark, path) or {}
+    return TableIdentity.read(spark, path) or TableIdentity()
 
 
 def _rows(spark, path: str) -> pd.DataFrame:

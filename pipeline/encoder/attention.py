@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.encoder import varlen
 from pipeline.errors import ConfigError
@@ -67,7 +68,7 @@ def pick_precision(requested: str, device: str) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
-def torch_dtype(precision: str):
+def torch_dtype(precision: str) -> Any:
     import torch
 
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

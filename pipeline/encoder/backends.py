@@ -205,13 +205,3 @@ class TorchBackend:
 
         return next(self.model.parameters()).dtype == torch.float32
 
-
-def load_backend(cfg: Any, req: LoadRequest, engine: Any) -> Backend:
-    """The backend ``cfg.backend`` names, loaded for ``req``; ``engine.check_packed``
-    refuses a packed attention backend that does not keep rows apart."""
-    name = getattr(cfg, "backend", "torch")
-    if name == "torch":
-        return TorchBackend.load(req, engine.check_packed)
-    from pipeline.encoder import onnx
-
-    return onnx.OnnxBackend.load(cfg, req, engine)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +40,7 @@ class DocTokens:
     word_starts: np.ndarray  # bool [n]: token i begins a word
 
     @classmethod
-    def from_encoding(cls, encoding) -> DocTokens:
+    def from_encoding(cls, encoding: Any) -> DocTokens:
         """From a ``tokenizers.Encoding`` made with ``add_special_tokens=False``."""
         ids = np.asarray(encoding.ids, dtype=np.int64)
         offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
@@ -174,7 +176,7 @@ def check_fits(cfg: ChunkingConfig, max_length: int, around: int,
                           f"{room}")
 
 
-def tokens_around(model_dir, prompt: str) -> int | None:
+def tokens_around(model_dir: str | Path, prompt: str) -> int | None:
     """Special + prompt tokens a unit carries, from the model's tokenizer.json (cheap:
     no transformers import); None when there is no tokenizer.json."""
     from pathlib import Path
@@ -194,7 +196,7 @@ def tokens_around(model_dir, prompt: str) -> int | None:
     return special + (len(tok.encode(prompt, add_special_tokens=False).ids) if prompt else 0)
 
 
-def _configured_specials(path) -> int:
+def _configured_specials(path: Path) -> int:
     import json
 
     try:

@@ -22,11 +22,19 @@ import pyarrow as pa
 from pipeline.config import ChunkingConfig, ModelConfig, OutputSpec
 from pipeline.encoder import attention
 from pipeline.encoder import chunking as chunker
-from pipeline.encoder.backends import Backend, LoadRequest, load_backend
+from pipeline.encoder.backends import Backend, LoadRequest, TorchBackend
 from pipeline.encoder.batching import pad_batch, padded_tokens, plan_batches
 from pipeline.encoder.codec import quantize, to_arrow
 from pipeline.encoder.head import Head
-from pipeline.encoder.model import ModelInfo, inspect_model, pool, pool_packed, pool_spans, resolve
+from pipeline.encoder.model import (
+    ModelInfo,
+    inspect_model,
+    pool,
+    pool_packed,
+    pool_spans,
+    resolve,
+    resolve_layer,
+)
 from pipeline.encoder.stats import EncoderStats
 from pipeline.encoder.varlen import pack_batch
 from pipeline.errors import ConfigError
@@ -131,7 +139,7 @@ def _chunk_rows(plans: list[list[chunker.Chunk]]) -> ChunkRows:
     counts = np.fromiter((len(p) for p in plans), dtype=np.int32, count=len(plans))
     flat = [c for p in plans for c in p]
 
-    def column(values) -> np.ndarray:
+    def column(values: Iterable[int]) -> np.ndarray:
         return np.fromiter(values, dtype=np.int32, count=len(flat))
 
     return ChunkRows(
@@ -153,13 +161,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     text = str(exc)
     return isinstance(exc, RuntimeError) and ("out of memory" in text
                                               or "can't allocate memory" in text)
-
-
-def resolve_layer(layer: int | None, num_layers: int) -> int:
-    """null -> last; 1..L as is; -1..-L from the output (-1 is the last)."""
-    if layer is None:
-        return num_layers
-    return layer if layer > 0 else num_layers + 1 + layer
 
 
 def validate_outputs(outputs: Sequence[OutputSpec], info: ModelInfo,
@@ -185,7 +186,7 @@ def validate_outputs(outputs: Sequence[OutputSpec], info: ModelInfo,
                               f"-1..-{num_layers}; column {spec.name!r})")
 
 
-def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False):
+def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False) -> Any:
     """The Transformer module's tokenizer, as sentence-transformers sets it up
     (``do_lower_case``: a Lowercase normalizer in front of the model's own)."""
     from transformers import AutoTokenizer
@@ -250,10 +251,10 @@ class Encoder:
         self._plan_layers()
         self.head = Head(self.info.modules, device)
         self.position_offset = 0  # until the model is loaded (the probe sets it first)
-        self.backend = load_backend(self.cfg, LoadRequest(
+        self.backend = self._load_backend(LoadRequest(
             path=self.info.modules.transformer_dir, attention=model_cfg.attention,
             precision=precision, device=device, trust_remote_code=model_cfg.trust_remote_code,
-            extra=self.info.modules.model_kwargs), self)
+            extra=self.info.modules.model_kwargs))
         self.runtime = self.backend.runtime
         # Running totals; a caller's share of them is ``after - before``. prepare() runs
         # on a prefetch thread, encode() on the caller's: one lock for both.
@@ -265,6 +266,15 @@ class Encoder:
             chunker.check_fits(self.chunking, self.max_length, self.chunk_budget()[0],
                                self.info.window)
         self.backend.use_layers(self.info.num_layers, self.inner_layers, self.exit_layer)
+
+    def _load_backend(self, req: LoadRequest) -> Backend:
+        """The backend model.backend names (torch: its packed attention probed by
+        :meth:`check_packed`; onnx, onnx-int8: pipeline.encoder.onnx)."""
+        if self.cfg.backend == "torch":
+            return TorchBackend.load(req, self.check_packed)
+        from pipeline.encoder import onnx
+
+        return onnx.OnnxBackend.load(self.cfg, req, self)
 
     @property
     def prompt(self) -> str:
@@ -384,7 +394,8 @@ class Encoder:
                 return full[:i], full[i + len(bare):]
         return [], []
 
-    def chunk_long_rows(self, texts: Sequence[str], flat, offsets, lengths):
+    def chunk_long_rows(self, texts: Sequence[str], flat: np.ndarray, offsets: np.ndarray,
+                        lengths: np.ndarray) -> tuple[np.ndarray, ...]:
         """Split rows that hit max_length into overlapping windows (long_text: chunk).
 
         Returns (flat, offsets, lengths) over units (rows or windows), each unit's
@@ -601,14 +612,17 @@ class Encoder:
             prepared = self.prepare_chunks(strings)
         else:
             flat, offsets, lengths = self.tokenize(strings)
-            prepared = Prepared(len(strings),
-                                *self.chunk_long_rows(strings, flat, offsets, lengths))
+            units = self.chunk_long_rows(strings, flat, offsets, lengths)
+            prepared = Prepared(len(strings), flat=units[0], offsets=units[1],
+                                lengths=units[2], owner=units[3], weights=units[4],
+                                total=units[5], cut_off=units[6])
         self._count(EncoderStats(prepare_seconds=time.perf_counter() - start,
                                  cpu_seconds=time.thread_time() - cpu))
         return prepared
 
     def encode_float(self, texts: Sequence[str] | pa.Array | Prepared,
-                     calibration: Calibration | None = None, pca: str = "project"):
+                     calibration: Calibration | None = None, pca: str = "project"
+                     ) -> tuple[dict[str, np.ndarray], EncodeInfo]:
         """Texts (or a prepared batch) -> ({column: float32 [N, dim]}, info).
 
         ``info``: per-row tokens and cut-off flags, and the unit lengths and

@@ -69,7 +69,7 @@ class DenseLayer:
             module.float().eval().to(device)
         self.activation = _activation(spec.activation)
 
-    def __call__(self, x):
+    def __call__(self, x: Any) -> Any:
         out = self.activation(self.linear(x))
         if self.spec.residual:
             out = out + (x if self.residual is None else self.residual(x))

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import importlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -191,7 +192,8 @@ def legacy_fingerprint(info: ModelInfo) -> str:
     return _hash_files(_file_keys(None, info.weight_files))
 
 
-def _file_keys(root: Path | None, files) -> tuple[tuple[str, str, int, int], ...]:
+def _file_keys(root: Path | None, files: Iterable[Path]
+               ) -> tuple[tuple[str, str, int, int], ...]:
     return tuple((str(f), f.name if root is None else str(f.relative_to(root)),
                   st.st_size, st.st_mtime_ns) for f in files for st in (f.stat(),))
 
@@ -210,7 +212,7 @@ def _hash_files(files: tuple[tuple[str, str, int, int], ...]) -> str:
 # ----------------------------------------------------------------------------- pooling
 
 
-def pool(hidden, attention_mask, mode: str, skip: int = 0):
+def pool(hidden: Any, attention_mask: Any, mode: str, skip: int = 0) -> Any:
     """Pool token states [B, T, H] to [B, H x modes] in float32, as sentence-transformers'
     Pooling does (``mode``: one of POOLINGS, or several joined by '+', concatenated).
 
@@ -251,7 +253,7 @@ def pool(hidden, attention_mask, mode: str, skip: int = 0):
     return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
 
 
-def pool_packed(hidden, cu, mode: str, skip: int = 0):
+def pool_packed(hidden: Any, cu: Any, mode: str, skip: int = 0) -> Any:
     """Pool packed token states [N, H] (rows delimited by ``cu``, [B+1]) to [B, H x modes]
     float32: as :func:`pool`, on unpadded rows."""
     import torch
@@ -285,7 +287,7 @@ def pool_packed(hidden, cu, mode: str, skip: int = 0):
     return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
 
 
-def pool_spans(hidden, starts, ends):
+def pool_spans(hidden: Any, starts: Any, ends: Any) -> Any:
     """Means of token-state spans: rows [starts[r], ends[r]) of ``hidden`` [N, H] -> [R, H]
     float32 (late chunking; spans may overlap)."""
     import torch
@@ -297,6 +299,13 @@ def pool_spans(hidden, starts, ends):
     pos = torch.arange(int(lens.sum()), device=hidden.device) - first[span] + starts.long()[span]
     sums = hidden.new_zeros(len(lens), hidden.shape[1]).index_add_(0, span, hidden[pos])
     return sums / lens.clamp(min=1).unsqueeze(1).to(hidden.dtype)
+
+
+def resolve_layer(layer: int | None, num_layers: int) -> int:
+    """null -> last; 1..L as is; -1..-L from the output (-1 is the last)."""
+    if layer is None:
+        return num_layers
+    return layer if layer > 0 else num_layers + 1 + layer
 
 
 # ----------------------------------------------------------------------------- resolution

@@ -162,7 +162,7 @@ def reference_vectors(encoder: Encoder, texts: Sequence[str],
     return np.asarray(vectors, np.float32), label
 
 
-def _st_model(encoder: Encoder):
+def _st_model(encoder: Encoder) -> Any:
     from sentence_transformers import SentenceTransformer
 
     from pipeline.encoder.attention import torch_dtype
@@ -184,7 +184,7 @@ def _reference_precision(precision: str) -> str:
     return precision if precision in ("fp32", "bf16", "fp16") else "fp32"
 
 
-def _set_pooling(model, pooling: str) -> None:
+def _set_pooling(model: Any, pooling: str) -> None:
     """The reference pools as the engine was told to (the model's own, or the config's)."""
     from pipeline.encoder.stack import ENGINE_TO_ST_POOLING
 

@@ -21,6 +21,7 @@ Called without ``cu_seq_lens_q`` (a padded batch, as in the load-time probe),
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,20 +36,20 @@ def register() -> str:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import AttentionInterface
 
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                  **kwargs):
+    def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                  **kwargs: Any) -> tuple[Any, None]:
         cu = kwargs.get("cu_seq_lens_q")
         if cu is None:
-            return sdpa_attention_forward(module, query, key, value, attention_mask,
-                                          scaling=scaling, dropout=dropout, **kwargs)
-        causal = bool(getattr(module, "is_causal", False))
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        spec = Packing(cu=cu, max_len=int(kwargs["max_length_q"]), scale=kwargs.get("scaling"),
+                       causal=bool(getattr(module, "is_causal", False)),
+                       window=int(window) if window else None)
         out = varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1),
-                               value[0].transpose(0, 1), cu, int(kwargs["max_length_q"]),
-                               scaling, causal, int(window) if window else None)
+                               value[0].transpose(0, 1), spec)
         return out.unsqueeze(0), None  # [1, N, heads, d], as transformers reshapes it
 
-    def mask(*args, **kwargs):
+    def mask(*args: Any, **kwargs: Any) -> Any:
         # Packed batches carry no mask (rows are kept apart by cu_seqlens).
         if kwargs.get("attention_mask") is None:
             return None
@@ -59,20 +60,30 @@ def register() -> str:
     return NAME
 
 
-def varlen_attention(q, k, v, cu, max_len: int, scale: float | None, causal: bool,
-                     window: int | None = None):
-    """q [N, Hq, d], k/v [N, Hkv, d] packed by ``cu`` (int32 [B+1]) -> [N, Hq, d].
+@dataclass(frozen=True)
+class Packing:
+    """How the rows of a packed batch attend: ``cu`` (int32 [B+1]) delimits them, the
+    longest has ``max_len`` tokens; ``scale`` (None: 1/sqrt(d)); ``causal``; ``window``
+    (sliding-window layers, e.g. Gemma 3's): a query sees keys less than ``window``
+    positions away (behind it only, when causal), as transformers' masks say."""
 
-    ``window`` (sliding-window layers, e.g. Gemma 3's): a query sees keys less than
-    ``window`` positions away (behind it only, when causal), as transformers' masks say.
-    """
+    cu: Any
+    max_len: int
+    scale: float | None = None
+    causal: bool = False
+    window: int | None = None
+
+
+def varlen_attention(q: Any, k: Any, v: Any, spec: Packing) -> Any:
+    """q [N, Hq, d], k/v [N, Hkv, d] packed as ``spec`` says -> [N, Hq, d]."""
     import torch
 
-    gqa = q.shape[1] != k.shape[1]
+    cu, max_len, scale, causal, window = (spec.cu, spec.max_len, spec.scale, spec.causal,
+                                          spec.window)
     fast = _torch_varlen()
     if (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and fast
             and (window is None or "window_size" in fast[1])):
-        return _cuda_varlen(q, k, v, cu, max_len, scale, causal, gqa, window)
+        return _cuda_varlen(q, k, v, spec)
     lens = cu[1:] - cu[:-1]
     pos = torch.arange(max_len, device=q.device)
     valid = pos[None, :] < lens[:, None]  # [B, T]
@@ -83,13 +94,13 @@ def varlen_attention(q, k, v, cu, max_len: int, scale: float | None, causal: boo
         mask = mask & (pos[None, :] <= pos[:, None])[None, None]
     if window is not None:
         mask = mask & ((pos[:, None] - pos[None, :]).abs() < window)[None, None]
-    out = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask,
-                                                           scale=scale, enable_gqa=gqa)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return out.transpose(1, 2)[valid]  # rows in order, each row's tokens in order
 
 
 @functools.cache
-def _torch_varlen():
+def _torch_varlen() -> tuple[Any, frozenset[str]] | None:
     """torch's varlen_attn and the keywords this torch's version takes (2.10 on), or None."""
     import inspect
 
@@ -100,9 +111,14 @@ def _torch_varlen():
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def _cuda_varlen(q, k, v, cu, max_len, scale, causal, gqa, window=None):
+def _cuda_varlen(q: Any, k: Any, v: Any, spec: Packing) -> Any:
     """torch's varlen flash kernel; its keywords changed between torch 2.10 and 2.15."""
-    fn, params = _torch_varlen()
+    cu, max_len, scale, causal, window = (spec.cu, spec.max_len, spec.scale, spec.causal,
+                                          spec.window)
+    gqa = q.shape[1] != k.shape[1]
+    found = _torch_varlen()
+    assert found is not None, "torch's varlen kernel (varlen_attention checked for it)"
+    fn, params = found
     kwargs: dict[str, Any] = {}
     if "window_size" in params:
         reach = -1 if window is None else window - 1

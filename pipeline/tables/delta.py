@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,7 +74,7 @@ def commit_tag(run_id: str, meta: dict[str, str] | None = None) -> str:
     return json.dumps(tag, separators=(",", ":"))
 
 
-def _run_commit(spark: SparkSession, path: str, run_id: str):
+def _run_commit(spark: SparkSession, path: str, run_id: str) -> Any:
     """This run's latest commit (by userMetadata: other runs may have committed since),
     or None."""
     from delta.tables import DeltaTable
@@ -109,7 +110,7 @@ def last_commit(spark: SparkSession, path: str, run_id: str,
                   rows_deleted=int(metrics.get("numTargetRowsDeleted", 0)))
 
 
-def _snapshot(spark: SparkSession, path: str):
+def _snapshot(spark: SparkSession, path: str) -> Any:
     """The table's latest Delta snapshot, from the JVM's cached DeltaLog: no Spark job
     (DESCRIBE DETAIL or history() each cost one, ~1 s here)."""
     jvm = spark._jvm
@@ -138,7 +139,7 @@ def table_property(spark: SparkSession, path: str, key: str) -> str | None:
 
 
 @contextlib.contextmanager
-def session_conf(spark: SparkSession, conf: dict[str, str]):
+def session_conf(spark: SparkSession, conf: dict[str, str]) -> Iterator[None]:
     """Session confs for one commit, then each key back to what it was (or unset)."""
     before = {key: spark.conf.get(key, None) for key in conf}
     for key, value in conf.items():
@@ -179,7 +180,7 @@ def lost_race(path: str) -> ConcurrentRunError:
 
 
 @contextlib.contextmanager
-def conflicts_reported(path: str):
+def conflicts_reported(path: str) -> Iterator[None]:
     """Delta's concurrent-commit exceptions -> one ConcurrentRunError line."""
     try:
         yield
