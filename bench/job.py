@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--st-batch-size", type=int, default=32)
     parser.add_argument("--st-precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--json", dest="json_out", default=None, help="write results here")
+    parser.add_argument("--backend", default="torch", choices=("torch", "onnx", "onnx-int8"),
+                        help="model.backend of the job (ST stays torch fp32)")
     args = parser.parse_args()
 
     from pipeline.config import load_config
@@ -54,7 +56,8 @@ def main() -> None:
 
         cfg = load_config(ROOT / "conf" / "demo.yaml", [
             f"source.path={work / 'source'}", f"sink.path={work / 'out'}",
-            f"lineage.path={work / 'openlineage.jsonl'}", *args.overrides])
+            f"lineage.path={work / 'openlineage.jsonl'}", f"model.backend={args.backend}",
+            *args.overrides])
         spark = get_session(cfg.spark)
         from pipeline.demo import write_demo_table
 

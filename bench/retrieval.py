@@ -47,6 +47,9 @@ def main() -> None:
     parser.add_argument("--rescore", type=int, default=40, help="binary candidates to rescore")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--pca", action="store_true", help="truncate vs reduce: pca")
+    parser.add_argument("--backend", default="torch",
+                        help="torch|onnx|onnx-int8: a comma list adds each as a column "
+                             "(float32 recall at every dim, and cosines to the first)")
     parser.add_argument("--eval", type=int, default=1500, help="--pca: held-out pairs")
     parser.add_argument("--fit", type=int, default=3000, help="--pca: texts to fit on")
     args = parser.parse_args()
@@ -59,7 +62,8 @@ def main() -> None:
     from pipeline.config import ModelConfig, OutputSpec
     from pipeline.demo import demo_rows
     from pipeline.encoder import Encoder
-    from pipeline.outputs import Calibration, dequantize, quantize
+    from pipeline.encoder.codec import dequantize, quantize
+    from pipeline.outputs import Calibration
 
     torch.set_num_threads(2)
     pairs = []
@@ -72,9 +76,21 @@ def main() -> None:
     dims = (384, 256, 128, 64, 32)
     specs = tuple(OutputSpec(name=f"d{d}", dim=d) for d in dims) + (
         OutputSpec(name="l3", dim=384, layer=3),)
-    encoder = Encoder(ModelConfig(), specs)
+    backends = args.backend.split(",")
+    encoder = Encoder(ModelConfig(backend=backends[0]), specs)
     q, _ = encoder.encode_float(queries)
     d, _ = encoder.encode_float(docs)
+    columns = {}
+    for backend in backends[1:]:  # the same recall, with another backend's vectors
+        other = Encoder(ModelConfig(backend=backend), specs)
+        oq, _ = other.encode_float(queries)
+        od, _ = other.encode_float(docs)
+        cos = (od["d384"] * d["d384"]).sum(1)  # unit vectors
+        columns[backend] = {
+            **{f"float32 {dim}": round(recall_at_k(oq[f"d{dim}"] @ od[f"d{dim}"].T, args.k), 4)
+               for dim in dims},
+            "doc cos to first min": round(float(cos.min()), 5),
+            "doc cos to first mean": round(float(cos.mean()), 5)}
 
     results = {}
     for dim in dims:
@@ -103,8 +119,9 @@ def main() -> None:
         hit = (order == np.arange(len(queries))[:, None]).any(axis=1).mean()
         results[f"binary {dim} + float rescore of top {args.rescore}"] = float(hit)
 
-    print(json.dumps({"pairs": len(pairs), "k": args.k,
-                      "recall": {k: round(v, 4) for k, v in results.items()}}, indent=2))
+    print(json.dumps({"pairs": len(pairs), "k": args.k, "backend": backends[0],
+                      "recall": {k: round(v, 4) for k, v in results.items()},
+                      **({"other_backends": columns} if columns else {})}, indent=2))
 
 
 def summary_pairs(rows: list[dict], min_body: int) -> list[tuple[int, str, str]]:
@@ -125,7 +142,8 @@ def reduce_comparison(args) -> None:
     from pipeline.config import ModelConfig, OutputSpec
     from pipeline.demo import demo_rows
     from pipeline.encoder import Encoder
-    from pipeline.outputs import Calibration, Projection, cut, dequantize, quantize
+    from pipeline.encoder.codec import dequantize, quantize
+    from pipeline.outputs import Calibration, Projection, cut
 
     torch.set_num_threads(2)
     rows = demo_rows()

@@ -375,12 +375,17 @@ state_option = click.option("--state-dir", type=click.Path(path_type=Path),
 @click.option("--gpus", type=click.IntRange(0, 64), default=0, show_default=True,
               help="GPUs each worker advertises (addresses 0..N-1, real or not): tries "
                    "Spark's GPU scheduling on any machine.")
-def cluster_start(state_dir: Path, workers: int, cores: int, memory: str, gpus: int) -> None:
+@click.option("--port", type=click.IntRange(1, 65535), default=7077, show_default=True,
+              help="The master's port.")
+@click.option("--webui-port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+def cluster_start(state_dir: Path, workers: int, cores: int, memory: str, gpus: int,
+                  port: int, webui_port: int) -> None:
     """Start a master and N workers; prints the master URL for spark-submit --master."""
     from pipeline.cluster import Cluster
 
     try:
-        cluster = Cluster(state_dir.resolve()).start(workers, cores, memory, gpus=gpus)
+        cluster = Cluster(state_dir.resolve(), port=port, webui_port=webui_port).start(
+            workers, cores, memory, gpus=gpus)
     except RuntimeError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
@@ -462,7 +467,7 @@ def sizes_cmd(config_path: Path, overrides: tuple[str, ...], rows: int) -> None:
     Console().print(table)
     click.echo("reduce: truncate keeps the first dim components (Matryoshka-trained models); "
                "pca projects onto dim axes fitted once per table, which keeps more quality "
-               "at small dims for models not trained for truncation (README: Truncate or "
+               "at small dims for models not trained for truncation (docs/outputs.md: Truncate or "
                "project).")
 
 

@@ -74,8 +74,16 @@ def test_standalone_cluster_with_fake_gpus_matches_local_mode(spark, deploy_sour
     events = tmp_path / "events"
     events.mkdir()
     pids = []
+    state = ["--state-dir", str(tmp_path / "cluster")]
     try:
-        cluster.start(workers=1, cores=2, memory="3g", gpus=2)
+        # the commands docs/operations.md shows (`embed cluster start` / `stop`), with
+        # this test's state dir, ports and fake GPUs
+        started = subprocess.run([str(BIN / "embed"), "cluster", "start", "--workers", "1",
+                                  "--cores", "2", "--memory", "3g", "--gpus", "2", *state,
+                                  "--port", "7177", "--webui-port", "8180"], cwd=ROOT,
+                                 env=_env(), capture_output=True, text=True, timeout=300)
+        assert started.returncode == 0, started.stderr[-2000:]
+        assert started.stdout.strip() == cluster.master_url
         pids = [int(p.read_text()) for p in (tmp_path / "cluster").glob("*.pid")]
         assert cluster.alive_workers() == 1 and len(pids) == 2
         cfg_path = write_config(tmp_path, deploy_source, str(tmp_path / "cluster_out"))
@@ -110,7 +118,9 @@ def test_standalone_cluster_with_fake_gpus_matches_local_mode(spark, deploy_sour
                         "CUDA device is visible (raised on an executor)"], said
         assert not (tmp_path / "cuda_out").exists()
     finally:
-        cluster.stop()
+        stopped = subprocess.run([str(BIN / "embed"), "cluster", "stop", *state], cwd=ROOT,
+                                 env=_env(), capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 0 and stopped.stdout.startswith("stopped ")
     assert pids and not any(_alive(pid) for pid in pids)
 
     assert summary["runtime"].startswith("cpu/"), summary["runtime"]

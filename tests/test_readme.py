@@ -1,4 +1,4 @@
-"""Every command the README shows, run exactly as typed, in a fresh shell.
+"""Every command the README and docs/*.md show, run exactly as typed, in a fresh shell.
 
 The commands are parsed from README.md's ```bash blocks and run in a copy of the
 checkout (so the demo warehouse they write is the test's own), with this
@@ -24,6 +24,22 @@ from tests.conftest import ROOT
 NOT_RUN = {
     "make test": "the command that runs this very test (.ci/run runs it)",
 }
+# Blocks that start Airflow or a standalone cluster: tests/test_deploy.py runs these
+# very commands (with its own AIRFLOW_HOME, state dir and ports), so the suite starts
+# each once; test_deploy_runs_the_docs_airflow_and_cluster_commands checks that.
+DEPLOY_BLOCKS = ("export AIRFLOW_HOME=", ".venv/bin/embed cluster start")
+DOCS = ("README.md", "docs/outputs.md", "docs/tables.md", "docs/search.md",
+        "docs/passages.md", "docs/lineage-drift.md", "docs/operations.md",
+        "docs/performance.md")
+
+
+def all_text(root) -> str:
+    """The README, then each docs file, in the order a reader follows them."""
+    return "\n".join((root / name).read_text() for name in DOCS)
+
+
+def runnable(blocks: list[list[str]]) -> list[list[str]]:
+    return [b for b in blocks if not b[0].startswith(DEPLOY_BLOCKS)]
 FENCE = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
 PYTHON_FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
@@ -78,6 +94,31 @@ def test_readme_blocks_parse():
     # the README starts with exactly two commands: set up + demo, and the tests
     assert [command_name(c) for c in blocks[0]] == ["make demo", "make test"]
     assert all(blocks), "an empty bash block"
+    # every docs file is read here, and the docs folder has no other
+    assert sorted(DOCS[1:]) == sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))
+
+
+def test_deploy_runs_the_docs_airflow_and_cluster_commands():
+    """The blocks this test leaves to tests/test_deploy.py: each of their commands is one
+    test_deploy runs (the same program and subcommand; its own paths and ports)."""
+    deploy = (ROOT / "tests" / "test_deploy.py").read_text()
+    calls = {tuple(re.findall(r'"([^"]+)"', args))
+             for args in re.findall(r'airflow\(([^)]*)\)', deploy)}
+    blocks = [b for b in readme_blocks(all_text(ROOT)) if b[0].startswith(DEPLOY_BLOCKS)]
+    assert len(blocks) == 2, blocks
+    airflow = [c.split() for c in " && ".join(blocks[0][1:]).split(" && ")]
+    assert airflow and all(c[0] == "airflow" for c in airflow)
+    for command in airflow:  # its words but the date: a call test_deploy makes
+        key = tuple(w for w in command[1:] if not re.fullmatch(r"\d{4}-\d\d-\d\d", w))
+        assert len(key) >= 2 and any(call[:len(key)] == key for call in calls), command
+    cluster = [command_name(c).split() for c in blocks[1]]
+    assert [c[:3] for c in cluster] == [[".venv/bin/embed", "cluster", "start"],
+                                        [".venv/bin/spark-submit", "--master",
+                                         "spark://127.0.0.1:7077"],
+                                        [".venv/bin/embed", "cluster", "stop"]]
+    for needle in ('"cluster", "start"', '"cluster", "stop"', '"spark-submit"',
+                   '"jobs/embed.py", "--config"'):
+        assert needle in deploy, needle
 
 
 def run_block(copy: Path, commands: list[str], timeout: int = 1500):
@@ -97,7 +138,7 @@ def test_every_readme_command_runs_as_typed_in_a_fresh_shell(checkout_copy):
     assert ".venv" not in probe.stdout.splitlines()[0]
     assert not re.search(r"^(SPARK_HOME|PYSPARK_\w+|VIRTUAL_ENV)=", probe.stdout, re.M)
 
-    blocks = readme_blocks((checkout_copy / "README.md").read_text())
+    blocks = runnable(readme_blocks(all_text(checkout_copy)))
     failures = []
     try:
         for commands in blocks:
@@ -110,7 +151,7 @@ def test_every_readme_command_runs_as_typed_in_a_fresh_shell(checkout_copy):
                                 f"{proc.returncode}) at {ran[-1] if ran else '?'}:\n"
                                 f"{proc.stdout[-1500:]}\n{proc.stderr[-2500:]}")
         # python snippets run after the shell blocks (which made the demo tables)
-        for snippet in PYTHON_FENCE.findall((checkout_copy / "README.md").read_text()):
+        for snippet in PYTHON_FENCE.findall(all_text(checkout_copy)):
             proc = subprocess.run([str(checkout_copy / ".venv" / "bin" / "python"), "-c",
                                    snippet], cwd=checkout_copy, env=fresh_shell_env(),
                                   capture_output=True, text=True, timeout=300)
