@@ -285,11 +285,29 @@ def test_airflow_dag_runs_dates_as_partitions_and_refuses_dates_before_start(
     empty = airflow("dags", "test", "embed_pipeline", "2024-03-01")
     assert "partition 2024-03-01 has no rows in the source: embedded 0 rows" in empty
 
+    # the config's drift policy decides: on_breach: fail, thresholds any run trips -> the
+    # embed task exits 9, is not retried (one try), and the DAG run fails
+    breach = tmp_path / "breach"
+    breach.mkdir()
+    breach_cfg = write_config(breach, deploy_source, out, drift=True, extra=(
+        "source: {partition_column: day}\n"
+        "drift: {distribution: {max_centroid_distance: 0.0, mmd_alpha: 1.0, on_breach: fail}}"))
+    failed = airflow("dags", "test", "embed_pipeline", "2024-01-05", "-c",
+                     json.dumps({"config": str(breach_cfg)}), ok=False)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        tries = dict(conn.execute(
+            "SELECT task_id, state || ':' || try_number FROM task_instance "
+            "WHERE run_id LIKE '%2024-01-05%'").fetchall())
+        dag_state = conn.execute("SELECT state FROM dag_run WHERE run_id LIKE "
+                                 "'%2024-01-05%'").fetchone()
+    assert tries.get("embed") == "failed:1", (tries, failed[-3000:])
+    assert tries.get("publish") != "success:1" and dag_state == ("failed",), (tries, dag_state)
 
     runs = runs_table.latest(TablePaths.beside(out).runs, spark=spark, limit=10, output_path=out)
-    assert list(runs["status"]) == ["succeeded", "skipped"] + ["succeeded"] * 3
-    assert list(runs["rows_embedded"].fillna(0)) == [0] * 2 + [8] * 3
-    assert runs["partition"][1] == days[0] and sorted(runs["partition"][2:]) == days
+    assert list(runs["status"]) == ["succeeded"] * 2 + ["skipped"] + ["succeeded"] * 3
+    assert runs["drift_status"][0] == "breach"  # its rows are committed, recorded as such
+    assert list(runs["rows_embedded"].fillna(0)) == [8] + [0] * 2 + [8] * 3
+    assert runs["partition"][2] == days[0] and sorted(runs["partition"][3:]) == days
 
 
 def test_gpu_conf_parses_and_cuda_without_gpus_fails_clearly(deploy_source, tmp_path):
