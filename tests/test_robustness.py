@@ -52,16 +52,16 @@ def test_injected_out_of_memory_splits_the_batch_and_keeps_every_row(backend, de
                                   attention=backend), SPECS)
     texts = [r["text"] for r in demo_rows[:40]]
     expected = np.asarray(encoder.encode(texts).columns["e"].values).reshape(40, 64)
-    real_run = encoder._run
+    real_hidden = encoder.backend.hidden
     calls = {"n": 0}
 
-    def failing_once(model, pooler, **inputs):  # the allocator fails on the first batch
+    def failing_once(inputs):  # the allocator fails on the first batch
         calls["n"] += 1
         if calls["n"] == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_run(model, pooler, **inputs)
+        return real_hidden(inputs)
 
-    encoder._run = failing_once
+    encoder.backend.hidden = failing_once  # the backend seam: where the model runs
     got = np.asarray(encoder.encode(texts).columns["e"].values).reshape(40, 64)
     assert encoder.stats.oom_splits == 1
     assert encoder.token_budget == 512

@@ -49,7 +49,7 @@ BACKENDS = ("onnx", "onnx-int8")
 
 
 def cache_dir(cfg: ModelConfig) -> Path:
-    configured = getattr(cfg, "onnx_cache", None) or os.environ.get("EMBED_ONNX_CACHE")
+    configured = cfg.onnx_cache or os.environ.get("EMBED_ONNX_CACHE")
     return Path(configured or Path.home() / ".cache" / "embed-pipeline" / "onnx").expanduser()
 
 

@@ -62,7 +62,7 @@ class TableIdentity(Mapping[str, str]):
         from pipeline.outputs import describe
 
         head = info.modules.head() if info else None
-        backend = getattr(cfg.model, "backend", "torch")
+        backend = cfg.model.backend
         values = {
             "model": info.name if info else "",
             "model_fingerprint": fingerprint,
