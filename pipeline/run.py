@@ -274,18 +274,20 @@ def _context(cfg: RunConfig, spark: SparkSession, info: ModelInfo, model_fp: str
 def _stages(ctx: RunContext, timer: StageTimer, progress: Progress | None) -> RunResult:
     if ctx.plan.identity_check == "now":  # a config conflict fails before any Spark job
         check_compatible(ctx.stored, ctx.identity, ctx.cfg.sink.path)
+    with timer("read_validate"):
+        opened = open_source(ctx)  # a missing column fails here, before any Spark job
     background = Background(ctx)
     if ctx.plan.warms_early or ctx.plan.identity_check == "after_canary":
         background.start()  # everything will be embedded: load the model during the read
     src = None
-    # One cleanup for every way out: a run that fails early (bad column) must not
-    # exit while its background Spark jobs (warm-up, canary) still run.
+    # One cleanup for every way out: a run that fails early must not exit while its
+    # background Spark jobs (warm-up, canary) still run.
     try:
         if ctx.plan.identity_check == "after_canary":
             background.canary_result()  # another model: the canary says what changed
             check_compatible(ctx.stored, ctx.identity, ctx.cfg.sink.path)
         with timer("read_validate"):
-            src = read_validate(ctx)
+            src = read_validate(ctx, opened)
         with timer("plan"):
             rows = plan_rows(ctx, src)
         if rows.embeds:
@@ -419,14 +421,19 @@ class Background:
                 check.wait()
 
 
-def read_validate(ctx: RunContext) -> SourceRead:
-    """Read the source once (a Delta source at one pinned version): the whole of it, or
-    with a Change Data Feed only what changed since the last run. Tag every row valid
-    or quarantined and keep that snapshot for every later pass."""
+def open_source(ctx: RunContext) -> tuple[DataFrame, int | None]:
+    """The source at one pinned version (a Delta source; every pass reads that snapshot),
+    its columns checked: (DataFrame, version). Reads only the table's log and schema."""
     pinned = (delta.latest_version(ctx.spark, ctx.cfg.source.path)
-              if ctx.cfg.source.format == "delta" else None)  # one snapshot for every pass
-    df, version = source.read_source(ctx.spark, ctx.cfg.source, ctx.cfg.sink.partition_by,
-                                     pinned)
+              if ctx.cfg.source.format == "delta" else None)
+    return source.read_source(ctx.spark, ctx.cfg.source, ctx.cfg.sink.partition_by, pinned)
+
+
+def read_validate(ctx: RunContext, opened: tuple[DataFrame, int | None]) -> SourceRead:
+    """Read the opened source once: the whole of it, or with a Change Data Feed only
+    what changed since the last run. Tag every row valid or quarantined and keep that
+    snapshot for every later pass."""
+    df, version = opened
     files_hash = source.files_hash(df) if version is None else None
     if ctx.partition:
         df = df.filter(ctx.partition.filter)
