@@ -234,10 +234,13 @@ def runs_cmd(table_path: str, runs_path: str | None, limit: int) -> None:
     if not Path(path).is_dir():
         click.echo(f"error: no runs table at {path}", err=True)
         sys.exit(3)
-    spark = get_session(SparkConfig(app_name="embed-runs"))
-    runs = runs_table.latest(path, limit, output_path=table_path, spark=spark)
-    layout = (maintain.layout(spark, table_path).summary() if is_delta_table(table_path)
-              else "no table yet")
+    # delta-rs reads both tables here (no JVM start); Spark only where it cannot
+    runs = runs_table.latest(path, limit, output_path=table_path)
+    layout = "no table yet"
+    if is_delta_table(table_path):
+        found = maintain.local_layout(table_path) or maintain.layout(
+            get_session(SparkConfig(app_name="embed-runs")), table_path)
+        layout = found.summary()
     out = Table(title=f"runs of {table_path}", caption=f"table now: {layout} "
                       "(embed maintain --optimize compacts)")
     for col in ("run_id", "status", "started_at", "partition", "read", "embedded",
@@ -411,13 +414,11 @@ def cluster_stop(state_dir: Path) -> None:
 @click.option("--change-feed/--no-change-feed", default=True, show_default=True,
               help="Delta Change Data Feed on: re-runs read only the changes.")
 def demo_data_cmd(out: Path, limit: int | None, repeat: int, change_feed: bool) -> None:
-    """Write the demo source: the Python standard library's docstrings, as Delta."""
-    from pipeline.config import SparkConfig
-    from pipeline.demo import write_demo_table
-    from pipeline.spark import get_session
+    """Write the demo source: the Python standard library's docstrings, as Delta
+    (by delta-rs: no JVM start)."""
+    from pipeline.demo import write_demo_delta
 
-    spark = get_session(SparkConfig(app_name="embed-demo-data"))
-    n = write_demo_table(spark, str(out.resolve()), limit=limit, repeat=repeat,
+    n = write_demo_delta(str(out.resolve()), limit=limit, repeat=repeat,
                          change_feed=change_feed)
     click.echo(f"wrote {n:,} docstrings to {out.resolve()}")
 

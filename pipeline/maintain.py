@@ -42,10 +42,25 @@ class Layout:
 
 
 def layout(spark: SparkSession, path: str) -> Layout:
-    """The table's current files and bytes (its latest version)."""
+    """The table's current files and bytes (its latest version), as Delta reports them."""
     detail = spark.sql(f"DESCRIBE DETAIL delta.`{path}`").first()
     assert detail is not None
     return Layout(files=int(detail["numFiles"] or 0), bytes=int(detail["sizeInBytes"] or 0))
+
+
+def local_layout(path: str) -> Layout | None:
+    """As :func:`layout`, from the table's log by delta-rs (no JVM); None where delta-rs
+    cannot open it here (an object store only Spark has credentials for)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline import deltars
+
+    if "://" in path and not path.startswith("file://"):
+        return None
+    files = pa.table(deltars.open_table(path).get_add_actions(flatten=True))
+    size = pc.sum(files["size_bytes"]).as_py() if files.num_rows else 0
+    return Layout(files=files.num_rows, bytes=int(size or 0))
 
 
 def retention_hours(spark: SparkSession, path: str) -> float:
