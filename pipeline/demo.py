@@ -73,24 +73,48 @@ def demo_rows(limit: int | None = None) -> list[dict]:
     return rows
 
 
-def write_demo_table(spark: SparkSession, path: str, limit: int | None = None,
-                     repeat: int = 1, change_feed: bool = False) -> int:
-    """Write the demo source table (overwrite); ``repeat`` copies it with new ids.
+DEMO_SCHEMA = "id long, name string, summary string, text string, day date"
+
+
+def demo_frame(limit: int | None = None, repeat: int = 1) -> Any:
+    """The demo source's rows (pandas); ``repeat`` copies them with new ids.
 
     Columns: id, name (qualified name), summary (first line), text (the docstring)
-    and day (a synthetic date, the partition column of the backfill examples).
-    ``change_feed``: Change Data Feed on, so re-runs read only what changed."""
+    and day (a synthetic date, the partition column of the backfill examples)."""
     import pandas as pd
 
     rows = demo_rows(limit)
     n = len(rows)
-    frame = pd.DataFrame([{**r, "id": r["id"] + k * n} for k in range(repeat) for r in rows])
-    schema = "id long, name string, summary string, text string, day date"
-    (spark.createDataFrame(frame, schema=schema)
+    return pd.DataFrame([{**r, "id": r["id"] + k * n} for k in range(repeat) for r in rows])
+
+
+def write_demo_table(spark: SparkSession, path: str, limit: int | None = None,
+                     repeat: int = 1, change_feed: bool = False) -> int:
+    """Write the demo source table with Spark (overwrite); see :func:`demo_frame`.
+    ``change_feed``: Change Data Feed on, so re-runs read only what changed."""
+    frame = demo_frame(limit, repeat)
+    (spark.createDataFrame(frame, schema=DEMO_SCHEMA)
      .coalesce(1).write.format("delta").mode("overwrite").option("overwriteSchema", "true")
      .save(path))
     if change_feed:
         enable_change_feed(spark, path)
+    return len(frame)
+
+
+def write_demo_delta(path: str, limit: int | None = None, repeat: int = 1,
+                     change_feed: bool = True) -> int:
+    """As :func:`write_demo_table`, by delta-rs: no JVM start (`embed demo-data`, the
+    first step of `make demo`). Spark reads, updates and follows its change feed."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    frame = demo_frame(limit, repeat)
+    # int64, string, string, string, date32 (from datetime.date): DEMO_SCHEMA
+    table = pa.Table.from_pandas(frame[["id", "name", "summary", "text", "day"]],
+                                 preserve_index=False)
+    config = {"delta.enableChangeDataFeed": "true"} if change_feed else None
+    write_deltalake(path, table, mode="overwrite", schema_mode="overwrite",
+                    configuration=config)
     return len(frame)
 
 
