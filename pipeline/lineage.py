@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.tables import runs
-from pipeline.tables.paths import TablePaths
+from pipeline.tables.paths import TablePaths, is_remote
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -191,7 +191,7 @@ def _result_fields(result: RunResult) -> dict:
 def dataset_name(path: str) -> tuple[str, str]:
     """OpenLineage (namespace, name) of a table path: ``file`` + absolute path locally,
     ``scheme://authority`` + path for object stores and HDFS (the naming spec)."""
-    if "://" in path and not path.startswith("file://"):
+    if is_remote(path):
         scheme, rest = path.split("://", 1)
         authority, _, name = rest.partition("/")
         return f"{scheme}://{authority}", "/" + name

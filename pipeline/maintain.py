@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from pipeline.errors import ConfigError, SourceError
 from pipeline.tables import delta
 from pipeline.tables.identity import TableIdentity
+from pipeline.tables.paths import is_remote
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -56,7 +57,7 @@ def local_layout(path: str) -> Layout | None:
 
     from pipeline import deltars
 
-    if "://" in path and not path.startswith("file://"):
+    if is_remote(path):
         return None
     files = pa.table(deltars.open_table(path).get_add_actions(flatten=True))
     size = pc.sum(files["size_bytes"]).as_py() if files.num_rows else 0

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.config import SourceConfig
 from pipeline.errors import ConfigError, SourceError
+from pipeline.tables.paths import is_remote
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -25,7 +26,7 @@ RAW_VALUE_CHARS = 1000
 
 def check_source_path(cfg: SourceConfig) -> None:
     """Fail before Spark starts when a local source path is missing or not Delta."""
-    if "://" in cfg.path and not cfg.path.startswith("file://"):
+    if is_remote(cfg.path):
         return
     path = Path(cfg.path.removeprefix("file://"))
     if not path.exists():

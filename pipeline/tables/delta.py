@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import AlreadyCommitted, ConcurrentRunError
+from pipeline.tables.paths import is_remote
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -62,7 +63,7 @@ class Commit:
 
 
 def is_delta_table(path: str) -> bool:
-    if "://" in path and not path.startswith("file://"):
+    if is_remote(path):
         return True  # remote: let Delta decide
     return (Path(path.removeprefix("file://")) / "_delta_log").is_dir()
 

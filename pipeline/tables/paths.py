@@ -20,6 +20,12 @@ if TYPE_CHECKING:
     from pipeline.config import RunConfig
 
 
+def is_remote(path: str) -> bool:
+    """An object store or HDFS path (``s3://``, ``abfss://`` ...): not a local folder to
+    look into (``file://`` and plain paths are local)."""
+    return "://" in path and not path.startswith("file://")
+
+
 def _parent(path: str) -> str:
     """The folder holding ``path`` (string arithmetic: ``s3://bucket/x`` keeps its //)."""
     head, _, _ = path.rstrip("/").rpartition("/")

@@ -41,11 +41,11 @@ def events(path: str, equal: dict[str, Any] | None = None,
 
     from pipeline import deltars
     from pipeline.tables.delta import is_delta_table
+    from pipeline.tables.paths import is_remote
 
     if not is_delta_table(path):
         return pd.DataFrame(columns=[c.split()[0] for c in SCHEMA.split(", ")])
-    remote = "://" in path and not path.startswith("file://")
-    if not (remote and spark is not None):
+    if not (is_remote(path) and spark is not None):
         try:
             return deltars.read_pandas(path, equal)
         except deltars.NotReadableHere:
