@@ -241,10 +241,8 @@ def test_airflow_dag_runs_dates_as_partitions_and_refuses_dates_before_start(
     )
 
     def airflow(*args, timeout=600, ok=True):
-        started = time.monotonic()
         proc = subprocess.run([str(BIN / "airflow"), *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout)
-        print(f"airflow {' '.join(args[:3])}: {time.monotonic() - started:.0f} s")
         assert (proc.returncode == 0) == ok, (args, proc.stdout[-3000:], proc.stderr[-3000:])
         return proc.stdout + proc.stderr
 
@@ -275,25 +273,22 @@ def test_airflow_dag_runs_dates_as_partitions_and_refuses_dates_before_start(
     assert not Path(out).exists()
 
     days = ["2024-01-02"]  # one DAG run of the scheduler's (each starts a JVM); the
-    # breach run below embeds a second date, `dags test` a third (empty: test_dag_tasks)
+    # breach run below embeds a second date (a date with no rows: test_dag_tasks.py)
     db = airflow_home / "airflow.db"
     # The backfill is created while no scheduler runs: Airflow's SQLite database takes
     # one writer at a time ("database is locked" otherwise); production runs Postgres.
     airflow("dags", "unpause", "embed_pipeline")  # a paused DAG's backfill stays queued
     airflow("backfill", "create", "--dag-id", "embed_pipeline", "--from-date", days[0],
             "--to-date", days[-1], "--max-active-runs", "1")
-    started = time.monotonic()
     with airflow_services(env, tmp_path):
         assert _wait_for_backfill(db, 1, tmp_path) == dict.fromkeys(days, "success")
-    print(f"backfill of {len(days)} dates: {time.monotonic() - started:.0f} s")
     table = spark.read.format("delta").load(out)
     assert table.count() == 8 and table.select("id").distinct().count() == 8
     assert table.filter("id % 10 != 1").count() == 0  # demo day = id % 10
     version = spark.sql(f"DESCRIBE HISTORY delta.`{out}`").count()
 
     # a committed date again (an Airflow retry, a re-run): the DAG succeeds with a
-    # recorded skip and commits nothing (`dags test`: no scheduler start for it; a date
-    # with no rows is tests/test_dag_tasks.py's, through the same check and summary)
+    # recorded skip and commits nothing (`dags test`: no scheduler start for it)
     again = airflow("dags", "test", "embed_pipeline", days[0])
     assert f"partition {days[0]} was already committed by run" in again, again[-3000:]
     assert spark.sql(f"DESCRIBE HISTORY delta.`{out}`").count() == version  # no commit
