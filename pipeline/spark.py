@@ -98,12 +98,6 @@ def base_conf(python: str | None = None) -> dict[str, str]:
         # Delta's VACUUM lists files in this many tasks; Spark's default of 10,000
         # makes a VACUUM of a small table take 50-150 s on 2 cores (5 s at 64)
         "spark.sql.sources.parallelPartitionDiscovery.parallelism": "64",
-        # The driver JVM plans, commits and moves Arrow batches; the encoder is Python.
-        # Its C2 compiler threads compete with the workers for cores and pay off only
-        # in long-lived JVMs: C1 alone, measured on 2 cores, a no-op `embed run` 28.5 ->
-        # 24.4 s (mean of 3), the 8,017-row demo 120 -> 105 s. The run config's
-        # spark.conf or spark-submit --conf override it; executors keep their own.
-        "spark.driver.extraJavaOptions": "-XX:TieredStopAtLevel=1",
     }
 
 
