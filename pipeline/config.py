@@ -37,6 +37,7 @@ Device = Literal["auto", "cpu", "cuda"]
 ModelBackend = Literal["torch", "onnx", "onnx-int8"]
 OutputDtype = Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"]
 Reduce = Literal["truncate", "pca"]
+ColumnKind = Literal["dense", "sparse"]
 SinkMode = Literal["incremental", "append", "overwrite"]
 LongText = Literal["truncate", "chunk"]
 ChunkMode = Literal["none", "split", "late"]
@@ -52,6 +53,7 @@ ATTENTIONS: tuple[str, ...] = typing.get_args(AttentionBackend)
 DEVICES: tuple[str, ...] = typing.get_args(Device)
 OUTPUT_DTYPES: tuple[str, ...] = typing.get_args(OutputDtype)
 CALIBRATED_DTYPES = ("int8", "uint8")
+SPARSE_DTYPES = ("float32", "float16")  # a sparse column's stored weights
 PACKED_DTYPES = ("binary", "ubinary")
 SINK_MODES: tuple[str, ...] = typing.get_args(SinkMode)
 LINEAGE_TRANSPORTS: tuple[str, ...] = typing.get_args(LineageTransport)
@@ -132,7 +134,16 @@ class OutputSpec:
     """
 
     name: str
-    dim: int
+    # Vector width (dense); a sparse column's width is the model's vocabulary.
+    dim: int = 0
+    # dense: a vector cut from the pooled states; sparse: a SPLADE vector over the
+    # vocabulary from a sentence-transformers SparseEncoder (MLM head -> SpladePooling),
+    # stored as ascending vocabulary ``indices`` and their ``values`` (its weights).
+    kind: ColumnKind = "dense"
+    # sparse: keep the top-k weights per row (null: the model's max_active_dims, else
+    # every nonzero one), and only weights >= min_weight.
+    max_active_dims: int | None = None
+    min_weight: float = 0.0
     # Transformer layer whose hidden states are pooled: null = the last; 1..L
     # counts from the input, -1..-L from the output (2D Matryoshka).
     layer: int | None = None
@@ -435,6 +446,9 @@ def _validate(cfg: RunConfig) -> None:
         if spec.name in seen:
             raise ConfigError(f"{key}.name", f"duplicate output column name {spec.name!r}")
         seen.add(spec.name)
+        if spec.kind == "sparse":
+            _validate_sparse(spec, key)
+            continue
         if spec.dim <= 0:
             raise ConfigError(f"{key}.dim", f"must be a positive integer, got {spec.dim}")
         if spec.dtype in PACKED_DTYPES and spec.dim % 8:
@@ -449,6 +463,12 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.sink.calibration.size <= 0:
         raise ConfigError("sink.calibration.size", "must be a positive integer, "
                           f"got {cfg.sink.calibration.size}")
+    sparse = [i for i, s in enumerate(cfg.outputs) if s.kind == "sparse"]
+    if sparse and (m.long_text == "chunk" or cfg.chunking.mode == "late"):
+        key = "model.long_text" if m.long_text == "chunk" else "chunking.mode"
+        raise ConfigError(key, "averages token states or windows into a vector; a sparse "
+                          f"column (outputs[{sparse[0]}]) pools the model's own way: use "
+                          "long_text: truncate, chunking.mode: none or split")
     _validate_drift(cfg)
     _validate_partition_by(cfg)
     _validate_chunking(cfg)
@@ -459,6 +479,26 @@ def _validate(cfg: RunConfig) -> None:
     if m.max_length is not None:
         check_length_rules(cfg)
     check_pooling_rules(cfg)
+
+
+def _validate_sparse(spec: OutputSpec, key: str) -> None:
+    """A sparse column is the model's SPLADE vector: none of the dense cuts apply."""
+    dense_only = (("dim", spec.dim != 0), ("layer", spec.layer is not None),
+                  ("pooling", spec.pooling is not None), ("reduce", spec.reduce != "truncate"),
+                  ("center", spec.center))
+    for name, set_ in dense_only:
+        if set_:
+            raise ConfigError(f"{key}.{name}", f"does not apply to a sparse column (column "
+                              f"{spec.name!r}: its width is the model's vocabulary, its "
+                              "weights the model's SpladePooling)")
+    if spec.dtype not in SPARSE_DTYPES:
+        raise ConfigError(f"{key}.dtype", f"a sparse column stores float32 or float16 "
+                          f"weights, got {spec.dtype} (column {spec.name!r})")
+    if spec.max_active_dims is not None and spec.max_active_dims <= 0:
+        raise ConfigError(f"{key}.max_active_dims", "must be a positive integer or null, "
+                          f"got {spec.max_active_dims}")
+    if spec.min_weight < 0:
+        raise ConfigError(f"{key}.min_weight", f"must be >= 0, got {spec.min_weight}")
 
 
 def check_length_rules(cfg: RunConfig) -> None:

@@ -24,6 +24,7 @@ reads the samples and appends the results.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -36,7 +37,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.config import CanaryConfig, DistributionConfig, OutputSpec, RunConfig
-from pipeline.drift_stats import column_drift
+from pipeline.drift_stats import column_drift, sparse_drift
+from pipeline.encoder import splade
+from pipeline.encoder.splade import SparseRows
 from pipeline.errors import CanaryError, ConfigError, DriftBreach
 from pipeline.outputs import Calibration, row_cosines
 from pipeline.results import CanaryResult, ColumnParity, DriftResult
@@ -64,7 +67,10 @@ DRIFT_SCHEMA = (
     "norm_mean double, norm_std double, ref_norm_mean double, ref_norm_std double, "
     "mean_tokens double, ref_mean_tokens double, truncation_rate double, "
     "ref_truncation_rate double, canary_verdict string, canary_min_cosine double, "
-    "canary_max_abs_diff double, computed_at timestamp")
+    "canary_max_abs_diff double, computed_at timestamp, "
+    # sparse columns (pipeline.drift_stats.sparse_drift); tables from before gain them
+    "active_mean double, ref_active_mean double, l1_mean double, ref_l1_mean double, "
+    "top_token_overlap double")
 
 
 # --------------------------------------------------------------------------- canary
@@ -93,12 +99,16 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def compare(stored: dict[str, np.ndarray], current: dict[str, np.ndarray]) -> list[ColumnParity]:
-    """Row-by-row parity of two embeddings of the same texts, per shared column."""
+def compare(stored: dict[str, Any], current: dict[str, Any]) -> list[ColumnParity]:
+    """Row-by-row parity of two embeddings of the same texts, per shared column (sparse
+    columns: by their dense forms)."""
     out = []
     for name, a in current.items():
         b = stored.get(name)
-        if b is None or b.shape != a.shape:
+        if isinstance(a, SparseRows) and isinstance(b, SparseRows):
+            width = 1 + max(int(a.indices.max(initial=0)), int(b.indices.max(initial=0)))
+            a, b = (dataclasses.replace(x, width=width).dense() for x in (a, b))
+        if b is None or isinstance(b, SparseRows) or b.shape != a.shape:
             continue  # a new or resized column: nothing stored to compare with
         cos = row_cosines(a, b)
         out.append(ColumnParity(column=name, rows=len(a), min_cosine=float(cos.min()),
@@ -106,6 +116,10 @@ def compare(stored: dict[str, np.ndarray], current: dict[str, np.ndarray]) -> li
                                 max_abs_diff=float(np.abs(a - b).max()),
                                 worst_row=int(cos.argmin())))
     return out
+
+
+def _rows(vectors: Any, rows: np.ndarray) -> Any:
+    return vectors.take(rows) if isinstance(vectors, SparseRows) else vectors[rows]
 
 
 def verdict(columns: list[ColumnParity], cfg: CanaryConfig) -> str:
@@ -154,15 +168,33 @@ def store_canary(spark: SparkSession, cfg: RunConfig, job: CanaryJob, runtime: s
     hashes = [text_hash(t) for t in texts]
     frame = pd.DataFrame([
         {"output_path": cfg.sink.path, "run_id": job.run_id, "canary_id": i,
-         "text_hash": hashes[i], "column": name, "vector": vecs[i].tolist(),
+         "text_hash": hashes[i], "column": name, "vector": _canary_cell(vecs, i),
          "runtime": runtime, "model_fingerprint": job.model_fp, "stored_at": now}
         for name, vecs in vectors.items() for i in range(len(texts))])
     append_rows(spark.createDataFrame(frame, CANARY_SCHEMA).coalesce(1),
                 TablePaths.of(cfg).canary, job.run_id)
 
 
-def load_canary(spark: SparkSession, path: str, output_path: str, run_id: str
-                ) -> tuple[list[str], dict[Any, np.ndarray], str, str] | None:
+def _canary_cell(vectors: Any, i: int) -> list[float]:
+    """A canary row's stored vector; a sparse column's is its ids then its weights (float32
+    holds ids below 2**24 exactly)."""
+    if isinstance(vectors, SparseRows):
+        idx, val = vectors.row(i)
+        return np.concatenate([idx.astype(np.float32), val]).tolist()
+    return vectors[i].tolist()
+
+
+def _canary_vectors(cells: list[Any], sparse: bool) -> Any:
+    if not sparse:
+        return np.stack(cells).astype(np.float32)
+    rows = [(np.asarray(c[:len(c) // 2], np.int32), np.asarray(c[len(c) // 2:], np.float32))
+            for c in cells]
+    return SparseRows.from_rows(rows, 0)
+
+
+def load_canary(spark: SparkSession, path: str, output_path: str, run_id: str,
+                sparse: frozenset[str] = frozenset()
+                ) -> tuple[list[str], dict[Any, Any], str, str] | None:
     """(text hashes, {column: [N, dim]}, runtime, fingerprint) stored by ``run_id``,
     or None."""
     from pyspark.sql import functions as F
@@ -175,7 +207,7 @@ def load_canary(spark: SparkSession, path: str, output_path: str, run_id: str
     if pdf.empty:
         return None
     pdf = pdf.sort_values(["column", "canary_id"])
-    vectors = {name: np.stack(list(group["vector"])).astype(np.float32)
+    vectors = {name: _canary_vectors(list(group["vector"]), name in sparse)
                for name, group in pdf.groupby("column")}
     first = pdf[pdf["column"] == pdf["column"].iloc[0]]
     return (first["text_hash"].tolist(), vectors, str(pdf["runtime"].iloc[0]),
@@ -194,7 +226,9 @@ def run_canary(spark: SparkSession, cfg: RunConfig, placement: Placement,
     texts = canary_texts(cfg.drift.canary.texts)
     current, runtime = embed_canary(spark, cfg, placement, texts)
     path = TablePaths.of(cfg).canary
-    stored = None if not baseline_run else load_canary(spark, path, cfg.sink.path, baseline_run)
+    sparse = frozenset(s.name for s in cfg.outputs if s.kind == "sparse")
+    stored = None if not baseline_run else load_canary(spark, path, cfg.sink.path,
+                                                       baseline_run, sparse)
     result = CanaryResult(verdict="baseline", runtime=runtime, rows=len(texts))
     if stored is not None:
         hashes, vectors, base_runtime, base_fp = stored
@@ -202,8 +236,8 @@ def run_canary(spark: SparkSession, cfg: RunConfig, placement: Placement,
         pairs = [(i, index[text_hash(t)]) for i, t in enumerate(texts) if text_hash(t) in index]
         if pairs:
             mine, theirs = (np.array(x) for x in zip(*pairs, strict=True))
-            columns = compare({k: v[theirs] for k, v in vectors.items()},
-                              {k: v[mine] for k, v in current.items()})
+            columns = compare({k: _rows(v, theirs) for k, v in vectors.items()},
+                              {k: _rows(v, mine) for k, v in current.items()})
             if columns:
                 result = CanaryResult(
                     verdict=verdict(columns, cfg.drift.canary), runtime=runtime, rows=len(pairs),
@@ -232,12 +266,14 @@ def run_canary(spark: SparkSession, cfg: RunConfig, placement: Placement,
 
 
 def decode(values: Sequence[Any], spec: dict[str, Any],
-           calibration: Calibration | None = None) -> np.ndarray:
+           calibration: Calibration | None = None) -> Any:
     """Stored cells of one column -> float32 [N, dim] (int8/uint8 dequantized when the
     table's ranges are known; binary as +-1 per bit)."""
     from pipeline.encoder import codec
 
     output = OutputSpec(**spec)
+    if output.kind == "sparse":
+        return splade.from_cells(values, output.dtype, 0)
     return codec.to_float(codec.from_cells(values, output), output, calibration)
 
 
@@ -352,7 +388,8 @@ def distribution(spark: SparkSession, cfg: RunConfig, landed: Landed,
     for spec in specs:
         a = decode(cur[spec["name"]].to_numpy(), spec, calibration)
         b = decode(ref[spec["name"]].to_numpy(), spec, calibration)
-        columns[spec["name"]] = column_drift(a, b, d).with_text_stats(
+        stats = sparse_drift(a, b) if isinstance(a, SparseRows) else column_drift(a, b, d)
+        columns[spec["name"]] = stats.with_text_stats(
             cur["n_tokens"].to_numpy(), ref["n_tokens"].to_numpy(),
             cur["truncated"].to_numpy(), ref["truncated"].to_numpy())
     status = "breach" if any(c.flags for c in columns.values()) else "ok"
@@ -390,7 +427,7 @@ def record(spark: SparkSession, cfg: RunConfig, run_id: str, version: int | None
                    computed_at=now)
         rows.append(row)
     append_rows(rows_frame(spark, DRIFT_SCHEMA, rows).coalesce(1), TablePaths.of(cfg).drift,
-                run_id)
+                run_id, merge_schema=True)
 
 
 def stored_flags(rows: Any) -> list[str]:

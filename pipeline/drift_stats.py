@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from pipeline.config import DistributionConfig
+from pipeline.encoder.splade import SparseRows
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +35,13 @@ class ColumnDrift:
     ref_mean_tokens: float | None = None
     truncation_rate: float | None = None
     ref_truncation_rate: float | None = None
+    # sparse columns: mean active dimensions and L1 norm per row, and the overlap (Jaccard)
+    # of the two samples' SPARSE_TOP_TOKENS most frequent active tokens
+    active_mean: float | None = None
+    ref_active_mean: float | None = None
+    l1_mean: float | None = None
+    ref_l1_mean: float | None = None
+    top_token_overlap: float | None = None
 
     def with_text_stats(self, tokens: np.ndarray, ref_tokens: np.ndarray,
                         truncated: np.ndarray, ref_truncated: np.ndarray) -> ColumnDrift:
@@ -108,6 +116,45 @@ def drifted_share(x: np.ndarray, y: np.ndarray, alpha: float) -> float:
     p = np.nan_to_num(np.atleast_1d(ks_pvalues(x, y)), nan=1.0)
     adjusted = stats.false_discovery_control(p, method="bh")
     return float((adjusted < alpha).mean())
+
+
+SPARSE_TOP_TOKENS = 100
+# a sparse column breaches when its mean active dimensions or mean L1 norm moves by more
+# than this share of the reference's, or its most frequent tokens overlap less than this
+SPARSE_MAX_SHIFT = 0.25
+SPARSE_MIN_OVERLAP = 0.5
+
+
+def sparse_drift(cur: SparseRows, ref: SparseRows) -> ColumnDrift:
+    """A sparse column's drift: how many dimensions rows use, how much weight they carry,
+    and whether the same tokens are the frequent ones (dense-vector tests do not apply
+    over a vocabulary-wide space: their p-values are left null)."""
+    active = (cur.active().astype(float), ref.active().astype(float))
+    l1 = tuple(np.add.reduceat(np.abs(x.values), x.offsets[:-1]) if len(x.values) else
+               np.zeros(len(x)) for x in (cur, ref))
+    l2 = tuple(np.sqrt(np.add.reduceat(x.values ** 2, x.offsets[:-1])) if len(x.values) else
+               np.zeros(len(x)) for x in (cur, ref))
+    tops = [set(np.argsort(-np.bincount(x.indices))[:SPARSE_TOP_TOKENS].tolist())
+            if len(x.indices) else set() for x in (cur, ref)]
+    overlap = len(tops[0] & tops[1]) / max(len(tops[0] | tops[1]), 1)
+    flags = []
+    for what, (a, b) in (("active dimensions", active), ("L1 norm", l1)):
+        shift = abs(a.mean() - b.mean()) / max(b.mean(), 1e-12)
+        if shift > SPARSE_MAX_SHIFT:
+            flags.append(f"mean {what} {a.mean():.4g} vs {b.mean():.4g}: moved "
+                         f"{shift:.0%} > {SPARSE_MAX_SHIFT:.0%}")
+    if overlap < SPARSE_MIN_OVERLAP:
+        flags.append(f"top-{SPARSE_TOP_TOKENS} token overlap {overlap:.3f} < "
+                     f"{SPARSE_MIN_OVERLAP}")
+    nan = float("nan")
+    return ColumnDrift(centroid_distance=nan, centroid_p_value=nan, mmd2=nan, mmd_p_value=nan,
+                       drifted_share=nan, norm_mean=float(l2[0].mean()),
+                       norm_std=float(l2[0].std()), ref_norm_mean=float(l2[1].mean()),
+                       ref_norm_std=float(l2[1].std()), n_current=len(cur),
+                       n_reference=len(ref), flags=flags,
+                       active_mean=float(active[0].mean()), ref_active_mean=float(active[1].mean()),
+                       l1_mean=float(l1[0].mean()), ref_l1_mean=float(l1[1].mean()),
+                       top_token_overlap=overlap)
 
 
 def column_drift(cur: np.ndarray, ref: np.ndarray, cfg: DistributionConfig) -> ColumnDrift:

@@ -149,8 +149,20 @@ def to_spark_arrow(column: pa.Array) -> pa.Array:
 
 
 def spark_type(spec: OutputSpec) -> Any:
-    from pyspark.sql.types import ArrayType, BinaryType, ByteType, FloatType
+    from pyspark.sql.types import (
+        ArrayType,
+        BinaryType,
+        ByteType,
+        FloatType,
+        IntegerType,
+        StructField,
+        StructType,
+    )
 
+    if spec.kind == "sparse":  # pipeline.encoder.splade.arrow_type
+        values = BinaryType() if spec.dtype == "float16" else ArrayType(FloatType(), False)
+        return StructType([StructField("indices", ArrayType(IntegerType(), False), False),
+                           StructField("values", values, False)])
     if spec.dtype == "float32":
         return ArrayType(FloatType(), False)
     if spec.dtype == "int8":
@@ -165,6 +177,13 @@ def column_metadata(spec: OutputSpec, model_pooling: str) -> dict:
     column metadata (Delta has no fixed-size array type: every reader sees a
     variable-length list or bytes). ``embed.length`` is the stored length: array
     elements, or bytes for the binary-typed columns."""
+    if spec.kind == "sparse":
+        return {"embed.kind": "sparse", "embed.dtype": spec.dtype,
+                "embed.max_active_dims": spec.max_active_dims or "model",
+                "embed.min_weight": spec.min_weight,
+                "embed.encoding": "struct of ascending vocabulary ids (indices) and their "
+                                  + ("float16 weights as little-endian bytes (values)"
+                                     if spec.dtype == "float16" else "weights (values)")}
     length = stored_length(spec)
     return {"embed.dim": spec.dim, "embed.dtype": spec.dtype, "embed.length": length,
             "embed.layer": spec.layer if spec.layer is not None else "last",
@@ -178,5 +197,7 @@ def describe(specs: Iterable[OutputSpec]) -> list[dict]:
     # reduce/center only where not the default: identities of older tables stay equal
     return [{"name": s.name, "dim": s.dim, "layer": s.layer, "dtype": s.dtype,
              "normalize": s.normalize, "pooling": s.pooling,
-             **({"reduce": s.reduce, "center": s.center} if s.reduce != "truncate" else {})}
+             **({"reduce": s.reduce, "center": s.center} if s.reduce != "truncate" else {}),
+             **({"kind": s.kind, "max_active_dims": s.max_active_dims,
+                 "min_weight": s.min_weight} if s.kind == "sparse" else {})}
             for s in specs]

@@ -29,6 +29,8 @@ from pipeline.config import (
     RunConfig,
 )
 from pipeline.encoder.codec import to_arrow
+from pipeline.encoder.splade import from_arrow as sparse_from_arrow
+from pipeline.encoder.splade import to_arrow as sparse_arrow
 from pipeline.encoder.stats import EncoderStats
 from pipeline.errors import PipelineError, raised_on_worker
 from pipeline.outputs import Calibration, column_metadata, spark_type, to_spark_arrow
@@ -113,7 +115,8 @@ def float_specs(outputs: tuple[OutputSpec, ...]) -> tuple[OutputSpec, ...]:
 
 
 def output_schema(id_type: Any, outputs: tuple[OutputSpec, ...], raw: bool = False,
-                  model_pooling: str = "mean", chunks: Chunked | None = None) -> StructType:
+                  model_pooling: str = "mean", chunks: Chunked | None = None,
+                  sparse_meta: dict[str, Any] | None = None) -> StructType:
     """The encode stage's rows; stored columns carry their decoding in the column
     metadata (outputs.column_metadata), which Delta keeps in the table's schema.
     Chunked: one row per passage, keyed (id, chunk_index), with its place in the text."""
@@ -125,9 +128,9 @@ def output_schema(id_type: Any, outputs: tuple[OutputSpec, ...], raw: bool = Fal
         if chunks.store_text:
             fields.append(StructField(CHUNK_TEXT, StringType(), True))
     fields.append(StructField("content_hash", StringType(), True))
-    fields += [StructField(s.name, spark_type(s), False,
-                           metadata=None if raw else column_metadata(s, model_pooling))
-               for s in (float_specs(outputs) if raw else outputs)]
+    fields += [StructField(s.name, spark_type(s), False, metadata=None if raw else {
+        **column_metadata(s, model_pooling), **(sparse_meta or {} if s.kind == "sparse" else {})})
+        for s in (float_specs(outputs) if raw else outputs)]
     fields += [StructField("n_tokens", IntegerType(), False),
                StructField("truncated", BooleanType(), False)]
     return StructType(fields)
@@ -202,8 +205,9 @@ def make_encode_fn(job: EncodeJob, stats_acc: Any = None
             if raw:
                 floats, result = encoder.encode_float(prepared, calibration, pca)
                 # (pca: full: the pooled width, not the column's dim)
-                columns = {s.name: to_arrow(floats[s.name], dataclasses.replace(
-                    s, dim=floats[s.name].shape[1])) for s in raw_specs}
+                columns = {s.name: sparse_arrow(floats[s.name], "float32")
+                           if s.kind == "sparse" else to_arrow(floats[s.name], dataclasses.replace(
+                               s, dim=floats[s.name].shape[1])) for s in raw_specs}
             else:
                 result = encoder.encode(prepared, calibration)
                 columns = result.columns
@@ -237,16 +241,26 @@ def encode(spark: SparkSession, cfg: RunConfig, rows: DataFrame, partitions: int
     carry, chunks, placement = job.carry, job.chunks, job.placement
     fn = make_encode_fn(job, stats_acc)
     schema = output_schema(rows.schema["id"].dataType, cfg.outputs,
-                           model_pooling=cfg.model.pooling, chunks=chunks)
+                           model_pooling=cfg.model.pooling, chunks=chunks,
+                           sparse_meta=_sparse_meta(cfg))
     if carry:
         schema = schema.add(rows.schema[carry])
     return (rows.repartition(partitions)
             .mapInArrow(fn, schema, profile=gpu_profile(spark, placement)))
 
 
+def _sparse_meta(cfg: RunConfig) -> dict[str, Any] | None:
+    """The sparse columns' model metadata (vocabulary, SpladePooling, tokenizer digest)."""
+    if not any(s.kind == "sparse" for s in cfg.outputs):
+        return None
+    from pipeline.encoder.model import inspect_model, sparse_metadata
+
+    return sparse_metadata(inspect_model(cfg.model.name_or_path, cfg.model.allow_pickle))
+
+
 def encode_floats(spark: SparkSession, cfg: RunConfig, placement: Placement,
                   rows: DataFrame, request: FloatRequest | None = None
-                  ) -> tuple[dict[str, np.ndarray], str]:
+                  ) -> tuple[dict[str, Any], str]:
     """A small set of rows (the canary, a calibration sample) through the run's own
     encode path (same executors, same cached encoders), as float32 before
     quantization. Returns ({column: [N, dim] in id order}, the runtime that ran).
@@ -271,7 +285,8 @@ def encode_floats(spark: SparkSession, cfg: RunConfig, placement: Placement,
         encoded = encoded.filter("chunk_index = 0")
     table = (encoded.select(*keys, *(s.name for s in cfg.outputs)).toArrow()
              .sort_by([(k, "ascending") for k in keys]))
-    vectors = {s.name: _matrix(table.column(s.name)) for s in cfg.outputs}
+    vectors = {s.name: sparse_from_arrow(table.column(s.name), "float32", 0)
+               if s.kind == "sparse" else _matrix(table.column(s.name)) for s in cfg.outputs}
     return vectors, stats.value.runtime_label
 
 
@@ -309,8 +324,8 @@ def parity_on_executors(spark: SparkSession, cfg: RunConfig, placement: Placemen
             pass
         encoder = task_encoder(model_cfg, outputs, placement, chunking)
         if not encoder.has_model_vectors:  # the run's columns lack the model's vector
-            dim = encoder.info.output_dim(encoder.pooling)
-            encoder = task_encoder(model_cfg, parity.parity_outputs(dim), placement)
+            encoder = task_encoder(model_cfg, parity.parity_outputs(encoder.info,
+                                                                    encoder.pooling), placement)
         yield pa.RecordBatch.from_pydict({"result": [parity.check(encoder, texts).to_json()]})
 
     rows = (spark.range(1, numPartitions=1)

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 FAMILIES = ("bert_cls", "bert_dense", "xlmr_prompts", "modernbert", "qwen3_last", "gemma3_dense")
+# SparseEncoder layouts (sentence-transformers' sparse_encoder modules)
+SPARSE_FAMILIES = ("splade_bert_max", "splade_distilbert_sum", "splade_router")
 MAX_SEQ = 64  # every family's max_seq_length: the tests' long texts exceed it
 
 
@@ -217,6 +219,71 @@ def _gemma3(dest: Path) -> str:
                  default_prompt_name="document")
 
 
+def _save_sparse(dest: Path, hf_model, tokenizer, modules: Callable, **st_kwargs) -> str:
+    """A masked-LM backbone saved as a Hugging Face directory, then the SparseEncoder over
+    it (``modules(transformer)``), saved by sentence-transformers into ``dest``."""
+    from sentence_transformers import SparseEncoder, models
+
+    base = dest.parent / (dest.name + "_hf")
+    hf_model.eval().save_pretrained(base, safe_serialization=True)
+    tokenizer.save_pretrained(base)
+    transformer = models.Transformer(str(base), max_seq_length=MAX_SEQ,
+                                     transformer_task="fill-mask")
+    SparseEncoder(modules=modules(transformer), device="cpu", **st_kwargs).save(str(dest))
+    return str(dest)
+
+
+def _bert_mlm(tok):
+    from transformers import BertConfig, BertForMaskedLM
+
+    return BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=64,
+                                      max_position_embeddings=512))
+
+
+def _splade_bert_max(dest: Path) -> str:
+    """SPLADE v2/v3's layout: BERT masked-LM, SpladePooling max over log(1 + relu)."""
+    from sentence_transformers.sparse_encoder.models import SpladePooling
+
+    tok = minilm_tokenizer()
+    return _save_sparse(dest, _bert_mlm(tok), tok, lambda t: [t, SpladePooling("max")])
+
+
+def _splade_distilbert_sum(dest: Path) -> str:
+    """The first SPLADE's layout on DistilBERT: sum pooling, the log1p_relu variant, a
+    document prompt."""
+    from sentence_transformers.sparse_encoder.models import SpladePooling
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    tok = minilm_tokenizer()
+    model = DistilBertForMaskedLM(DistilBertConfig(
+        vocab_size=len(tok), dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+        max_position_embeddings=512))
+    return _save_sparse(dest, model, tok,
+                        lambda t: [t, SpladePooling("sum", activation_function="log1p_relu")],
+                        prompts={"query": "query: ", "document": "passage: "})
+
+
+def _splade_router(dest: Path) -> str:
+    """An inference-free model (opensearch neural-sparse doc-v3's layout): a Router whose
+    document route is SPLADE and whose query route is a SparseStaticEmbedding (one
+    weight per vocabulary token, IDF-like)."""
+    import torch
+    from sentence_transformers.sparse_encoder.models import (
+        Router,
+        SparseStaticEmbedding,
+        SpladePooling,
+    )
+
+    tok = minilm_tokenizer()
+    weight = torch.rand(len(tok)) * (torch.rand(len(tok)) > 0.5)  # half the tokens weigh 0
+    static = SparseStaticEmbedding(tokenizer=tok, weight=weight, frozen=True)
+    return _save_sparse(dest, _bert_mlm(tok), tok, lambda t: [Router.for_query_document(
+        query_modules=[static], document_modules=[t, SpladePooling("max")])])
+
+
 _BUILDERS: dict[str, Callable[[Path], str]] = {
     "bert_cls": _bert_cls, "bert_dense": _bert_dense, "xlmr_prompts": _xlmr,
-    "modernbert": _modernbert, "qwen3_last": _qwen3, "gemma3_dense": _gemma3}
+    "modernbert": _modernbert, "qwen3_last": _qwen3, "gemma3_dense": _gemma3,
+    "splade_bert_max": _splade_bert_max, "splade_distilbert_sum": _splade_distilbert_sum,
+    "splade_router": _splade_router}

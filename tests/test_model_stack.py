@@ -212,7 +212,7 @@ def test_parity_check_passes_for_a_family_and_names_the_cause_of_a_failure(famil
     texts = parity.canary_slice(canary_texts())
     assert len(texts) == 32 and max(map(len, canary_texts())) == max(map(len, texts))
     enc = Encoder(ModelConfig(name_or_path=families["bert_dense"]),
-                  parity.parity_outputs(96))
+                  parity.parity_outputs(inspect_model(families["bert_dense"])))
     passed = parity.check(enc, texts)
     assert passed.status == "passed" and passed.min_cosine >= 0.9999
     assert passed.reference.startswith("sentence-transformers 6")

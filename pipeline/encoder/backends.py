@@ -40,6 +40,7 @@ class LoadRequest:
     device: str
     trust_remote_code: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # its model_args / config_args
+    task: str = "feature-extraction"  # fill-mask: a SparseEncoder's masked-LM model
 
 
 class Backend(Protocol):
@@ -113,6 +114,7 @@ class TorchBackend:
         self._captured: dict[int, Any] = {}
         self._last = 0
         self._exit: int | None = None
+        self.mlm: Any = None  # fill-mask: the masked-LM model whose base is ``model``
 
     @property
     def packed(self) -> bool:
@@ -123,15 +125,16 @@ class TorchBackend:
              check: Callable[[TorchBackend], str | None] | None = None) -> TorchBackend:
         """The first attention backend that loads and that ``check`` does not refuse
         (``check`` returns a reason to refuse it)."""
-        from transformers import AutoModel
+        from transformers import AutoModel, AutoModelForMaskedLM
 
+        auto = AutoModelForMaskedLM if req.task == "fill-mask" else AutoModel
         dtype = attention.torch_dtype(req.precision)
         errors = []
         for name in attention.candidate_backends(req.attention, req.device):
             if name == "varlen":
                 varlen.register()
             try:
-                model = AutoModel.from_pretrained(
+                model = auto.from_pretrained(
                     str(req.path), dtype=dtype, attn_implementation=attention.HF_NAMES[name],
                     trust_remote_code=req.trust_remote_code, local_files_only=True,
                     **req.extra)
@@ -140,7 +143,10 @@ class TorchBackend:
                 log.info("attention backend %s unavailable: %s", name, exc)
                 continue
             model.eval().to(req.device)
-            candidate = cls(model, attention.Runtime(req.device, req.precision, name))
+            runtime = attention.Runtime(req.device, req.precision, name)
+            # fill-mask: the base model runs the pass (as AutoModel would), the head apart
+            candidate = cls(model.base_model if req.task == "fill-mask" else model, runtime)
+            candidate.mlm = model if req.task == "fill-mask" else None
             reason = check(candidate) if check else None
             if not reason:
                 return candidate

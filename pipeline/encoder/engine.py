@@ -35,6 +35,8 @@ from pipeline.encoder.model import (
     resolve,
     resolve_layer,
 )
+from pipeline.encoder.splade import SPLADE, SparseRows, SpladeHead, check_head
+from pipeline.encoder.splade import to_arrow as sparse_arrow
 from pipeline.encoder.stats import EncoderStats
 from pipeline.encoder.varlen import pack_batch
 from pipeline.errors import ConfigError
@@ -169,6 +171,8 @@ def validate_outputs(outputs: Sequence[OutputSpec], info: ModelInfo,
     its layer the model's depth."""
     num_layers = info.num_layers
     for i, spec in enumerate(outputs):
+        if _check_kind(i, spec, info):
+            continue
         width = info.output_dim(spec.pooling or model_pooling)
         if spec.dim > width:
             head = " after its Dense head" if info.modules.dense else ""
@@ -184,6 +188,20 @@ def validate_outputs(outputs: Sequence[OutputSpec], info: ModelInfo,
             raise ConfigError(f"outputs[{i}].layer", f"{spec.layer} is beyond the model's depth "
                               f"of {num_layers} layers (allowed: 1..{num_layers} or "
                               f"-1..-{num_layers}; column {spec.name!r})")
+
+
+def _check_kind(i: int, spec: OutputSpec, info: ModelInfo) -> bool:
+    """A sparse column needs a SparseEncoder, a dense one a model that pools; True: sparse."""
+    sparse = info.modules.splade is not None
+    if spec.kind == "sparse" and not sparse:
+        raise ConfigError(f"outputs[{i}].kind", f"sparse needs a sentence-transformers "
+                          f"SparseEncoder (an MLM head and SpladePooling); {info.name} is a "
+                          f"dense model (column {spec.name!r})")
+    if spec.kind == "dense" and sparse:
+        raise ConfigError(f"outputs[{i}].kind", f"{info.name} is a SparseEncoder: its vectors "
+                          "are sparse over the vocabulary, not a dense cut; set kind: sparse "
+                          f"(column {spec.name!r})")
+    return sparse
 
 
 def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False) -> Any:
@@ -251,10 +269,11 @@ class Encoder:
         self._plan_layers()
         self.head = Head(self.info.modules, device)
         self.position_offset = 0  # until the model is loaded (the probe sets it first)
+        self.splade: SpladeHead | None = None
         self.backend = self._load_backend(LoadRequest(
             path=self.info.modules.transformer_dir, attention=model_cfg.attention,
             precision=precision, device=device, trust_remote_code=model_cfg.trust_remote_code,
-            extra=self.info.modules.model_kwargs))
+            extra=self.info.modules.model_kwargs, task=self.info.modules.transformer_task))
         self.runtime = self.backend.runtime
         # Running totals; a caller's share of them is ``after - before``. prepare() runs
         # on a prefetch thread, encode() on the caller's: one lock for both.
@@ -271,7 +290,10 @@ class Encoder:
         """The backend model.backend names (torch: its packed attention probed by
         :meth:`check_packed`; onnx, onnx-int8: pipeline.encoder.onnx)."""
         if self.cfg.backend == "torch":
-            return TorchBackend.load(req, self.check_packed)
+            return TorchBackend.load(req, self._check_backend)
+        if req.task == "fill-mask":
+            raise ConfigError("model.backend", f"{self.cfg.backend} does not run SparseEncoders "
+                              f"({self.info.name}); use model.backend: torch")
         from pipeline.encoder import onnx
 
         return onnx.OnnxBackend.load(self.cfg, req, self)
@@ -317,10 +339,10 @@ class Encoder:
         and the early-exit layer: when no column needs the last layer, the forward pass
         stops after the deepest needed block."""
         L = self.info.num_layers
-        self.groups = sorted({(resolve_layer(s.layer, L), s.pooling or self.pooling)
-                              for s in self.outputs})
-        self.spec_group = {s.name: (resolve_layer(s.layer, L), s.pooling or self.pooling)
+        self.spec_group = {s.name: (L, SPLADE) if s.kind == "sparse" else
+                           (resolve_layer(s.layer, L), s.pooling or self.pooling)
                            for s in self.outputs}
+        self.groups = sorted(set(self.spec_group.values()))
         inner = sorted({layer for layer, _ in self.groups if layer < L})
         self.exit_layer = max(inner) if inner and max(layer for layer, _ in self.groups) < L \
             else None
@@ -461,8 +483,12 @@ class Encoder:
             base = row * width + ((width - mask[row].sum(1)) if self.left_pad else 0)
             starts, ends = backend.to_device(base + lo, base + hi)
             pooler = lambda h, mode: pool_spans(h.reshape(-1, h.shape[-1]), starts, ends)  # noqa: E731
+        def tokens(h: Any) -> tuple[Any, Any, int]:
+            real = attn.bool()
+            return h[real], real.nonzero()[:, 0], int(h.shape[0])
+
         return self._pool(backend.hidden({"input_ids": input_ids, "attention_mask": attn,
-                                          **kwargs}), pooler)
+                                          **kwargs}), pooler, tokens)
 
     def forward_packed(self, ids: np.ndarray, positions: np.ndarray, cu: np.ndarray,
                        backend: Backend | None = None,
@@ -479,18 +505,69 @@ class Encoder:
             base = cu[row].astype(np.int64)
             starts, ends = backend.to_device(base + lo, base + hi)
             pooler = lambda h, mode: pool_spans(h[0], starts, ends)  # noqa: E731
+        def tokens(h: Any) -> tuple[Any, Any, int]:
+            import torch
+
+            lens = cu_dev[1:] - cu_dev[:-1]
+            rows = torch.repeat_interleave(torch.arange(len(lens), device=lens.device), lens)
+            return h[0], rows, len(lens)
+
         return self._pool(backend.hidden(
             {"input_ids": input_ids, "position_ids": position_ids, "cu_seq_lens_q": cu_dev,
-             "cu_seq_lens_k": cu_dev, "max_length_q": longest, "max_length_k": longest}), pooler)
+             "cu_seq_lens_k": cu_dev, "max_length_q": longest, "max_length_k": longest}),
+            pooler, tokens)
 
-    def _pool(self, hidden: dict[int, Any],
-              pooler: Callable[[Any, str], Any]) -> dict[tuple[int, str], np.ndarray]:
-        """The captured layers' states -> pooled float32 (numpy) per (layer, pooling)."""
+    def _pool(self, hidden: dict[int, Any], pooler: Callable[[Any, str], Any],
+              tokens: Callable[[Any], tuple[Any, Any, int]]) -> dict[tuple[int, str], Any]:
+        """The captured layers' states -> pooled float32 (numpy) per (layer, pooling); a
+        sparse column's group -> SparseRows (``tokens``: a batch's real token states, each
+        one's row, and the rows)."""
         import torch
 
+        out: dict[tuple[int, str], Any] = {}
         with torch.inference_mode():
-            return {(layer, mode): pooler(hidden[layer], mode).cpu().numpy()
-                    for layer, mode in self.groups}
+            for layer, mode in self.groups:
+                if mode == SPLADE:
+                    assert self.splade is not None
+                    out[(layer, mode)] = self.splade.pool(*tokens(hidden[layer]),
+                                                          keep=self.sparse_keep)
+                else:
+                    out[(layer, mode)] = pooler(hidden[layer], mode).cpu().numpy()
+        return out
+
+    @functools.cached_property
+    def sparse_keep(self) -> int | None:
+        """Weights a batch keeps per row: the largest top-k the sparse columns ask for
+        (None: one wants them all); each column prunes to its own after."""
+        wanted = [self.sparse_k(s) for s in self.outputs if s.kind == "sparse"]
+        return None if not wanted or None in wanted else max(k for k in wanted if k)
+
+    def sparse_k(self, spec: OutputSpec) -> int | None:
+        """A sparse column's top-k: its max_active_dims, else the model's own."""
+        return spec.max_active_dims or self.info.modules.max_active_dims
+
+    def _check_backend(self, backend: Backend) -> str | None:
+        """A SparseEncoder's head is set up on the candidate backend and checked against
+        its own masked-LM forward; then the packed check."""
+        mlm = getattr(backend, "mlm", None)
+        if mlm is not None:
+            spec = self.info.modules.splade
+            assert spec is not None
+            self.splade = SpladeHead(mlm, spec, self.info.path)
+            reason = self._check_splade(backend, mlm)
+            if reason:
+                return reason
+        return self.check_packed(backend)
+
+    def _check_splade(self, backend: Backend, mlm: Any) -> str | None:
+        assert self.splade is not None
+        backend.use_layers(self.info.num_layers, self.inner_layers, self.exit_layer)
+        flat, offsets, lengths = self.tokenize(["a", "The quick brown fox jumps over it."])
+        ids, mask = pad_batch(flat, offsets, lengths, np.arange(2), self.pad_id, self.left_pad)
+        input_ids, attn = backend.to_device(ids, mask)
+        inputs = {"input_ids": input_ids, "attention_mask": attn}
+        states = backend.hidden(inputs)[self.info.num_layers]
+        return check_head(self.splade, mlm, states, inputs)
 
     def check_packed(self, backend: Backend) -> str | None:
         """A packed backend must give what a padded batch gives, on this model, here.
@@ -516,7 +593,10 @@ class Encoder:
             return f"packed forward failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
         floor = 0.9999 if backend.runtime.precision == "fp32" else 0.999
         for group, a in packed.items():
-            cos = row_cosines(a, padded[group])
+            b = padded[group]
+            if isinstance(a, SparseRows):
+                a, b = a.dense(), b.dense()
+            cos = row_cosines(a, b)
             if not np.all(cos >= floor):
                 return (f"packed rows differ from padded ones (min cosine {cos.min():.6f} < "
                         f"{floor}); the model does not keep packed rows apart")
@@ -622,8 +702,8 @@ class Encoder:
 
     def encode_float(self, texts: Sequence[str] | pa.Array | Prepared,
                      calibration: Calibration | None = None, pca: str = "project"
-                     ) -> tuple[dict[str, np.ndarray], EncodeInfo]:
-        """Texts (or a prepared batch) -> ({column: float32 [N, dim]}, info).
+                     ) -> tuple[dict[str, Any], EncodeInfo]:
+        """Texts (or a prepared batch) -> ({column: float32 [N, dim], or SparseRows}, info).
 
         ``info``: per-row tokens and cut-off flags, and the unit lengths and
         batches (for padding statistics). ``reduce: pca`` columns use the
@@ -633,19 +713,21 @@ class Encoder:
         prep = texts if isinstance(texts, Prepared) else self.prepare(texts)
         vectors, batches = self.vectors(prep)
         projections = calibration.projections if calibration else {}
-        floats = {s.name: cut(vectors[self.spec_group[s.name]], s, projections.get(s.name), pca)
+        floats = {s.name: vectors[self.spec_group[s.name]].prune(self.sparse_k(s), s.min_weight)
+                  if s.kind == "sparse" else
+                  cut(vectors[self.spec_group[s.name]], s, projections.get(s.name), pca)
                   for s in self.outputs}
         return floats, EncodeInfo(n_tokens=prep.total, truncated=prep.cut_off,
                                   unit_lengths=prep.lengths, batches=batches,
                                   chunks=prep.chunks)
 
-    def vectors(self, prep: Prepared) -> tuple[dict[tuple[int, str], np.ndarray], list]:
+    def vectors(self, prep: Prepared) -> tuple[dict[tuple[int, str], Any], list]:
         """The model's vectors of a prepared batch, per (layer, pooling): pooled per unit
         (or span, late chunking), through the model's head (Dense, Normalize), and for
         long_text: chunk the token-weighted mean of a row's windows; and the batches."""
         n_rows, lengths = prep.n_rows, prep.lengths
         batches = plan_batches(lengths, self.token_budget, self.max_batch_rows)
-        vectors = {group: self.head.apply(units)
+        vectors = {group: units if group[1] == SPLADE else self.head.apply(units)
                    for group, units in self._pooled(prep, batches).items()}
         if prep.spans is None and len(lengths) != n_rows:  # long_text chunk: window mean
             owner, weights = prep.owner, prep.weights
@@ -656,15 +738,16 @@ class Encoder:
                 vectors[group] = (rows / row_weight).astype(np.float32)
         return vectors, batches
 
-    def _pooled(self, prep: Prepared, batches: list) -> dict[tuple[int, str], np.ndarray]:
+    def _pooled(self, prep: Prepared, batches: list) -> dict[tuple[int, str], Any]:
         """Every batch through the model, pooled per unit (late: per span); a batch that
         runs out of memory is halved and both halves retried."""
         lengths = prep.lengths
         n = len(lengths)
         # late chunking pools spans (one per output row), else each unit is pooled
         width = prep.n_rows if prep.spans is not None else n
-        pooled: dict[tuple[int, str], np.ndarray] = {
-            g: np.empty((width, self.info.hidden_size * len(g[1].split("+"))), dtype=np.float32)
+        pooled: dict[tuple[int, str], Any] = {
+            g: [None] * width if g[1] == SPLADE else
+            np.empty((width, self.info.hidden_size * len(g[1].split("+"))), dtype=np.float32)
             for g in self.groups}
         where = np.full(n, -1, dtype=np.int64)  # a unit's row in the current batch
         pending = list(reversed(batches))
@@ -691,13 +774,18 @@ class Encoder:
                 continue
             where[idx] = -1
             for group, vecs in out.items():
-                pooled[group][targets] = vecs
-        return pooled
+                if isinstance(vecs, SparseRows):  # a list of (ids, weights) per unit
+                    for slot, target in enumerate(targets):
+                        pooled[group][target] = vecs.row(slot)
+                else:
+                    pooled[group][targets] = vecs
+        return {g: SparseRows.from_rows(v, self.info.vocab_size) if g[1] == SPLADE else v
+                for g, v in pooled.items()}
 
     @property
     def model_group(self) -> tuple[int, str]:
         """(last layer, the model's pooling): the vector sentence-transformers returns."""
-        return self.info.num_layers, self.pooling
+        return self.info.num_layers, SPLADE if self.splade is not None else self.pooling
 
     @property
     def has_model_vectors(self) -> bool:
@@ -713,7 +801,8 @@ class Encoder:
         if not self.has_model_vectors:
             return None
         vectors, _ = self.vectors(self.prepare(texts))
-        return vectors[self.model_group]
+        found = vectors[self.model_group]
+        return found.dense() if isinstance(found, SparseRows) else found
 
     def _forward_units(self, prep: Prepared, idx: np.ndarray, where: np.ndarray,
                        targets: np.ndarray) -> dict[tuple[int, str], np.ndarray]:
@@ -744,7 +833,8 @@ class Encoder:
             raise ValueError(f"int8/uint8 columns {missing} need calibration ranges")
         start, cpu = time.perf_counter(), time.thread_time()
         floats, info = self.encode_float(texts, calibration)
-        columns = {s.name: to_arrow(quantize(floats[s.name], s, calibration), s)
+        columns = {s.name: sparse_arrow(floats[s.name], s.dtype) if s.kind == "sparse" else
+                   to_arrow(quantize(floats[s.name], s, calibration), s)
                    for s in self.outputs}
         lengths = info.unit_lengths
         real = int(lengths.sum())

@@ -72,6 +72,7 @@ class ModelInfo:
     stack: ModelStack | None = None  # None only for infos built by hand
     position_offset: int = 0  # RoBERTa-style position ids start at padding index + 1
     tokenizer_max_length: int | None = None  # tokenizer_config.json's model_max_length
+    vocab_size: int = 0  # config.json's: a sparse column's width
 
     @property
     def name(self) -> str:
@@ -137,7 +138,8 @@ def inspect_model(name_or_path: str, allow_pickle: bool = False) -> ModelInfo:
                      hidden_size=int(hidden), num_layers=int(layers), weight_files=weights,
                      max_positions=_max_positions(text_config), stack=stack,
                      position_offset=position_offset(text_config),
-                     tokenizer_max_length=tokenizer_max_length(path))
+                     tokenizer_max_length=tokenizer_max_length(path),
+                     vocab_size=int(text_config.get("vocab_size") or 0))
 
 
 def _check_head_width(stack: ModelStack, hidden: int, root: Path) -> None:
@@ -170,6 +172,8 @@ def fingerprint_files(info: ModelInfo) -> tuple[Path, ...]:
     tdir = stack.transformer_dir
     files = {*info.weight_files, tdir / "config.json", *stack.config_files,
              *(d.weights for d in stack.dense)}
+    if stack.splade is not None and stack.splade.query_weights is not None:
+        files.add(stack.splade.query_weights)  # an inference-free model's query side
     files |= {tdir / name for name in TOKENIZER_FILES if (tdir / name).is_file()}
     return tuple(sorted(files, key=lambda f: str(f.relative_to(info.path))))
 
@@ -184,6 +188,23 @@ def fingerprint(info: ModelInfo) -> str:
     is hashed again.
     """
     return _hash_files(_file_keys(info.path, fingerprint_files(info)))
+
+
+def tokenizer_digest(info: ModelInfo) -> str:
+    """sha256 prefix of the tokenizer's files: what a sparse column's ids mean."""
+    tdir = info.modules.transformer_dir
+    files = [tdir / name for name in TOKENIZER_FILES if (tdir / name).is_file()]
+    return _hash_files(_file_keys(info.path, files))[:16]
+
+
+def sparse_metadata(info: ModelInfo) -> dict[str, Any]:
+    """A sparse column's Delta metadata from its model: the vocabulary its ids index, the
+    SpladePooling that made its weights, and the tokenizer that maps text to ids."""
+    splade = info.modules.splade
+    assert splade is not None
+    return {"embed.vocab_size": info.vocab_size, "embed.pooling": f"splade-{splade.strategy}",
+            "embed.activation": splade.activation, "embed.tokenizer": tokenizer_digest(info),
+            "embed.query": "static" if splade.query_weights else "model"}
 
 
 def legacy_fingerprint(info: ModelInfo) -> str:

@@ -33,6 +33,7 @@ from pipeline.outputs import row_cosines
 
 if TYPE_CHECKING:
     from pipeline.encoder.engine import Encoder
+    from pipeline.encoder.model import ModelInfo
 
 log = logging.getLogger(__name__)
 ROWS = 32
@@ -93,9 +94,12 @@ def canary_slice(texts: Sequence[str], rows: int = ROWS) -> list[str]:
     return [texts[i] for i in sorted(chosen)]
 
 
-def parity_outputs(dim: int) -> tuple[OutputSpec, ...]:
-    """The one column a dedicated parity encoder computes: the model's whole vector."""
-    return (OutputSpec(name="parity", dim=dim, normalize=False),)
+def parity_outputs(info: ModelInfo, pooling: str | None = None) -> tuple[OutputSpec, ...]:
+    """The one column a dedicated parity encoder computes: the model's whole vector (a
+    SparseEncoder's: its sparse vector, the model's own top-k)."""
+    if info.modules.sparse:
+        return (OutputSpec(name="parity", kind="sparse"),)
+    return (OutputSpec(name="parity", dim=info.output_dim(pooling), normalize=False),)
 
 
 def check_model(model: ModelConfig, texts: Sequence[str]) -> ParityResult:
@@ -105,7 +109,7 @@ def check_model(model: ModelConfig, texts: Sequence[str]) -> ParityResult:
 
     info = inspect_model(model.name_or_path, model.allow_pickle)
     pooling = None if model.pooling == "auto" else model.pooling
-    return check(Encoder(model, parity_outputs(info.output_dim(pooling))), texts)
+    return check(Encoder(model, parity_outputs(info, pooling)), texts)
 
 
 def check(encoder: Encoder, texts: Sequence[str]) -> ParityResult:
@@ -144,6 +148,8 @@ def reference_vectors(encoder: Encoder, texts: Sequence[str],
                       prompt: str) -> tuple[np.ndarray, str]:
     """sentence-transformers' vectors of ``texts``, set up as the engine resolved the model;
     transformers' forward pass + sentence-transformers' Pooling where it cannot load it."""
+    if encoder.splade is not None:
+        return _sparse_reference(encoder, texts, prompt)
     try:
         model = _st_model(encoder)
     except Exception as exc:  # noqa: BLE001 - any load failure: the transformers reference
@@ -160,6 +166,25 @@ def reference_vectors(encoder: Encoder, texts: Sequence[str],
                            show_progress_bar=False)
     label = f"sentence-transformers {sentence_transformers.__version__}"
     return np.asarray(vectors, np.float32), label
+
+
+def _sparse_reference(encoder: Encoder, texts: Sequence[str],
+                      prompt: str) -> tuple[np.ndarray, str]:
+    """SparseEncoder's own document vectors, pruned to the engine's top-k, dense."""
+    import sentence_transformers
+    from sentence_transformers import SparseEncoder
+
+    from pipeline.encoder.attention import torch_dtype
+
+    logging.getLogger("sentence_transformers").setLevel(logging.ERROR)
+    model = SparseEncoder(str(encoder.info.path), device=encoder.runtime.device,
+                          local_files_only=True, model_kwargs={"dtype": torch_dtype(
+                              _reference_precision(encoder.runtime.precision))})
+    vectors = model.encode_document(list(texts), prompt=prompt, batch_size=8,
+                                    max_active_dims=encoder.sparse_keep,
+                                    convert_to_sparse_tensor=False, show_progress_bar=False)
+    label = f"sentence-transformers {sentence_transformers.__version__} SparseEncoder"
+    return np.asarray(vectors.float().cpu().numpy(), np.float32), label
 
 
 def _st_model(encoder: Encoder) -> Any:

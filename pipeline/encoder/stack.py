@@ -48,6 +48,28 @@ SBERT_CONFIGS = ("sentence_bert_config.json", "sentence_roberta_config.json",
 DOCUMENT_PROMPTS = ("document", "passage", "corpus")  # encode_document's order
 IDENTITY_ACTIVATIONS = frozenset({"torch.nn.modules.linear.Identity", "torch.nn.Identity"})
 Kind = Literal["sentence-transformers", "transformers"]
+SPLADE_STRATEGIES = ("max", "sum")
+SPLADE_ACTIVATIONS = ("relu", "log1p_relu")
+ST_SPARSE = "sentence_transformers.sparse_encoder.modules."
+
+
+@dataclass(frozen=True)
+class SpladeSpec:
+    """A SparseEncoder's SpladePooling: ``log(1 + relu(logits))`` (``log1p_relu``: log1p
+    once more) over the MLM head's vocabulary logits, max- or sum-pooled over tokens.
+    ``query_weights``: an inference-free model's query side (a Router whose query route is
+    a SparseStaticEmbedding: a weight per vocabulary token, e.g. IDF), else None (queries
+    run the document side with the query prompt)."""
+
+    folder: Path
+    strategy: str = "max"
+    activation: str = "relu"
+    query_weights: Path | None = None
+    query_tokenizer: Path | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"splade": self.strategy, "activation": self.activation,
+                **({"query": "static"} if self.query_weights else {})}
 
 
 @dataclass(frozen=True)
@@ -91,6 +113,8 @@ class ModelStack:
     default_prompt_name: str | None = None
     similarity_fn_name: str | None = None
     config_files: tuple[Path, ...] = ()  # every config that shapes the vectors
+    splade: SpladeSpec | None = None  # a SparseEncoder: its vectors are sparse (SPLADE)
+    max_active_dims: int | None = None  # a SparseEncoder's own top-k (its config)
 
     def document_prompt(self) -> str:
         """The prompt rows get: the one sentence-transformers' ``encode`` applies (the
@@ -112,6 +136,10 @@ class ModelStack:
             return self.prompts.get(self.default_prompt_name, "")
         return ""
 
+    @property
+    def sparse(self) -> bool:
+        return self.splade is not None
+
     def output_dim(self, hidden_size: int, pooling: str | None = None) -> int:
         """The vector's width after pooling (``pooling``, else the model's) and Dense."""
         if self.dense:
@@ -127,6 +155,11 @@ class ModelStack:
 
     def modules_line(self, pooling: str, hidden: int) -> str:
         """e.g. ``Transformer -> Pooling(cls) -> Dense(768->3072, tanh) -> Normalize``."""
+        if self.splade is not None:
+            sp = self.splade
+            query = "; queries: static weights" if sp.query_weights else ""
+            return f"Transformer(fill-mask) -> SpladePooling({sp.strategy}, " \
+                   f"{sp.activation}) ({self.kind}; sparse over the vocabulary{query})"
         parts = ["Transformer", f"Pooling({pooling}"
                  + ("" if self.include_prompt else ", prompt excluded") + ")"]
         parts += [f"Dense({d.in_features}->{d.out_features}, {d.describe()['activation']})"
@@ -152,10 +185,19 @@ def read_stack(root: Path, allow_pickle: bool = False) -> ModelStack:
     if not isinstance(entries, list) or not entries:
         raise ModelError(f"{modules_file} lists no modules")
     fields: dict[str, Any] = {"config_files": [modules_file], "dense": []}
-    for position, entry in enumerate(entries):  # in the file's order, as the library runs them
-        _read_module(root, entry, position, fields, allow_pickle)
+    if len(entries) == 1 and _module_class(entries[0]) == "Router":
+        _read_router(root, fields)
+    else:
+        for position, entry in enumerate(entries):  # in the file's order, as the library runs them
+            _read_module(root, entry, position, fields, allow_pickle)
     if "transformer_dir" not in fields:
         raise ModelError(f"{modules_file} has no Transformer module")
+    if fields.get("transformer_task", "feature-extraction") != "feature-extraction" \
+            and "splade" not in fields:
+        raise ModelError(f"the Transformer module at {fields['transformer_dir']} is a "
+                         f"{fields['transformer_task']} model (its sentence_bert_config.json "
+                         "says transformer_task) with no SpladePooling after it; the engine "
+                         "runs feature-extraction models, and fill-mask ones as SparseEncoders")
     _read_st_config(root, fields)
     fields["dense"] = tuple(fields["dense"])
     fields["config_files"] = tuple(fields["config_files"])
@@ -171,9 +213,14 @@ def _read_module(root: Path, entry: dict, position: int, fields: dict[str, Any],
     kind, folder = _module_class(entry), root / str(entry.get("path", ""))
     where = f"{root / 'modules.json'} entry {position} ({entry.get('type')}, " \
             f"{entry.get('path') or '.'})"
-    if kind == "Transformer" and position == 0:
-        _read_transformer(folder, fields)
-    elif kind == "Pooling" and "transformer_dir" in fields and "pooling" not in fields:
+    if kind in ("Transformer", "MLMTransformer") and position == 0:
+        _read_transformer(folder, fields, "fill-mask" if kind == "MLMTransformer" else None)
+    elif kind == "SpladePooling" and position == 1 and \
+            fields.get("transformer_task") == "fill-mask":
+        fields["splade"] = _read_splade(folder)
+        fields["config_files"] += [folder / "config.json"]
+    elif kind == "Pooling" and "transformer_dir" in fields and "pooling" not in fields \
+            and "splade" not in fields:
         _read_pooling(folder, fields)
     elif kind == "Dense" and "pooling" in fields and not fields.get("normalize"):
         fields["dense"].append(_read_dense(folder, where, allow_pickle))
@@ -188,7 +235,7 @@ def _read_module(root: Path, entry: dict, position: int, fields: dict[str, Any],
                          "that order); nothing was encoded")
 
 
-def _read_transformer(folder: Path, fields: dict[str, Any]) -> None:
+def _read_transformer(folder: Path, fields: dict[str, Any], task: str | None = None) -> None:
     fields["transformer_dir"] = folder
     for name in SBERT_CONFIGS:
         path = folder / name
@@ -198,11 +245,11 @@ def _read_transformer(folder: Path, fields: dict[str, Any]) -> None:
             break
     else:
         conf = {}
-    task = conf.get("transformer_task", "feature-extraction")
-    if task != "feature-extraction":
+    task = task or conf.get("transformer_task", "feature-extraction")
+    if task not in ("feature-extraction", "fill-mask"):
         raise ModelError(f"the Transformer module at {folder} is a {task} model (its "
-                         "sentence_bert_config.json says transformer_task); dense columns "
-                         "need a feature-extraction model")
+                         "sentence_bert_config.json says transformer_task); the engine runs "
+                         "feature-extraction models, and fill-mask ones as SparseEncoders")
     fields["transformer_task"] = task
     _refuse_unsupported(conf, path if conf else folder)
     tokenizer_args = _kwargs(conf, "tokenizer_args", "processor_kwargs")
@@ -242,6 +289,50 @@ def _refuse_unsupported(conf: dict[str, Any], path: Path) -> None:
         if value:
             raise ModelError(f"{path} sets {key} ({json.dumps(value)[:80]}), which the engine "
                              "does not apply; not run rather than encoded otherwise")
+
+
+def _read_splade(folder: Path, query: Path | None = None) -> SpladeSpec:
+    path = folder / "config.json"
+    conf = read_json(path)
+    strategy = conf.get("pooling_strategy", "max")
+    activation = conf.get("activation_function", "relu")
+    if strategy not in SPLADE_STRATEGIES or activation not in SPLADE_ACTIVATIONS:
+        raise ModelError(f"{path}: SpladePooling {strategy}/{activation} is not one the engine "
+                         f"runs (pooling_strategy {'/'.join(SPLADE_STRATEGIES)}, "
+                         f"activation_function {'/'.join(SPLADE_ACTIVATIONS)})")
+    weights = None if query is None else query / "model.safetensors"
+    if weights is not None and not weights.is_file():
+        raise ModelError(f"the SparseStaticEmbedding at {query} has no model.safetensors")
+    return SpladeSpec(folder=folder, strategy=strategy, activation=activation,
+                      query_weights=weights, query_tokenizer=query)
+
+
+def _read_router(root: Path, fields: dict[str, Any]) -> None:
+    """A Router: the engine runs the SparseEncoder layout of one (a document route of a
+    fill-mask Transformer and SpladePooling; a query route that is the same modules, or a
+    SparseStaticEmbedding: inference-free). Any other routing is refused."""
+    path = root / "router_config.json"
+    conf = read_json(path)
+    fields["config_files"] += [path]
+    types, routes = conf.get("types") or {}, conf.get("structure") or {}
+    document = list(routes.get("document") or routes.get("passage") or [])
+    query = list(routes.get("query") or [])
+    kinds = [str(types.get(name, "?")).rsplit(".", 1)[-1] for name in document]
+    if kinds != ["MLMTransformer", "SpladePooling"] and kinds != ["Transformer", "SpladePooling"]:
+        raise ModelError(f"{path}: a Router whose document route is {' -> '.join(kinds) or 'empty'}"
+                         " is not one the engine runs (it runs a SparseEncoder's Router: "
+                         "Transformer(fill-mask) -> SpladePooling); nothing was encoded")
+    query_kinds = [str(types.get(name, "?")).rsplit(".", 1)[-1] for name in query]
+    static = None
+    if query_kinds == ["SparseStaticEmbedding"]:
+        static = root / query[0]
+    elif query and query != document:
+        raise ModelError(f"{path}: a query route of {' -> '.join(query_kinds)} is not one "
+                         "the engine runs (SparseStaticEmbedding, or the document route)")
+    _read_transformer(root / document[0], fields,
+                      "fill-mask" if kinds[0] == "MLMTransformer" else None)
+    fields["splade"] = _read_splade(root / document[1], static)
+    fields["config_files"] += [root / document[1] / "config.json"]
 
 
 def _read_pooling(folder: Path, fields: dict[str, Any]) -> None:
@@ -308,6 +399,8 @@ def _read_st_config(root: Path, fields: dict[str, Any]) -> None:
                          f"({', '.join(prompts) or 'none'})")
     fields["default_prompt_name"] = default
     fields["similarity_fn_name"] = conf.get("similarity_fn_name")
+    if isinstance(conf.get("max_active_dims"), int):
+        fields["max_active_dims"] = conf["max_active_dims"]
 
 
 def tokenizer_max_length(transformer_dir: Path) -> int | None:
