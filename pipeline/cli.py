@@ -496,20 +496,32 @@ def _human(n: float) -> str:
               show_default=True, help="auto: delta-rs up to 4 GiB of data files, else Spark.")
 @click.option("--rescore-factor", type=click.IntRange(min=1), default=4, show_default=True,
               help="Binary columns: rescore the best k x this by a float column.")
+@click.option("--hybrid", "hybrid", default=None, metavar="TABLE:COLUMN",
+              help="Also rank another table of the same ids (e.g. a dense one) and fuse the "
+                   "two rankings by reciprocal rank fusion (k = 60).")
+@click.option("--explain", is_flag=True,
+              help="Sparse columns: print the query's top tokens and each hit's matching "
+                   "tokens with their weights.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per hit.")
 @click.argument("query")
 def search_cmd(table_path: str, column: str, k: int, prompt: str | None,
                prompt_name: str | None, model_path: str | None, reader: str,
-               rescore_factor: int, as_json: bool, query: str) -> None:
+               rescore_factor: int, hybrid: str | None, explain: bool, as_json: bool,
+               query: str) -> None:
     """Exact top-k rows of a table's column for QUERY, encoded as the rows were."""
     from rich.table import Table
 
     from pipeline.search import SearchOptions, search
 
+    options = SearchOptions(k=k, prompt=prompt, prompt_name=prompt_name, model=model_path,
+                            reader=reader, rescore_factor=rescore_factor,
+                            snippets=not as_json)
+    if hybrid:
+        _hybrid_cmd(table_path, column, hybrid, query, options, as_json)
+        return
     try:
-        result = search(table_path, column, query, SearchOptions(
-            k=k, prompt=prompt, prompt_name=prompt_name, model=model_path, reader=reader,
-            rescore_factor=rescore_factor, snippets=not as_json))
+        result = search(table_path, column, query, options)
+        why = _explained(table_path, column, query, result.hits, options) if explain else None
     except PipelineError as err:
         _fail(err)
     if as_json:
@@ -517,7 +529,7 @@ def search_cmd(table_path: str, column: str, k: int, prompt: str | None,
             click.echo(json.dumps(hit.to_dict(), default=str))
         return
     how = "Hamming, rescored by cosine on " + result.rescored_with if result.rescored_with \
-        else "exact cosine"
+        else result.scored_by
     out = Table(title=f"{query!r} in {column}",
                 caption=f"{how}, top {k} of {result.rows:,} rows, read with {result.reader} "
                         f"in {result.seconds:.1f} s" + "".join(f"; {n}" for n in result.notes))
@@ -526,6 +538,53 @@ def search_cmd(table_path: str, column: str, k: int, prompt: str | None,
     for rank, hit in enumerate(result.hits, 1):
         ident = str(hit.id) + (f" #{hit.chunk_index}" if hit.chunk_index is not None else "")
         out.add_row(str(rank), ident, f"{hit.score:.4f}", hit.snippet or "")
+    _console().print(out)
+    if why is not None:
+        _console().print(why)
+
+
+def _explained(table: str, column: str, query: str, hits: list, options: Any) -> Any:
+    """``--explain``: the query's top tokens and each hit's matching ones, as a rich table."""
+    from rich.table import Table
+
+    from pipeline.hybrid import explain
+
+    found = explain(table, column, query, hits, options)
+    out = Table(title="query tokens: " + ", ".join(f"{t} {w:.3f}" for t, w in found.query_tokens))
+    for col in ("#", "id", "matching tokens (query x row weight)"):
+        out.add_column(col)
+    for rank, hit in enumerate(hits, 1):
+        shared = found.matches.get((hit.id, hit.chunk_index), [])
+        out.add_row(str(rank), str(hit.id), ", ".join(f"{t} {c:.3f}" for t, c in shared))
+    return out
+
+
+def _hybrid_cmd(table: str, column: str, other: str, query: str, options: Any,
+                as_json: bool) -> None:
+    """``--hybrid``: both rankings fused by reciprocal rank fusion, with each hit's ranks."""
+    from rich.table import Table
+
+    from pipeline.hybrid import RRF_K, hybrid_search, parse_target
+
+    try:
+        fused, first, second = hybrid_search(table, column, other, query, options)
+    except PipelineError as err:
+        _fail(err)
+    if as_json:
+        for hit in fused:
+            click.echo(json.dumps(hit.to_dict(), default=str))
+        return
+    other_column = parse_target(other)[1]
+    out = Table(title=f"{query!r}: {column} + {other_column}",
+                caption=f"reciprocal rank fusion (k = {RRF_K}) of the top {len(first.hits)} "
+                        f"of {first.rows:,} rows ({first.scored_by}) and the top "
+                        f"{len(second.hits)} of {second.rows:,} ({second.scored_by})")
+    for col in ("#", "id", "rrf", f"rank {column}", f"rank {other_column}", "text"):
+        out.add_column(col, justify="left" if col in ("id", "text") else "right")
+    for rank, hit in enumerate(fused, 1):
+        ident = str(hit.id) + (f" #{hit.chunk_index}" if hit.chunk_index is not None else "")
+        a, b = (str(r) if r is not None else "-" for r in hit.ranks)
+        out.add_row(str(rank), ident, f"{hit.score:.5f}", a, b, hit.snippet or "")
     _console().print(out)
 
 

@@ -9,7 +9,9 @@ over every row (the stored vectors are unit length when ``normalize``; int8 /
 uint8 are dequantized with the table's calibration ranges; float16 decoded).
 Binary columns are scored by Hamming distance, and the best ``k x
 rescore_factor`` are then rescored by cosine on a float column of the same
-table, when it has one.
+table, when it has one. Sparse columns are ranked by dot product with the query's
+sparse vector (``SparseEncoder.encode_query``: the model's query prompt, or an
+inference-free model's static weights), exactly.
 
 Readers: delta-rs (``deltalake``, no JVM: starts in well under a second) for
 tables up to ``SPARK_ABOVE_BYTES`` of data files, else Spark, whose executors
@@ -31,7 +33,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import ModelConfig, OutputSpec
-from pipeline.encoder import codec
+from pipeline.encoder import codec, splade
+from pipeline.encoder.splade import SparseRows
 from pipeline.errors import PipelineError
 from pipeline.outputs import Calibration
 from pipeline.tables.identity import TableIdentity
@@ -72,6 +75,7 @@ class SearchResult:
     seconds: float
     rescored_with: str | None = None
     notes: list[str] = field(default_factory=list)
+    scored_by: str = "exact cosine"  # or "exact dot product" (sparse)
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,21 @@ def query_prompt(location: str, prompt: str | None, prompt_name: str | None) -> 
     return stack.query_prompt()
 
 
+def table_model(info: TableInfo, model: str | None) -> tuple[str, Any]:
+    """(where the table's model is, its ModelInfo); refuses a model directory whose
+    fingerprint is not the table's."""
+    from pipeline.encoder.model import fingerprint, inspect_model, legacy_fingerprint
+
+    location = model_location(info, model)
+    found = inspect_model(location)
+    wanted = info.identity["model_fingerprint"]
+    if wanted not in (fingerprint(found), legacy_fingerprint(found)):
+        raise SearchError(f"the model at {location} (sha256 {fingerprint(found)[:12]}) is not "
+                          f"the one that made {info.path} (sha256 {wanted[:12]}); pass --model "
+                          "with the directory of the table's model")
+    return location, found
+
+
 def query_encoder(info: TableInfo, specs: list[OutputSpec], model: str | None,
                   prompt: str | None, prompt_name: str | None = None) -> Encoder:
     """An encoder that cuts the query as the table's rows were cut (model, pooling, max
@@ -176,16 +195,9 @@ def query_encoder(info: TableInfo, specs: list[OutputSpec], model: str | None,
     import dataclasses
 
     from pipeline.encoder import Encoder
-    from pipeline.encoder.model import fingerprint, inspect_model, legacy_fingerprint
 
     ident = info.identity
-    location = model_location(info, model)
-    found = inspect_model(location)
-    wanted = ident["model_fingerprint"]
-    if wanted not in (fingerprint(found), legacy_fingerprint(found)):
-        raise SearchError(f"the model at {location} (sha256 {fingerprint(found)[:12]}) is not "
-                          f"the one that made {info.path} (sha256 {wanted[:12]}); pass --model "
-                          "with the directory of the table's model")
+    location, _ = table_model(info, model)
     cfg = ModelConfig(name_or_path=location, max_length=int(ident.get("max_length", 256)),
                       pooling=ident.get("pooling", "mean"),  # type: ignore[arg-type]
                       prompt=query_prompt(location, prompt, prompt_name), device="cpu",
@@ -201,7 +213,29 @@ def encode_query(encoder: Encoder, text: str, info: TableInfo | None = None
 
     fitted = projections.load(info.path, info.identity.projection_digests) if info else {}
     floats, _ = encoder.encode_float([text], Calibration(None, fitted))
-    return {name: vecs[0] for name, vecs in floats.items()}
+    return {name: vecs.dense()[0] if isinstance(vecs, SparseRows) else vecs[0]
+            for name, vecs in floats.items()}
+
+
+def sparse_query(info: TableInfo, spec: OutputSpec, text: str, opts: SearchOptions
+                 ) -> SparseRows:
+    """The query's sparse vector as ``SparseEncoder.encode_query`` makes it: an
+    inference-free model's static weights of its tokens, else the model itself with its
+    query prompt (and the model's own top-k, not the column's)."""
+    import dataclasses
+
+    location, found = table_model(info, opts.model)
+    prompt = query_prompt(location, opts.prompt, opts.prompt_name)
+    stack = found.modules.splade
+    if stack is None:
+        raise SearchError(f"column {spec.name!r} is sparse but the model at {location} is not "
+                          "a SparseEncoder")
+    if stack.query_weights is not None:
+        return splade.StaticQuery(stack).encode([text], prompt)
+    query_spec = dataclasses.replace(spec, max_active_dims=None, min_weight=0.0)
+    encoder = query_encoder(info, [query_spec], opts.model, opts.prompt, opts.prompt_name)
+    floats, _ = encoder.encode_float([text])
+    return cast(SparseRows, floats[spec.name])
 
 
 # --------------------------------------------------------------------------- scoring
@@ -211,6 +245,8 @@ def decode(column: pa.Array | pa.ChunkedArray, spec: OutputSpec,
            calibration: Calibration) -> np.ndarray:
     """A stored column's batch -> float32 [N, dim] (binary columns: packed bits, uint8
     [N, dim/8], for Hamming distance)."""
+    if spec.kind == "sparse":
+        return splade.from_arrow(column, spec.dtype, 0)  # type: ignore[return-value]
     values = codec.from_arrow(column, spec)
     if spec.dtype in codec.BIT_DTYPES:
         return codec.packed_bits(values, spec)
@@ -222,7 +258,9 @@ _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
 
 def scores(values: np.ndarray, query: np.ndarray, spec: OutputSpec) -> np.ndarray:
     """Cosine of each row with the query; binary: 1 - 2 x Hamming / dim (the cosine of
-    the +-1 vectors)."""
+    the +-1 vectors); sparse: the dot product with the (dense, vocabulary-wide) query."""
+    if isinstance(values, SparseRows):
+        return sparse_dot(values, query)
     if spec.dtype in ("binary", "ubinary"):
         bits = np.packbits(query > 0)
         hamming = _POPCOUNT[np.bitwise_xor(values, bits)].sum(axis=1, dtype=np.int64)
@@ -230,6 +268,16 @@ def scores(values: np.ndarray, query: np.ndarray, spec: OutputSpec) -> np.ndarra
     q = query / max(float(np.linalg.norm(query)), 1e-12)
     norms = np.maximum(np.linalg.norm(values, axis=1), 1e-12)
     return (values @ q) / norms
+
+
+def sparse_dot(rows: SparseRows, query: np.ndarray) -> np.ndarray:
+    """Each sparse row's dot product with a dense query vector."""
+    products = rows.values.astype(np.float64) * query[rows.indices]
+    sums = np.zeros(len(rows))
+    filled = rows.active() > 0
+    if filled.any():
+        sums[filled] = np.add.reduceat(products, rows.offsets[:-1][filled])
+    return sums
 
 
 class TopK:
@@ -341,9 +389,12 @@ def search(table: str, column: str, query: str,
     info = open_table(table)
     spec = column_spec(info, column)
     rescore = rescore_column(info, spec)
-    encoder = query_encoder(info, [spec, *([rescore] if rescore else [])], opts.model,
-                            opts.prompt, opts.prompt_name)
-    queries = encode_query(encoder, query, info)
+    if spec.kind == "sparse":
+        queries = {column: sparse_query(info, spec, query, opts).dense()[0]}
+    else:
+        encoder = query_encoder(info, [spec, *([rescore] if rescore else [])], opts.model,
+                                opts.prompt, opts.prompt_name)
+        queries = encode_query(encoder, query, info)
     chosen = reader if reader != "auto" else (
         "spark" if info.data_bytes > SPARK_ABOVE_BYTES or not info.arrow_readable
         else "delta-rs")
@@ -359,7 +410,9 @@ def search(table: str, column: str, query: str,
     hits = [Hit(id=key[0], score=score, chunk_index=key[1] if info.has_chunks else None)
             for score, key in best[:k]]
     result = SearchResult(hits=hits, column=column, reader=chosen, rows=rows,
-                          seconds=0.0, rescored_with=rescore.name if rescore else None)
+                          seconds=0.0, rescored_with=rescore.name if rescore else None,
+                          scored_by="exact dot product" if spec.kind == "sparse"
+                          else "exact cosine")
     if opts.snippets and hits:
         result.hits, note = with_snippets(info, hits)
         if note:
