@@ -141,7 +141,9 @@ def from_arrow(column: pa.Array | pa.ChunkedArray, dtype: str, width: int) -> Sp
     indices, values = struct.field("indices"), struct.field("values")
     offsets = indices.offsets.to_numpy().astype(np.int64)
     flat_i = indices.values.to_numpy()[offsets[0]:offsets[-1]]
-    flat_v = values.values.to_numpy()[offsets[0]:offsets[-1]]
+    # the two lists are arrays of their own: each is sliced by its own offsets
+    value_offsets = values.offsets.to_numpy()
+    flat_v = values.values.to_numpy()[value_offsets[0]:value_offsets[-1]]
     return SparseRows(flat_i.astype(np.int32), flat_v.astype(np.float32),
                       offsets - offsets[0], width)
 
