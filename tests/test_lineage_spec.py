@@ -63,6 +63,18 @@ def test_chunked_runs_count_passages_in_the_spec_facets(tmp_path):
     assert facet["passagesWritten"] == 40 and facet["chunking"]["mode"] == "late"
 
 
+def test_a_sparse_column_is_named_by_its_kind_in_the_spec_facet(tmp_path):
+    outputs = "[{name: emb_384, dim: 384}, {name: sp, kind: sparse, max_active_dims: 64}]"
+    cfg_extra = "outputs: " + outputs + "\n"
+    events = _events(tmp_path, cfg_extra)
+    for event in events.values():
+        validate_event(event)
+    columns = events["COMPLETE"]["run"]["facets"][lineage.EMBEDDING_FACET_KEY]["outputs"]
+    assert {k: columns[1][k] for k in ("name", "dim", "kind", "max_active_dims")} == {
+        "name": "sp", "dim": 0, "kind": "sparse", "max_active_dims": 64}
+    assert "kind" not in columns[0]
+
+
 @pytest.mark.parametrize("breaks, message", [
     (lambda e: e["run"]["facets"].__setitem__(
         "embedding", e["run"]["facets"].pop(lineage.EMBEDDING_FACET_KEY)), "project prefix"),
