@@ -109,6 +109,25 @@ def test_memory_stays_bounded_on_512_token_texts(sparse_models):
     assert_rows_equal(rows, ref)
 
 
+def test_passages_get_a_sparse_vector_each(sparse_models, demo_rows):
+    """chunking.mode: split: each passage's row equals encode_document on its own text."""
+    from pipeline.config import ChunkingConfig
+
+    path = sparse_models["splade_distilbert_sum"]
+    docs = sorted((r["text"] for r in demo_rows), key=len, reverse=True)[:6] + ["Tiny."]
+    enc = Encoder(ModelConfig(name_or_path=path),
+                  [OutputSpec(name="sp", kind="sparse", max_active_dims=K)],
+                  chunking=ChunkingConfig(mode="split", max_tokens=40, overlap_tokens=8))
+    enc.max_batch_rows = 5  # one document's passages land in several batches
+    result = enc.encode(docs)
+    rows = result.chunks
+    assert rows is not None and len(rows.doc) > 2 * len(docs)
+    pieces = [docs[d][a:b] for d, a, b in zip(rows.doc, rows.char_start, rows.char_end,
+                                              strict=True)]
+    got = from_arrow(result.columns["sp"], "float32", enc.info.vocab_size)
+    assert_rows_equal(got, st_rows(path, pieces, K))
+
+
 def test_queries_equal_encode_query(sparse_models):
     """The inference-free Router's query side is its static weights; the DistilBERT model's
     is the model with its query prompt."""
@@ -205,6 +224,18 @@ def test_sparse_rows_land_in_delta_equal_to_encode_document(spark, tables):
     assert meta["embed.kind"] == "sparse" and meta["embed.vocab_size"] == "30522"
     assert (meta["embed.pooling"], meta["embed.query"]) == ("splade-max", "static")
     assert len(meta["embed.tokenizer"]) == 16
+
+
+def test_another_top_k_into_the_same_table_is_refused(spark, tables, sparse_models, tmp_path):
+    from pipeline.errors import SinkConflictError
+
+    outputs = ("[{name: sp, kind: sparse, max_active_dims: 64}, "
+               "{name: sp16, kind: sparse, max_active_dims: 16, dtype: float16}]")
+    cfg = load_config(write_config(
+        tmp_path, tables["source"], tables["sparse"], outputs=outputs,
+        extra=f"model: {{name_or_path: {sparse_models['splade_router']}}}"))
+    with pytest.raises(SinkConflictError, match="max_active_dims"):
+        run(cfg, spark=spark)
 
 
 def test_a_csr_matrix_from_delta_rs_in_a_few_lines(tables):

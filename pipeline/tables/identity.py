@@ -140,6 +140,13 @@ class TableIdentity(Mapping[str, str]):
         if not diffs:
             return
         key = diffs[0]
+        if key == "outputs":
+            detail = _outputs_diff(self.entries.get(key) or "[]", wanted.get(key) or "[]")
+            if detail:
+                raise SinkConflictError(
+                    f"output table {path} was made with other output columns: {detail} "
+                    f"(differs in: {', '.join(diffs)}); write to a new sink.path or set "
+                    "sink.mode: overwrite to replace the table")
         shown = {side: (v if len(v) < 80 else v[:77] + "...") for side, v in
                  (("stored", self.entries.get(key) or "<none>"),
                   ("wanted", wanted.get(key) or "<none>"))}
@@ -234,3 +241,20 @@ def set_identity(spark: SparkSession, path: str, values: Mapping[str, Any]) -> N
 
 def _sql_str(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _outputs_diff(stored: str, wanted: str) -> str | None:
+    """The first difference of two ``outputs`` identities, e.g. ``column sp:
+    max_active_dims 1024 -> 64``; None when they do not parse as column lists."""
+    try:
+        old, new = json.loads(stored), json.loads(wanted)
+    except ValueError:
+        return None
+    old_names, new_names = [c.get("name") for c in old], [c.get("name") for c in new]
+    if old_names != new_names:
+        return f"columns {', '.join(map(str, old_names))} -> {', '.join(map(str, new_names))}"
+    for a, b in zip(old, new, strict=True):
+        for name in sorted({*a, *b}):
+            if a.get(name) != b.get(name):
+                return f"column {a['name']}: {name} {a.get(name)} -> {b.get(name)}"
+    return None
