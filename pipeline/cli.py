@@ -457,7 +457,8 @@ def sizes_cmd(config_path: Path, overrides: tuple[str, ...], rows: int) -> None:
         table.add_column(col, justify="left" if col in ("column", "reduce", "dtype")
                          else "right")
     for c in sizes.columns:
-        table.add_row(c.name, str(c.dim), str(c.layer), c.reduce, c.dtype,
+        dim = f"~{c.dim:,.1f} active" if c.sparse else str(c.dim)
+        table.add_row(c.name, dim, str(c.layer), c.reduce, c.dtype + " sparse" * c.sparse,
                       f"{c.bytes_per_row:,}", f"{c.bytes_per_row / full:.1%}",
                       _human(c.bytes_per_row * rows))
     total = sizes.total_bytes
@@ -465,7 +466,14 @@ def sizes_cmd(config_path: Path, overrides: tuple[str, ...], rows: int) -> None:
                   _human(total * rows), style="bold")
     table.add_row(f"float32 x {sizes.full_dim}", "", "", "", "", f"{full:,}", "100.0%",
                   _human(full * rows), style="dim")
+    if any(c.sparse for c in sizes.columns):  # the same backbone's dense vector, stored
+        for dtype, width in (("int8", sizes.full_dim), ("binary", sizes.full_dim // 8)):
+            table.add_row(f"{dtype} x {sizes.full_dim} (dense)", "", "", "", "", f"{width:,}",
+                          f"{width / full:.1%}", _human(width * rows), style="dim")
     Console().print(table)
+    if any(c.sparse for c in sizes.columns):
+        click.echo("sparse columns: active dimensions measured on the 32 canary texts of the "
+                   "parity check (a row stores each as an int32 id and its weight).")
     click.echo("reduce: truncate keeps the first dim components (Matryoshka-trained models); "
                "pca projects onto dim axes fitted once per table, which keeps more quality "
                "at small dims for models not trained for truncation (docs/outputs.md: Truncate or "

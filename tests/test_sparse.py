@@ -302,3 +302,18 @@ def test_search_cli_hybrid_and_explain(tables):
     bad = runner.invoke(main, ["search", "--table", tables["sparse"], "--column", "sp",
                                "--hybrid", "nocolon", QUERY])
     assert bad.exit_code == 2 and "TABLE:COLUMN" in bad.output
+
+
+def test_sizes_measures_a_sparse_columns_active_dimensions(sparse_models, tmp_path):
+    import pandas as pd
+
+    pd.DataFrame({"id": [1], "text": ["x"]}).to_parquet(tmp_path / "src.parquet")
+    cfg = write_config(tmp_path, str(tmp_path / "src.parquet"), str(tmp_path / "never"),
+                       outputs=f"[{{name: sp, kind: sparse, max_active_dims: {K}}}]",
+                       extra=f"model: {{name_or_path: {sparse_models['splade_bert_max']}}}",
+                       fmt="parquet")
+    out = CliRunner().invoke(main, ["sizes", "--config", str(cfg), "--rows", "1000"],
+                             env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert f"~{K}.0 active" in out.output and f"{K * 8:,}" in out.output
+    assert "int8 x 32 (dense)" in out.output
