@@ -101,6 +101,11 @@ def _save(dest: Path, hf_model, tokenizer, modules: Callable, **st_kwargs) -> st
     return str(dest)
 
 
+def build_all(root: Path, families: tuple[str, ...] = FAMILIES) -> dict[str, str]:
+    """Each of ``families`` built under ``root``: {family: its directory}."""
+    return {f: build(f, root / f) for f in families}
+
+
 def build(family: str, dest: Path, seed: int = 0) -> str:
     """The model directory of ``family`` (one of FAMILIES) at ``dest``."""
     import torch

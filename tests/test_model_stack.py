@@ -28,8 +28,7 @@ PACKED = {"bert_cls", "bert_dense", "xlmr_prompts", "modernbert", "qwen3_last", 
 
 @pytest.fixture(scope="module")
 def families(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("families")
-    return {f: model_families.build(f, root / f) for f in model_families.FAMILIES}
+    return model_families.build_all(tmp_path_factory.mktemp("families"))
 
 
 @pytest.fixture(scope="module")

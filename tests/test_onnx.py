@@ -25,9 +25,8 @@ SPECS = (OutputSpec(name="e", dim=32), OutputSpec(name="l1", dim=16, layer=1))
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("onnx_models")
-    return {f: model_families.build(f, root / f)
-            for f in ("bert_cls", "xlmr_prompts", "qwen3_last", "gemma3_dense")}
+    return model_families.build_all(tmp_path_factory.mktemp("onnx_models"),
+                                    ("bert_cls", "xlmr_prompts", "qwen3_last", "gemma3_dense"))
 
 
 @pytest.fixture(scope="module")

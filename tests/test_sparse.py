@@ -32,8 +32,8 @@ QUERY = "parse the command line arguments and return the options"
 
 @pytest.fixture(scope="module")
 def sparse_models(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("sparse")
-    return {f: model_families.build(f, root / f) for f in model_families.SPARSE_FAMILIES}
+    return model_families.build_all(tmp_path_factory.mktemp("sparse"),
+                                    model_families.SPARSE_FAMILIES)
 
 
 @pytest.fixture(scope="module")
