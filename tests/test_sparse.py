@@ -64,7 +64,7 @@ def test_each_sparse_family_equals_encode_document(sparse_models, texts, family,
     path = sparse_models[family]
     enc = Encoder(ModelConfig(name_or_path=path, attention=attention),
                   [OutputSpec(name="sp", kind="sparse", max_active_dims=K)])
-    assert enc.runtime.attention == ("varlen" if attention == "auto" else "sdpa")
+    assert enc.packed == (attention == "auto")  # packed rows (varlen / flash), or padded
     rows = from_arrow(enc.encode(texts).columns["sp"], "float32", enc.info.vocab_size)
     assert_rows_equal(rows, st_rows(path, texts, K))
     assert rows.active().max() == K
