@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import SinkConflictError
 
 if TYPE_CHECKING:
+    from delta.tables import DeltaTableBuilder
     from pyspark.sql import SparkSession
     from pyspark.sql.types import StructType
 
@@ -209,27 +210,33 @@ def ensure_table(spark: SparkSession, path: str, schema: StructType, identity: T
         builder = builder.property(key, value)
     if deletion_vectors:
         builder = builder.property("delta.enableDeletionVectors", "true")
-    try:
-        builder.execute()
-    except Exception:
-        # Two runs creating the table at once: the loser finds it made (or, a moment
-        # before its first commit lands, a folder that is not a table yet: wait for
-        # it); then the identity check decides, as for any existing table.
-        stored = _identity_once_made(spark, path)
-        if stored is None:
-            raise
-        stored.check_compatible(identity, path)
+    if _create_racing(builder, path):
+        # Another run made the table while this one tried: the identity check decides,
+        # as for any existing table.
+        stored = TableIdentity.read(spark, path)
+        if stored is not None:
+            stored.check_compatible(identity, path)
 
 
-def _identity_once_made(spark: SparkSession, path: str,
-                        wait: float = 10.0) -> TableIdentity | None:
+def _create_racing(builder: DeltaTableBuilder, path: str, wait: float = 20.0) -> bool:
+    """Run the create; True when it had to be retried because another writer was making
+    the table at the same moment. Delta then fails in one of several ways (its commit
+    conflict, "not empty and also not a Delta table" while the other's first commit is
+    being written, "doesn't exist" from a snapshot cached a moment before): each retry
+    starts a new transaction, which reads the log afresh and finds the table made. A
+    folder without ``_delta_log`` is not a race: its error is raised at once."""
     from pipeline.tables.delta import is_delta_table
 
     deadline = time.monotonic() + wait
+    retried = False
     while True:
-        stored = TableIdentity.read(spark, path) if is_delta_table(path) else None
-        if stored is not None or time.monotonic() > deadline:
-            return stored
+        try:
+            builder.execute()
+            return retried
+        except Exception:
+            if not is_delta_table(path) or time.monotonic() > deadline:
+                raise
+        retried = True
         time.sleep(0.5)
 
 
