@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.reference import st_encode_seconds  # noqa: E402
+from bench.reference import cpu_label, st_encode_seconds  # noqa: E402
 
 
 def main() -> None:
@@ -77,6 +77,7 @@ def main() -> None:
                                  cfg.model.max_length)
         report = {
             "texts": len(texts),
+            "cpu": cpu_label(),
             "job_seconds": round(job_s, 2),
             "job_texts_per_s": round(len(texts) / job_s, 1),
             "job_encode_seconds_summed_over_workers": round(result.encode_seconds, 2),

@@ -75,7 +75,22 @@ def test_minilm_fp32_graph_and_int8_against_torch_on_the_canary(model_dir, tmp_p
     int8 = enc.encode_float(canary)[0]
     for name in ref:
         assert cosine_rows(fp32[name], ref[name]).min() >= 0.9999, name
-        assert cosine_rows(int8[name], ref[name]).min() >= 0.98, name
+        assert cosine_rows(int8[name], ref[name]).min() >= 0.985, name
+        assert cosine_rows(int8[name], ref[name]).mean() >= 0.998, name
+
+
+def test_an_int8_row_does_not_depend_on_its_batch(model_dir, tmp_path):
+    """Activations are quantized per token, not per batch: a text encoded alone gets the
+    vector it gets among 240 others (under ONNX Runtime's per-batch dynamic quantization
+    the worst of these moved to cosine 0.979, and no row kept its bytes)."""
+    from pipeline.drift import canary_texts
+
+    canary = canary_texts()
+    enc = Encoder(ModelConfig(backend="onnx-int8", onnx_cache=str(tmp_path)),
+                  (OutputSpec(name="e", dim=384),))
+    together = enc.encode_float(canary)[0]["e"]
+    alone = np.concatenate([enc.encode_float([t])[0]["e"] for t in canary[::8]])
+    assert cosine_rows(alone, together[::8]).min() >= 0.99999
 
 
 def test_an_architecture_that_does_not_export_is_refused_before_spark(tiny, tmp_path):

@@ -3,15 +3,15 @@
 The graph is exported from the loaded torch model (``torch.onnx.export``, eager
 attention, dynamic batch and sequence axes), with an output per layer a column
 needs, and stops at the deepest one (2D Matryoshka columns keep working; the
-pass exits early as the torch backend's does). ``onnx-int8`` quantizes its
-weights (ONNX Runtime's dynamic quantization: int8 weights per channel,
-activations quantized per batch at run time). Pooling, the model's Dense head,
+pass exits early as the torch backend's does). ``onnx-int8`` rewrites it to int8
+(pipeline.encoder.int8: activations quantized per token at run time, weights per
+channel, LayerNorm outlier channels smoothed). Pooling, the model's Dense head,
 truncation and quantization stay the engine's, as for torch.
 
 Exported once per model and layer set, cached on disk (``model.onnx_cache``,
 else ``$EMBED_ONNX_CACHE``, else ``~/.cache/embed-pipeline/onnx``) under a key of
-the model fingerprint, the backend, the layers, the opset and the library
-versions; made under a file lock and renamed into place, so concurrent Python
+the model fingerprint, the backend, the layers, the opset, the library versions
+and the int8 calibration texts; made under a file lock and renamed into place, so concurrent Python
 workers on one node export it once and the others wait for it. Export and
 quantization are deterministic: the same model gives the same files.
 
@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -44,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 OPSET = 18
-EXPORT_VERSION = "2"  # bump when the export below changes what it writes
+EXPORT_VERSION = "3"  # bump when the export below changes what it writes
 BACKENDS = ("onnx", "onnx-int8")
 
 
@@ -75,9 +74,13 @@ class ExportKey:
 
     @property
     def digest(self) -> str:
+        from pipeline.encoder.int8 import CALIBRATION_FILE
+
         blob = json.dumps({"fingerprint": self.fingerprint, "layers": self.layers,
                            "num_layers": self.num_layers, "opset": OPSET,
-                           "export": EXPORT_VERSION, "versions": _versions()}, sort_keys=True)
+                           "export": EXPORT_VERSION, "versions": _versions(),
+                           "calibration": hashlib.sha256(CALIBRATION_FILE.read_bytes())
+                           .hexdigest()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     def files(self, root: Path) -> tuple[Path, Path, Path]:
@@ -113,7 +116,7 @@ def ensure_graph(req: LoadRequest, key: ExportKey, root: Path) -> tuple[Path, di
             meta = _export(req, key, graph)
             _write_atomically(meta_file, json.dumps(meta, sort_keys=True).encode())
         if mine != graph and not mine.is_file():
-            _quantize(graph, mine, key.num_layers)
+            _quantize(req, graph, mine, json.loads(meta_file.read_text()))
     return mine, json.loads(meta_file.read_text())
 
 
@@ -196,40 +199,43 @@ class _LayerOutputs:
         return LayerOutputs().eval()
 
 
-_LAYER = re.compile(r"/(?:layer|layers|h|block|blocks)\.(\d+)/")
-
-
-def fp32_nodes(graph: Any, num_layers: int) -> list[str]:
-    """The MatMuls kept in fp32 by ``onnx-int8``: the feed-forward down projections (a
-    weight wider in than out: intermediate -> hidden, whose inputs are the activations
-    with the widest range) and every MatMul of the first and the last layer. Measured on
-    all-MiniLM-L6-v2 and the 240 canary texts (bench/encode.py, README "CPU clusters"):
-    every MatMul in int8 gave min cosine 0.964 to fp32; this, 0.980."""
-    weights = {w.name: tuple(w.dims) for w in graph.graph.initializer}
-    keep = []
-    for node in graph.graph.node:
-        if node.op_type not in ("MatMul", "Gemm"):
-            continue
-        shape = next((weights[i] for i in node.input if i in weights), None)
-        layer = _LAYER.search(node.name)
-        edge = layer is not None and int(layer.group(1)) in (0, num_layers - 1)
-        if shape is not None and (edge or (len(shape) == 2 and shape[0] > shape[1])):
-            keep.append(node.name)
-    return keep
-
-
-def _quantize(graph: Path, out: Path, num_layers: int) -> None:
-    """int8 weights, per channel (ONNX Runtime's dynamic quantization of the weight
-    MatMuls), but for :func:`fp32_nodes`."""
+def _quantize(req: LoadRequest, graph: Path, out: Path, meta: dict[str, Any]) -> None:
+    """The int8 graph (pipeline.encoder.int8: per-token activations, per-channel
+    weights, LayerNorm outliers smoothed on the fixed calibration texts)."""
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    keep = fp32_nodes(onnx.load(str(graph), load_external_data=False), num_layers)
+    from pipeline.encoder import int8
+
+    model = int8.quantize(onnx.load(str(graph)), _calibration_feeds(req, meta))
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    quantize_dynamic(str(graph), str(tmp), per_channel=True, weight_type=QuantType.QInt8,
-                     op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=keep,
-                     extra_options={"MatMulConstBOnly": True})
+    onnx.save(model, str(tmp))
     os.replace(tmp, out)
+
+
+def _calibration_feeds(req: LoadRequest, meta: dict[str, Any],
+                       rows: int = 16) -> Iterator[dict[str, np.ndarray]]:
+    """The calibration texts as the graph's inputs: padded batches of ``rows``."""
+    from transformers import AutoTokenizer
+
+    from pipeline.encoder import int8
+
+    tokenizer = AutoTokenizer.from_pretrained(str(req.path), local_files_only=True,
+                                              trust_remote_code=req.trust_remote_code)
+    texts = int8.calibration_texts()
+    for i in range(0, len(texts), rows):
+        batch = tokenizer(texts[i:i + rows], padding=True, truncation=True, max_length=256,
+                          return_tensors="np")
+        yield _feed(meta, batch["input_ids"], batch["attention_mask"])
+
+
+def _feed(meta: dict[str, Any], ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The graph's inputs for one padded batch (position ids from the mask)."""
+    feed = {"input_ids": ids.astype(np.int64, copy=False),
+            "attention_mask": mask.astype(np.int64, copy=False)}
+    if "position_ids" in meta["inputs"]:
+        positions = np.clip(np.cumsum(feed["attention_mask"], axis=1) - 1, 0, None)
+        feed["position_ids"] = positions + int(meta["position_offset"])
+    return feed
 
 
 class OnnxBackend:
@@ -273,12 +279,7 @@ class OnnxBackend:
     def hidden(self, inputs: dict[str, Any]) -> dict[int, Any]:
         import torch
 
-        ids = inputs["input_ids"].numpy().astype(np.int64, copy=False)
-        mask = inputs["attention_mask"].numpy().astype(np.int64, copy=False)
-        feed = {"input_ids": ids, "attention_mask": mask}
-        if "position_ids" in self.meta["inputs"]:
-            positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-            feed["position_ids"] = positions + int(self.meta["position_offset"])
+        feed = _feed(self.meta, inputs["input_ids"].numpy(), inputs["attention_mask"].numpy())
         states = self.session.run(self.meta["outputs"], feed)
         return {layer: torch.from_numpy(s) for layer, s in zip(self.layers, states,
                                                                 strict=True)}
