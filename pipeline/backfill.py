@@ -24,7 +24,7 @@ import hashlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline import source
 from pipeline.config import RunConfig
@@ -89,6 +89,57 @@ def plan(spark: SparkSession, cfg: RunConfig, model_fingerprint: str, start: str
         plans.append(PartitionPlan(partition=p, rows=row["count"],
                                    committed=txn_committed(spark, cfg.sink.path, p.txn)))
     return plans
+
+
+def plan_without_spark(cfg: RunConfig, model_fingerprint: str, start: str | None,
+                       end: str | None, salt: str = "") -> list[PartitionPlan] | None:
+    """:func:`plan`'s answer read with delta-rs and pyarrow, no JVM (``embed backfill
+    --dry-run``); None where that reader does not apply: a source that is not a local
+    Delta table, one delta-rs cannot read (deletion vectors, column mapping), or a
+    partition column that is not a string, a date or an integer (Spark's cast to
+    string is the partition value; those three cast alike in both)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline import deltars
+    from pipeline.tables.paths import is_remote
+
+    column = partition_column(cfg)
+    if cfg.source.format != "delta" or is_remote(cfg.source.path) or is_remote(cfg.sink.path):
+        return None
+    try:
+        data = deltars.dataset(cfg.source.path)
+    except deltars.NotReadableHere:
+        return None
+    except Exception:  # noqa: BLE001 - no table there: Spark says so, in its words
+        return None
+    if column not in data.schema.names:
+        raise ConfigError("source.partition_column", f"column {column!r} is not in the source; "
+                          f"its columns are: {', '.join(data.schema.names)}")
+    kind = data.schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or pa.types.is_date32(kind) or pa.types.is_integer(kind)):
+        return None
+    values = pc.cast(data.to_table(columns=[column]).column(column), pa.string())
+    counts = pc.value_counts(values.drop_null())
+    found = sorted((str(v), int(n or 0)) for v, n in zip(counts.field("values").to_pylist(),
+                                                    counts.field("counts").to_pylist(),
+                                                    strict=True)
+                   if (start is None or str(v) >= start) and (end is None or str(v) <= end))
+    output = _output_table(cfg.sink.path)
+    plans = []
+    for value, rows in found:
+        p = partition(cfg, model_fingerprint, value, salt)
+        done = output is not None and (output.transaction_version(p.app_id) or -1) >= p.txn[1]
+        plans.append(PartitionPlan(partition=p, rows=rows, committed=done))
+    return plans
+
+
+def _output_table(path: str) -> Any:
+    from pipeline import deltars
+    from pipeline.tables.delta import is_delta_table
+
+    return deltars.open_table(path) if is_delta_table(path) else None
 
 
 def without_canary(cfg: RunConfig) -> RunConfig:

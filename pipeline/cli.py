@@ -161,8 +161,14 @@ def backfill_cmd(config_path: Path, overrides: tuple[str, ...], start: str | Non
     try:
         cfg = load_config(config_path, overrides)
         checked = preflight(cfg)
-        spark = get_session(cfg.spark)
         salt = "" if resume else uuid.uuid4().hex
+        # a dry run reads the tables' logs with delta-rs where it can: no JVM to start
+        plans = (backfill.plan_without_spark(cfg, checked.fingerprint, start, end, salt)
+                 if dry_run else None)
+        if plans is not None:
+            _print_plan(console, cfg, plans)
+            return
+        spark = get_session(cfg.spark)
         plans = backfill.plan(spark, cfg, checked.fingerprint, start, end, salt)
         _print_plan(console, cfg, plans)
         if not dry_run:

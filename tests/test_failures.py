@@ -172,6 +172,8 @@ def test_backfill_dry_run_and_parallel_partitions(spark, tmp_path, demo_rows):
     plans = backfill.plan(spark, cfg, fp, "2024-02", "2024-04")
     assert [(p.value, p.rows, p.committed) for p in plans] == [
         ("2024-02", 15, False), ("2024-03", 15, False), ("2024-04", 15, False)]
+    # --dry-run's plan, read with delta-rs (no JVM), is Spark's
+    assert backfill.plan_without_spark(cfg, fp, "2024-02", "2024-04") == plans
     results = backfill.run_backfill(spark, cfg, plans, parallelism=3)
     assert sorted(r.rows_embedded for r in results) == [15, 15, 15]
     # the canary runs once per backfill (first partition), distribution drift per partition
@@ -181,7 +183,10 @@ def test_backfill_dry_run_and_parallel_partitions(spark, tmp_path, demo_rows):
     # partitions after the first (table existing) are still blind appends: no conflicts
     writes = spark.sql(f"DESCRIBE HISTORY delta.`{out}`").filter("operation = 'WRITE'").collect()
     assert len(writes) == 3 and all(w["isBlindAppend"] for w in writes)
-    assert all(p.committed for p in backfill.plan(spark, cfg, fp, "2024-02", "2024-04"))
+    done = backfill.plan(spark, cfg, fp, "2024-02", "2024-04")
+    assert all(p.committed for p in done)
+    assert backfill.plan_without_spark(cfg, fp, "2024-01", "2024-04") == [
+        backfill.plan(spark, cfg, fp, "2024-01", "2024-01")[0], *done]
     assert spark.read.format("delta").load(out).count() == 45
 
 
