@@ -35,17 +35,15 @@ def st_encode_seconds(texts, model_dir, batch_size: int, dtype: str, device: str
     return time.perf_counter() - start
 
 
+
 def cpu_label() -> str:
     """The CPU's model name and the instruction sets that decide int8 / bf16 speed
     (ratios measured on one CPU do not carry to another: say which one ran)."""
     import platform
-    from pathlib import Path
 
-    info = Path("/proc/cpuinfo")
-    text = info.read_text() if info.is_file() else ""
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                 if line.startswith("model name")), platform.processor() or "unknown")
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
+    from pipeline.encoder.attention import cpu_info
+
+    name, flags = cpu_info()
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile")
-    return f"{name} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'})"
+    return (f"{name or platform.processor() or 'unknown'} "
+            f"({', '.join(f for f in wanted if f in flags) or 'no AVX2'})")

@@ -24,7 +24,7 @@ import hashlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pipeline import source
 from pipeline.config import RunConfig
@@ -83,11 +83,18 @@ def plan(spark: SparkSession, cfg: RunConfig, model_fingerprint: str, start: str
         df = df.filter(value <= end)
     counts = (df.groupBy(value.alias("value")).count().filter("value IS NOT NULL")
               .orderBy("value").collect())
+    return _plans(cfg, model_fingerprint, salt, [(r["value"], r["count"]) for r in counts],
+                  lambda txn: txn_committed(spark, cfg.sink.path, txn))
+
+
+def _plans(cfg: RunConfig, model_fingerprint: str, salt: str, counts: list[tuple[str, int]],
+           committed: Callable[[tuple[str, int]], bool]) -> list[PartitionPlan]:
+    """A PartitionPlan per (value, rows), in that order; ``committed``: whether Delta
+    recorded a txn (app id, version) on the output table."""
     plans = []
-    for row in counts:
-        p = partition(cfg, model_fingerprint, row["value"], salt)
-        plans.append(PartitionPlan(partition=p, rows=row["count"],
-                                   committed=txn_committed(spark, cfg.sink.path, p.txn)))
+    for value, rows in counts:
+        p = partition(cfg, model_fingerprint, value, salt)
+        plans.append(PartitionPlan(partition=p, rows=rows, committed=committed(p.txn)))
     return plans
 
 
@@ -102,6 +109,7 @@ def plan_without_spark(cfg: RunConfig, model_fingerprint: str, start: str | None
     import pyarrow.compute as pc
 
     from pipeline import deltars
+    from pipeline.tables.delta import is_delta_table
     from pipeline.tables.paths import is_remote
 
     column = partition_column(cfg)
@@ -109,9 +117,7 @@ def plan_without_spark(cfg: RunConfig, model_fingerprint: str, start: str | None
         return None
     try:
         data = deltars.dataset(cfg.source.path)
-    except deltars.NotReadableHere:
-        return None
-    except Exception:  # noqa: BLE001 - no table there: Spark says so, in its words
+    except Exception:  # noqa: BLE001 - NotReadableHere, or no table: Spark says so in its words
         return None
     if column not in data.schema.names:
         raise ConfigError("source.partition_column", f"column {column!r} is not in the source; "
@@ -126,20 +132,13 @@ def plan_without_spark(cfg: RunConfig, model_fingerprint: str, start: str | None
                                                     counts.field("counts").to_pylist(),
                                                     strict=True)
                    if (start is None or str(v) >= start) and (end is None or str(v) <= end))
-    output = _output_table(cfg.sink.path)
-    plans = []
-    for value, rows in found:
-        p = partition(cfg, model_fingerprint, value, salt)
-        done = output is not None and (output.transaction_version(p.app_id) or -1) >= p.txn[1]
-        plans.append(PartitionPlan(partition=p, rows=rows, committed=done))
-    return plans
+    output = deltars.open_table(cfg.sink.path) if is_delta_table(cfg.sink.path) else None
 
+    def committed(txn: tuple[str, int]) -> bool:
+        stored = output.transaction_version(txn[0]) if output is not None else None
+        return stored is not None and stored >= txn[1]
 
-def _output_table(path: str) -> Any:
-    from pipeline import deltars
-    from pipeline.tables.delta import is_delta_table
-
-    return deltars.open_table(path) if is_delta_table(path) else None
+    return _plans(cfg, model_fingerprint, salt, found, committed)
 
 
 def without_canary(cfg: RunConfig) -> RunConfig:

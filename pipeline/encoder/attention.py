@@ -49,13 +49,21 @@ def pick_device(requested: str, gpu_address: str | None = None) -> str:
     return "cpu"
 
 
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """(the CPU's model name, its instruction-set flags) from /proc/cpuinfo; ("", {})
+    where there is none."""
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+    except OSError:
+        return "", frozenset()
+    field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines)
+             if k.strip() in ("model name", "flags") and v}
+    return field.get("model name", ""), frozenset(field.get("flags", "").split())
+
+
 def cpu_has_fast_bf16() -> bool:
     """AVX512-bf16 or AMX: the CPUs on which bf16 matmuls beat fp32."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+    return bool(cpu_info()[1] & {"avx512_bf16", "amx_bf16"})
 
 
 def pick_precision(requested: str, device: str) -> str:

@@ -50,9 +50,18 @@ def calibration_texts() -> list[str]:
 
 
 def weight_matmuls(graph: Any) -> list[Any]:
-    """The MatMul nodes whose second input is a 2-D weight (an initializer)."""
-    weights = {w.name for w in graph.initializer if len(w.dims) == 2}
-    return [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    """The MatMul nodes whose second input is a 2-D weight (an initializer): the ones
+    the rewrite makes int8."""
+    weights = _weight_names(graph)
+    return [n for n in graph.node if _is_weight_matmul(n, weights)]
+
+
+def _weight_names(graph: Any) -> set[str]:
+    return {w.name for w in graph.initializer if len(w.dims) == 2}
+
+
+def _is_weight_matmul(node: Any, weights: set[str]) -> bool:
+    return node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in weights
 
 
 def activation_ranges(model: Any, feeds: Iterable[dict[str, np.ndarray]],
@@ -118,14 +127,11 @@ class _Rewriter:
         self.count = 0
 
     def run(self) -> None:
+        weights = _weight_names(self.graph)
         self._constants()
         out: list[Any] = []
         for node in list(self.graph.node):
-            weight = self.weights.get(node.input[1]) if len(node.input) > 1 else None
-            if node.op_type == "MatMul" and weight is not None and len(weight.dims) == 2:
-                out += self._replace(node)
-            else:
-                out.append(node)
+            out += self._replace(node) if _is_weight_matmul(node, weights) else [node]
         del self.graph.node[:]
         self.graph.node.extend(out)
         used = {name for node in out for name in node.input}

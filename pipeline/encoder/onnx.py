@@ -22,6 +22,7 @@ token-budgeted, one intra-op thread per worker (workers x threads <= cores).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -62,6 +63,14 @@ def _versions() -> dict[str, str]:
     return out
 
 
+@functools.cache
+def _calibration_digest() -> str:
+    """The int8 calibration texts' digest (read once per process)."""
+    from pipeline.encoder.int8 import CALIBRATION_FILE
+
+    return hashlib.sha256(CALIBRATION_FILE.read_bytes()).hexdigest()
+
+
 @dataclass(frozen=True)
 class ExportKey:
     """What an exported graph depends on: the model (its fingerprint), the layers it
@@ -74,13 +83,10 @@ class ExportKey:
 
     @property
     def digest(self) -> str:
-        from pipeline.encoder.int8 import CALIBRATION_FILE
-
         blob = json.dumps({"fingerprint": self.fingerprint, "layers": self.layers,
                            "num_layers": self.num_layers, "opset": OPSET,
                            "export": EXPORT_VERSION, "versions": _versions(),
-                           "calibration": hashlib.sha256(CALIBRATION_FILE.read_bytes())
-                           .hexdigest()}, sort_keys=True)
+                           "calibration": _calibration_digest()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     def files(self, root: Path) -> tuple[Path, Path, Path]:
@@ -113,11 +119,12 @@ def ensure_graph(req: LoadRequest, key: ExportKey, root: Path) -> tuple[Path, di
         return mine, json.loads(meta_file.read_text())
     with _locked(root / f"{key.digest}.lock"):
         if not (graph.is_file() and meta_file.is_file()):  # another worker may have won
-            meta = _export(req, key, graph)
-            _write_atomically(meta_file, json.dumps(meta, sort_keys=True).encode())
+            _write_atomically(meta_file, json.dumps(_export(req, key, graph),
+                                                    sort_keys=True).encode())
+        meta = json.loads(meta_file.read_text())
         if mine != graph and not mine.is_file():
-            _quantize(req, graph, mine, json.loads(meta_file.read_text()))
-    return mine, json.loads(meta_file.read_text())
+            _quantize(req, graph, mine, meta)
+    return mine, meta
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
