@@ -70,3 +70,50 @@ def read_pandas(path: str, equal: dict[str, Any] | None = None) -> Any:
         term = pc.field(column) == value
         filt = term if filt is None else filt & term
     return dataset(path).to_table(filter=filt).to_pandas()
+
+
+# --------------------------------------------------------------------------- appends
+
+_ARROW_TYPES: dict[str, pa.DataType] = {
+    "string": pa.string(), "long": pa.int64(), "bigint": pa.int64(), "int": pa.int32(),
+    "double": pa.float64(), "float": pa.float32(), "boolean": pa.bool_(),
+    "timestamp": pa.timestamp("us", tz="UTC"),  # Delta's timestamp: UTC microseconds
+}
+
+
+class NotWritableHere(Exception):
+    """delta-rs will not append to this table (a writer feature it lacks, a schema it
+    cannot merge): Spark's writer decides."""
+
+
+def arrow_schema(ddl: str) -> pa.Schema:
+    """A flat Spark DDL schema (``a string, `b` array<float>``) as pyarrow's, the way
+    Spark stores it in Delta (every field nullable)."""
+    fields = []
+    for column in ddl.split(", "):
+        name, kind = column.strip().split(None, 1)
+        inner = kind.removeprefix("array<").removesuffix(">")
+        arrow = _ARROW_TYPES[inner]
+        fields.append(pa.field(name.strip("`"), pa.list_(arrow) if inner != kind else arrow))
+    return pa.schema(fields)
+
+
+def append(path: str, ddl: str, rows: list[dict[str, Any]], user_metadata: str,
+           merge_schema: bool = False) -> None:
+    """Append driver-side rows to a local table (created where there is none) in one
+    commit whose ``userMetadata`` is ``user_metadata``, as Spark's append does; keys
+    outside ``ddl`` are ignored, missing ones are null; ``merge_schema`` adds the
+    columns the table lacks."""
+    from deltalake import CommitProperties, write_deltalake
+    from deltalake.exceptions import DeltaProtocolError, SchemaMismatchError
+
+    schema = arrow_schema(ddl)
+    data = pa.Table.from_pylist([{n: row.get(n) for n in schema.names} for row in rows],
+                                schema=schema)
+    try:
+        write_deltalake(str(Path(path).resolve()), data, mode="append",
+                        schema_mode="merge" if merge_schema else None,
+                        commit_properties=CommitProperties(
+                            custom_metadata={"userMetadata": user_metadata}))
+    except (DeltaProtocolError, SchemaMismatchError) as exc:
+        raise NotWritableHere(f"{path}: {exc}") from exc

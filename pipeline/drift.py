@@ -44,7 +44,7 @@ from pipeline.errors import CanaryError, ConfigError, DriftBreach
 from pipeline.outputs import Calibration, row_cosines
 from pipeline.results import CanaryResult, ColumnParity, DriftResult
 from pipeline.tables import runs
-from pipeline.tables.delta import append_rows, is_delta_table, rows_frame
+from pipeline.tables.delta import append_records, append_rows, is_delta_table
 from pipeline.tables.paths import TablePaths
 
 if TYPE_CHECKING:
@@ -162,17 +162,14 @@ class CanaryJob:
 
 def store_canary(spark: SparkSession, cfg: RunConfig, job: CanaryJob, runtime: str,
                  texts: list[str], vectors: dict[str, np.ndarray]) -> None:
-    import pandas as pd
-
     now = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
     hashes = [text_hash(t) for t in texts]
-    frame = pd.DataFrame([
+    rows = [
         {"output_path": cfg.sink.path, "run_id": job.run_id, "canary_id": i,
          "text_hash": hashes[i], "column": name, "vector": _canary_cell(vecs, i),
          "runtime": runtime, "model_fingerprint": job.model_fp, "stored_at": now}
-        for name, vecs in vectors.items() for i in range(len(texts))])
-    append_rows(spark.createDataFrame(frame, CANARY_SCHEMA).coalesce(1),
-                TablePaths.of(cfg).canary, job.run_id)
+        for name, vecs in vectors.items() for i in range(len(texts))]
+    append_records(spark, TablePaths.of(cfg).canary, CANARY_SCHEMA, rows, job.run_id)
 
 
 def _canary_cell(vectors: Any, i: int) -> list[float]:
@@ -426,8 +423,8 @@ def record(spark: SparkSession, cfg: RunConfig, run_id: str, version: int | None
                    canary_max_abs_diff=parity.max_abs_diff if parity else None,
                    computed_at=now)
         rows.append(row)
-    append_rows(rows_frame(spark, DRIFT_SCHEMA, rows).coalesce(1), TablePaths.of(cfg).drift,
-                run_id, merge_schema=True)
+    append_records(spark, TablePaths.of(cfg).drift, DRIFT_SCHEMA, rows, run_id,
+                   merge_schema=True)
 
 
 def stored_flags(rows: Any) -> list[str]:

@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.outputs import Projection
-from pipeline.tables.delta import append_rows, rows_frame
+from pipeline.tables.delta import append_records
 from pipeline.tables.paths import TablePaths
 
 if TYPE_CHECKING:
@@ -43,8 +43,7 @@ def store(spark: SparkSession, output_path: str, projections: dict[str, Projecti
              "mean": p.mean.tolist() if p.mean is not None else None,
              "sample_rows": sample_rows, "run_id": run_id, "fitted_at": now}
             for name, p in sorted(projections.items())]
-    append_rows(rows_frame(spark, SCHEMA, rows).coalesce(1), table_path(output_path),
-                     run_id)
+    append_records(spark, table_path(output_path), SCHEMA, rows, run_id)
 
 
 def load(output_path: str, digests: dict[str, str]) -> dict[str, Projection]:

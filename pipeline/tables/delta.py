@@ -298,12 +298,28 @@ def delete_ids(spark: SparkSession, path: str, ids_df: DataFrame, run_id: str) -
 
 
 def append_rows(df: DataFrame, path: str, run_id: str, merge_schema: bool = False) -> None:
-    """A bookkeeping append (quarantine, runs, canary, drift, samples), its commit tagged
+    """A bookkeeping append of a DataFrame (quarantine, samples), its commit tagged
     with the same JSON ``userMetadata`` as the output table's commits."""
     writer = df.write.format("delta").mode("append").option("userMetadata", commit_tag(run_id))
     if merge_schema:
         writer = writer.option("mergeSchema", "true")
     writer.save(path)
+
+
+def append_records(spark: SparkSession, path: str, schema_ddl: str,
+                   rows: list[dict[str, Any]], run_id: str, merge_schema: bool = False) -> None:
+    """A bookkeeping append of rows the driver holds (runs, canary, drift, projections),
+    tagged as :func:`append_rows` tags. Through delta-rs where the table is local: 13 ms
+    against Spark's 0.5 s in a warm JVM and 7 s in a cold one, so a run that writes no
+    embeddings never loads Spark's Delta writer. Spark where the table is remote or
+    delta-rs will not write it (a writer feature it lacks, a schema it cannot merge)."""
+    from pipeline import deltars
+
+    if not is_remote(path):
+        with contextlib.suppress(deltars.NotWritableHere):
+            deltars.append(path, schema_ddl, rows, commit_tag(run_id), merge_schema)
+            return
+    append_rows(rows_frame(spark, schema_ddl, rows).coalesce(1), path, run_id, merge_schema)
 
 
 def rows_frame(spark: SparkSession, schema_ddl: str, rows: list[dict[str, Any]]) -> DataFrame:

@@ -102,7 +102,7 @@ def latest_source(path: str, output_path: str) -> dict[str, Any] | None:
 
 def append(spark: SparkSession, path: str, fields: dict[str, Any]) -> None:
     """Append one run event; missing fields are null, dicts are stored as JSON."""
-    from pipeline.tables.delta import append_rows, rows_frame
+    from pipeline.tables.delta import append_records
 
     row = dict(fields, event_time=datetime.now(UTC).replace(tzinfo=None))
     for key in _JSON_FIELDS:
@@ -112,11 +112,11 @@ def append(spark: SparkSession, path: str, fields: dict[str, Any]) -> None:
         value = row.get(key)
         if isinstance(value, datetime) and value.tzinfo is not None:
             row[key] = value.astimezone(UTC).replace(tzinfo=None)
-    frame = rows_frame(spark, SCHEMA, [row])
     for attempt in range(3):  # appends never conflict, but two first writes can race
         try:
             # mergeSchema: runs tables of older releases gain the newer columns
-            append_rows(frame, path, fields.get("run_id") or "", merge_schema=True)
+            append_records(spark, path, SCHEMA, [row], fields.get("run_id") or "",
+                           merge_schema=True)
             return
         except Exception:
             if attempt == 2:
