@@ -13,6 +13,7 @@ things are (the model directory, the runs table).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator, Mapping
@@ -86,12 +87,25 @@ class TableIdentity(Mapping[str, str]):
 
     @classmethod
     def read(cls, spark: SparkSession, path: str) -> TableIdentity | None:
-        """The table's identity (empty: a Delta table embed did not make; None: no table)."""
+        """The table's identity (empty: a Delta table embed did not make; None: no table).
+        A local table's log is read with delta-rs (no Spark job: in a new JVM, Spark's
+        first Delta read costs seconds), a remote one or one delta-rs cannot open with
+        Spark."""
         from delta.tables import DeltaTable
 
         from pipeline.tables.delta import is_delta_table
+        from pipeline.tables.paths import is_remote
 
-        if not is_delta_table(path) or not DeltaTable.isDeltaTable(spark, path):
+        if not is_delta_table(path):
+            return None
+        if not is_remote(path):
+            from deltalake.exceptions import DeltaError
+
+            from pipeline import deltars
+
+            with contextlib.suppress(DeltaError):
+                return cls.from_properties(deltars.open_table(path).metadata().configuration)
+        if not DeltaTable.isDeltaTable(spark, path):
             return None
         props = DeltaTable.forPath(spark, path).detail().collect()[0]["properties"] or {}
         return cls.from_properties(props)
