@@ -128,7 +128,7 @@ class RunRecorder:
     """One run's records: the runs table (``running`` -> ``succeeded`` | ``failed``, or a
     lone ``skipped``) and its OpenLineage events (START -> COMPLETE | FAIL)."""
 
-    def __init__(self, spark: SparkSession, cfg: RunConfig, meta: RunMeta):
+    def __init__(self, spark: SparkSession | None, cfg: RunConfig, meta: RunMeta):
         self.spark, self.cfg, self.meta = spark, cfg, meta
         self.path = TablePaths.of(cfg).runs
         self.lineage_run_id = new_lineage_run_id()

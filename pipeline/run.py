@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from pipeline import changes, drift, lineage, projections, sampling, sink, source
+from pipeline import changes, drift, lineage, projections, sampling, sink, source, up_to_date
 from pipeline.config import RunConfig
 from pipeline.encoder import parity
 from pipeline.encoder.model import ModelInfo
@@ -34,7 +34,7 @@ from pipeline.encoder.parity import ParityResult
 from pipeline.errors import AlreadyCommitted, PipelineError, ReconciliationError, raised_on_worker
 from pipeline.outputs import Calibration, Projection, needs_calibration, needs_projection
 from pipeline.placement import Placement
-from pipeline.preflight import preflight
+from pipeline.preflight import Preflight, preflight
 from pipeline.results import CanaryResult, DriftResult, Partition, RunResult
 from pipeline.tables import delta
 from pipeline.tables.identity import TableIdentity, check_compatible, ensure_table, set_identity
@@ -56,6 +56,8 @@ ENCODE_JOB_GROUP = "embed-encode"
 # at least this many waves of tasks, for a moving progress bar.
 MAX_ROWS_PER_TASK = 16_384
 MIN_WAVES = 4
+# The placement of a run that nothing changed for: no encode stage, no Spark
+UP_TO_DATE = "none: the source is as the last run left it (read from the Delta logs, no Spark)"
 Progress = Callable[["SparkSession", str], contextlib.AbstractContextManager[Any]]
 
 
@@ -223,6 +225,11 @@ def run(cfg: RunConfig, spark: SparkSession | None = None, progress: Progress | 
     with timer("preflight"):
         checked = preflight(cfg)
         cfg, info, model_fp = checked.cfg, checked.info, checked.fingerprint
+    if partition is None and not full_refresh:
+        with timer("plan"):
+            unchanged = up_to_date.check(cfg, info, model_fp)
+        if unchanged is not None:  # nothing to do, known from the logs: no JVM for it
+            return _up_to_date(checked, unchanged, timer, started)
     with timer("spark_start"):
         spark = spark or spark_setup.get_session(cfg.spark)
     udf.check_gpu_request(spark, cfg)
@@ -324,6 +331,33 @@ def _skipped(ctx: RunContext, recorder: lineage.RunRecorder, timer: StageTimer) 
         partition=ctx.partition.value, stage_seconds=dict(timer.seconds))
     recorder.skip(result)
     log.info(message)
+    return result
+
+
+def _up_to_date(checked: Preflight, unchanged: up_to_date.Unchanged, timer: StageTimer,
+                started: float) -> RunResult:
+    """A run with nothing to do (:func:`pipeline.up_to_date.check`), recorded as the Spark
+    path records one (a succeeded run of no rows, its lineage events), without Spark."""
+    cfg, info = checked.cfg, checked.info
+    started_at = datetime.now(UTC).replace(microsecond=0)
+    run_id = new_run_id(started_at)
+    recorder = lineage.RunRecorder(None, cfg, lineage.RunMeta(
+        run_id, started_at, info, checked.fingerprint, None))
+    recorder.start()
+    enabled = cfg.drift.distribution.enabled
+    result = RunResult(
+        run_id=run_id, output_path=cfg.sink.path, quarantine_path=TablePaths.of(cfg).quarantine,
+        rows_read=0, rows_embedded=0, rows_quarantined=0, rows_skipped=0,
+        columns=[o.name for o in cfg.outputs], model=info.name,
+        model_fingerprint=checked.fingerprint, runtime="-", output_version=None,
+        seconds=time.perf_counter() - started, placement=UP_TO_DATE,
+        source_version=unchanged.source_version, plan_path="cdf", plan_note=unchanged.note,
+        canary_note="skipped: nothing to write" if cfg.drift.canary.enabled else "",
+        drift=DriftResult(status="no_rows", message="nothing new to compare") if enabled
+        else DriftResult(status="disabled"),
+        stage_seconds=dict(timer.seconds), lineage_run_id=recorder.lineage_run_id,
+        schemas=unchanged.schemas, warnings=list(checked.warnings))
+    recorder.succeed(result)
     return result
 
 

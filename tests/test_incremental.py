@@ -6,6 +6,7 @@ runs to seconds; real Spark, real Delta."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import ConcurrentRunError
-from pipeline.run import run
+from pipeline.run import UP_TO_DATE, run
 from pipeline.tables import runs as runs_table
 from pipeline.tables.paths import TablePaths
 from tests.conftest import cosine_rows, write_config
@@ -107,10 +108,32 @@ def test_nothing_changed_reads_no_rows_and_loads_no_model(spark, tiny_model, tmp
     src = str(tmp_path / "src")
     write_varied_table(spark, src, 2_000, change_feed=True)
     cfg = _config(tmp_path, "t", src, tiny_model)
-    run(cfg, spark=spark)
+    first = run(cfg, spark=spark)
     again = run(cfg, spark=spark)
     assert (again.plan_path, again.rows_read, again.rows_embedded) == ("cdf", 0, 0)
     assert again.runtime == "-" and again.encoder_cpu_seconds == 0  # no encode task ran
+    # decided from the Delta logs (pipeline.up_to_date): no Spark stage ran, and the
+    # run is recorded as the Spark path records one
+    assert again.placement == UP_TO_DATE and "spark_start" not in again.stage_seconds
+    assert again.source_version == first.source_version
+    recorded = runs_table.latest(TablePaths.beside(cfg.sink.path).runs, spark=spark, limit=1)
+    assert (recorded.iloc[0].run_id, recorded.iloc[0].status) == (again.run_id, "succeeded")
+    assert recorded.iloc[0].source_version == first.source_version
+
+    # the model directory moved (same weights): the table's model_path is refreshed, a
+    # commit the logs alone cannot make, so the Spark path runs, reads an empty feed
+    # and embeds nothing; the next run is decided from the logs again
+    moved = shutil.copytree(tiny_model, tmp_path / "elsewhere" / Path(tiny_model).name)
+    (tmp_path / "moved").mkdir()
+    cfg = load_config(write_config(tmp_path / "moved", src, cfg.sink.path, outputs=OUTPUTS,
+                                   extra=f"model: {{name_or_path: '{moved}', "
+                                   "token_budget: 65536, max_batch_rows: 1024}"),
+                      ["sink.deletes=delete"])
+    spark_path = run(cfg, spark=spark)
+    assert (spark_path.plan_path, spark_path.rows_read, spark_path.rows_embedded) == (
+        "cdf", 0, 0)
+    assert spark_path.placement != UP_TO_DATE and "spark_start" in spark_path.stage_seconds
+    assert run(cfg, spark=spark).placement == UP_TO_DATE
 
 
 def test_vacuumed_history_falls_back_to_the_full_comparison(spark, tiny_model, tmp_path):

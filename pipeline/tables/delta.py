@@ -306,19 +306,25 @@ def append_rows(df: DataFrame, path: str, run_id: str, merge_schema: bool = Fals
     writer.save(path)
 
 
-def append_records(spark: SparkSession, path: str, schema_ddl: str,
+def append_records(spark: SparkSession | None, path: str, schema_ddl: str,
                    rows: list[dict[str, Any]], run_id: str, merge_schema: bool = False) -> None:
     """A bookkeeping append of rows the driver holds (runs, canary, drift, projections),
     tagged as :func:`append_rows` tags. Through delta-rs where the table is local: 13 ms
     against Spark's 0.5 s in a warm JVM and 7 s in a cold one, so a run that writes no
     embeddings never loads Spark's Delta writer. Spark where the table is remote or
-    delta-rs will not write it (a writer feature it lacks, a schema it cannot merge)."""
+    delta-rs will not write it (a writer feature it lacks, a schema it cannot merge);
+    ``spark`` None: a local session is started for that case only."""
     from pipeline import deltars
 
     if not is_remote(path):
         with contextlib.suppress(deltars.NotWritableHere):
             deltars.append(path, schema_ddl, rows, commit_tag(run_id), merge_schema)
             return
+    if spark is None:  # a run that started no Spark (pipeline.up_to_date)
+        from pipeline.config import SparkConfig
+        from pipeline.spark import get_session
+
+        spark = get_session(SparkConfig(master="local[1]", app_name="embed-bookkeeping"))
     append_rows(rows_frame(spark, schema_ddl, rows).coalesce(1), path, run_id, merge_schema)
 
 

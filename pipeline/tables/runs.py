@@ -100,7 +100,7 @@ def latest_source(path: str, output_path: str) -> dict[str, Any] | None:
     return None
 
 
-def append(spark: SparkSession, path: str, fields: dict[str, Any]) -> None:
+def append(spark: SparkSession | None, path: str, fields: dict[str, Any]) -> None:
     """Append one run event; missing fields are null, dicts are stored as JSON."""
     from pipeline.tables.delta import append_records
 
