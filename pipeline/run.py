@@ -230,6 +230,11 @@ def run(cfg: RunConfig, spark: SparkSession | None = None, progress: Progress | 
             unchanged = up_to_date.check(cfg, info, model_fp)
         if unchanged is not None:  # nothing to do, known from the logs: no JVM for it
             return _up_to_date(checked, unchanged, timer, started)
+    elif partition is not None and up_to_date.partition_committed(cfg.sink.path, partition):
+        started_at = datetime.now(UTC).replace(microsecond=0)  # a re-run, an Airflow retry
+        return _skipped(lineage.RunRecorder(None, cfg, lineage.RunMeta(
+            new_run_id(started_at), started_at, info, model_fp, partition.value)),
+            partition, timer)
     with timer("spark_start"):
         spark = spark or spark_setup.get_session(cfg.spark)
     udf.check_gpu_request(spark, cfg)
@@ -237,12 +242,13 @@ def run(cfg: RunConfig, spark: SparkSession | None = None, progress: Progress | 
     recorder = lineage.RunRecorder(spark, cfg, lineage.RunMeta(
         ctx.run_id, ctx.started_at, info, model_fp, partition.value if partition else None))
     if partition and delta.txn_committed(spark, cfg.sink.path, partition.txn):
-        return _skipped(ctx, recorder, timer)  # nothing recorded as running, no START
+        return _skipped(recorder, partition, timer)  # nothing recorded as running, no START
     recorder.start()
     try:
         result = _stages(ctx, timer, progress)
     except AlreadyCommitted:  # another run committed this partition meanwhile
-        return _skipped(ctx, recorder, timer)
+        assert partition is not None
+        return _skipped(recorder, partition, timer)
     except Exception as exc:
         # A PipelineError raised in a Spark task reaches the driver as a Spark error
         # holding the worker's traceback: every entry point gets the error itself.
@@ -318,17 +324,19 @@ def _stages(ctx: RunContext, timer: StageTimer, progress: Progress | None) -> Ru
     return _result(ctx, src, Outcome(counts, written, calibrated, checks, drifted))
 
 
-def _skipped(ctx: RunContext, recorder: lineage.RunRecorder, timer: StageTimer) -> RunResult:
-    assert ctx.partition is not None
-    message = (f"partition {ctx.partition.value} is already committed to {ctx.cfg.sink.path} "
-               f"(Delta txn {ctx.partition.app_id}); nothing to do")
+def _skipped(recorder: lineage.RunRecorder, partition: Partition,
+             timer: StageTimer) -> RunResult:
+    cfg, meta = recorder.cfg, recorder.meta
+    message = (f"partition {partition.value} is already committed to {cfg.sink.path} "
+               f"(Delta txn {partition.app_id}); nothing to do")
     result = RunResult(
-        run_id=ctx.run_id, output_path=ctx.cfg.sink.path, quarantine_path=ctx.paths.quarantine,
+        run_id=meta.run_id, output_path=cfg.sink.path,
+        quarantine_path=TablePaths.of(cfg).quarantine,
         rows_read=0, rows_embedded=0, rows_quarantined=0, rows_skipped=0,
-        columns=[o.name for o in ctx.cfg.outputs], model=ctx.info.name,
-        model_fingerprint=ctx.model_fp, runtime="-", output_version=None,
+        columns=[o.name for o in cfg.outputs], model=meta.info.name if meta.info else "",
+        model_fingerprint=meta.model_fp, runtime="-", output_version=None,
         seconds=timer.total, status="skipped", message=message,
-        partition=ctx.partition.value, stage_seconds=dict(timer.seconds))
+        partition=partition.value, stage_seconds=dict(timer.seconds))
     recorder.skip(result)
     log.info(message)
     return result

@@ -10,6 +10,10 @@ WritePlan`'s plan path, the identity's compatibility); ``run`` then records the
 run without starting Spark. Anything else (a partition, ``--full-refresh``, an
 overwrite, a remote table, a log or runs table delta-rs cannot read) goes the Spark
 way.
+
+The same holds for a backfill partition whose Delta txn is already on the output
+table (a re-run, an Airflow retry): :func:`partition_committed` reads it from the
+log, and the run is recorded as skipped without Spark.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import TYPE_CHECKING
 from pipeline import deltars
 from pipeline.changes import CDF_PROPERTY
 from pipeline.tables import runs
+from pipeline.tables.delta import is_delta_table
 from pipeline.tables.identity import TableIdentity
 from pipeline.tables.paths import TablePaths, is_remote
 from pipeline.write_plan import WritePlan
@@ -30,6 +35,7 @@ if TYPE_CHECKING:
 
     from pipeline.config import RunConfig
     from pipeline.encoder.model import ModelInfo
+    from pipeline.results import Partition
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,22 @@ def check(cfg: RunConfig, info: ModelInfo, model_fp: str) -> Unchanged | None:
         return None
     return Unchanged(version, f"{note} (versions {version + 1}..{version})",
                      {"source": _schema(source), "output": _schema(output)})
+
+
+def partition_committed(output_path: str, partition: Partition) -> bool:
+    """The partition's Delta txn (app id, version) is recorded on the local output table,
+    read from its log with delta-rs. False where it is not, or where delta-rs cannot say
+    (a remote table, a log it cannot read): the Spark path asks again."""
+    from deltalake.exceptions import DeltaError
+
+    if is_remote(output_path) or not is_delta_table(output_path):
+        return False
+    app_id, version = partition.txn
+    try:
+        stored = deltars.open_table(output_path).transaction_version(app_id)
+    except DeltaError:
+        return False
+    return stored is not None and stored >= version
 
 
 def _stored(cfg: RunConfig, info: ModelInfo, model_fp: str,
