@@ -88,6 +88,10 @@ def resolved_jars() -> list[str] | None:
 # 8,017 demo texts 1.06x -> 1.19x of sentence-transformers; tests/test_incremental.py
 # in one session 228 s either way. Executors keep the JVM's default.
 DRIVER_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1"
+# A session that lives long and runs many jobs (a notebook, the test suite's one
+# session) wants C2 back: set spark.driver.extraJavaOptions to this (the JVM's default).
+# The test suite's session ran its in-process tests about a third slower with C1 only.
+LONG_LIVED_JAVA_OPTIONS = "-XX:TieredStopAtLevel=4"
 
 
 def base_conf(python: str | None = None) -> dict[str, str]:

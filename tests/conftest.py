@@ -21,9 +21,11 @@ PARITY_ROWS = 500
 @pytest.fixture(scope="session")
 def spark():
     from pipeline.config import SparkConfig
-    from pipeline.spark import get_session
+    from pipeline.spark import LONG_LIVED_JAVA_OPTIONS, get_session
 
-    session = get_session(SparkConfig(master="local[2]", app_name="embed-tests"))
+    # one session for the whole run: a long-lived driver, C2 kept (pipeline/spark.py)
+    session = get_session(SparkConfig(master="local[2]", app_name="embed-tests", conf={
+        "spark.driver.extraJavaOptions": LONG_LIVED_JAVA_OPTIONS}))
     yield session
     session.stop()
 
