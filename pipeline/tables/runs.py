@@ -72,7 +72,10 @@ def latest(path: str, limit: int = 20, output_path: str | None = None,
     runs = found.sort_values("event_time").groupby("run_id", sort=False).tail(1)
     if status:
         runs = runs[runs["status"] == status]
-    return runs.sort_values("started_at", ascending=False).head(limit).reset_index(drop=True)
+    # started_at is to the second: two runs of one second (no-ops decided without Spark
+    # take milliseconds) are ordered by their latest event, to the microsecond
+    return (runs.sort_values(["started_at", "event_time"], ascending=False).head(limit)
+            .reset_index(drop=True))
 
 
 def last_source_version(path: str, output_path: str, source_path: str,
