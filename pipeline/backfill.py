@@ -134,11 +134,8 @@ def plan_without_spark(cfg: RunConfig, model_fingerprint: str, start: str | None
                    if (start is None or str(v) >= start) and (end is None or str(v) <= end))
     output = deltars.open_table(cfg.sink.path) if is_delta_table(cfg.sink.path) else None
 
-    def committed(txn: tuple[str, int]) -> bool:
-        stored = output.transaction_version(txn[0]) if output is not None else None
-        return stored is not None and stored >= txn[1]
-
-    return _plans(cfg, model_fingerprint, salt, found, committed)
+    return _plans(cfg, model_fingerprint, salt, found,
+                  lambda txn: deltars.txn_committed(output, txn))
 
 
 def without_canary(cfg: RunConfig) -> RunConfig:

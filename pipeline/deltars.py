@@ -72,6 +72,12 @@ def read_pandas(path: str, equal: dict[str, Any] | None = None) -> Any:
     return dataset(path).to_table(filter=filt).to_pandas()
 
 
+def txn_committed(table: DeltaTable | None, txn: tuple[str, int]) -> bool:
+    """The table's log records this txn (app id, version) or a later version of it."""
+    stored = table.transaction_version(txn[0]) if table is not None else None
+    return stored is not None and stored >= txn[1]
+
+
 # --------------------------------------------------------------------------- appends
 
 _ARROW_TYPES: dict[str, pa.DataType] = {

@@ -187,6 +187,11 @@ def get_session(cfg: SparkConfig) -> SparkSession:
     return spark
 
 
+def session_for(spark: SparkSession | None, app_name: str) -> SparkSession:
+    """``spark``, or a local session for a table that delta-rs could not serve."""
+    return spark or get_session(SparkConfig(master="local[1]", app_name=app_name))
+
+
 def _apply_runtime_conf(spark: SparkSession, cfg: SparkConfig) -> None:
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))
     for key, value in cfg.conf.items():

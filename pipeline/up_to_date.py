@@ -84,12 +84,10 @@ def partition_committed(output_path: str, partition: Partition) -> bool:
 
     if is_remote(output_path) or not is_delta_table(output_path):
         return False
-    app_id, version = partition.txn
     try:
-        stored = deltars.open_table(output_path).transaction_version(app_id)
+        return deltars.txn_committed(deltars.open_table(output_path), partition.txn)
     except DeltaError:
         return False
-    return stored is not None and stored >= version
 
 
 def _stored(cfg: RunConfig, info: ModelInfo, model_fp: str,

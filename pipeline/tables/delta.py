@@ -320,11 +320,9 @@ def append_records(spark: SparkSession | None, path: str, schema_ddl: str,
         with contextlib.suppress(deltars.NotWritableHere):
             deltars.append(path, schema_ddl, rows, commit_tag(run_id), merge_schema)
             return
-    if spark is None:  # a run that started no Spark (pipeline.up_to_date)
-        from pipeline.config import SparkConfig
-        from pipeline.spark import get_session
+    from pipeline.spark import session_for  # spark None: a run that started no Spark
 
-        spark = get_session(SparkConfig(master="local[1]", app_name="embed-bookkeeping"))
+    spark = session_for(spark, "embed-bookkeeping")
     append_rows(rows_frame(spark, schema_ddl, rows).coalesce(1), path, run_id, merge_schema)
 
 

@@ -49,14 +49,12 @@ def events(path: str, equal: dict[str, Any] | None = None,
         try:
             return deltars.read_pandas(path, equal)
         except deltars.NotReadableHere:
-            if spark is None:
-                from pipeline.config import SparkConfig
-                from pipeline.spark import get_session
-
-                spark = get_session(SparkConfig(master="local[1]", app_name="embed-runs"))
+            pass
     from pyspark.sql import functions as F
 
-    df = spark.read.format("delta").load(path)
+    from pipeline.spark import session_for
+
+    df = session_for(spark, "embed-runs").read.format("delta").load(path)
     for column, value in (equal or {}).items():
         df = df.filter(F.col(column) == value)
     return df.toPandas()
