@@ -317,10 +317,8 @@ def drift_cmd(table_path: str, run_id: str | None, drift_path: str | None, out: 
     from rich.table import Table
 
     from pipeline import drift
-    from pipeline.config import SparkConfig
     from pipeline.errors import DriftBreach, SourceError
     from pipeline.report import write_report
-    from pipeline.spark import get_session
 
     table_path = str(Path(table_path).resolve())
     from pipeline.tables.paths import TablePaths
@@ -329,8 +327,9 @@ def drift_cmd(table_path: str, run_id: str | None, drift_path: str | None, out: 
     if not Path(path).is_dir():
         _fail(SourceError(f"no drift table at {path} (runs record it once they have embedded "
                           "rows; --drift-path names another)"))
-    spark = get_session(SparkConfig(app_name="embed-drift"))
-    rows, written = write_report(spark, table_path, path, run_id, out, sample=sample)
+    # delta-rs reads the drift, samples and identity of a local table; Spark only for
+    # what it cannot (an older release's runs that stored no sample)
+    rows, written = write_report(None, table_path, path, run_id, out, sample=sample)
     if written is None:
         _fail(SourceError(f"no drift results for {table_path}"
                           + (f" run {run_id}" if run_id else "")))

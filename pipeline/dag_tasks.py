@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, date, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pipeline.config import load_config
 from pipeline.errors import NON_TRANSIENT_EXITS, ConfigError
@@ -132,18 +132,6 @@ def check_run(config_path: str, partition: str) -> dict:
             "skipped_by": skipped_by, **counts}
 
 
-def _local_or_spark(local: Callable[[], Any], with_spark: Callable[[SparkSession], Any]) -> Any:
-    """``local()`` (delta-rs); a local Spark session only for a table it cannot read."""
-    from pipeline.config import SparkConfig
-    from pipeline.deltars import NotReadableHere
-    from pipeline.spark import get_session
-
-    try:
-        return local()
-    except NotReadableHere:
-        return with_spark(get_session(SparkConfig(master="local[1]", app_name="embed-dag")))
-
-
 def _plain(record: dict) -> dict:
     """A runs-table row from pandas, with NaN (a null number) as None: XCom is JSON."""
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
@@ -167,8 +155,7 @@ def check_drift(config_path: str, run_id: str) -> dict:
     path = TablePaths.of(cfg).drift
     if not is_delta_table(path):
         return {"status": "none", "canary": "-", "flags": []}
-    rows = _local_or_spark(lambda: drift.latest_local(path, cfg.sink.path, run_id),
-                           lambda spark: drift.latest(spark, path, cfg.sink.path, run_id))
+    rows = drift.latest(None, path, cfg.sink.path, run_id)
     if rows.empty:
         return {"status": "none", "canary": "-", "flags": []}
     status = str(rows["status"].iloc[0])

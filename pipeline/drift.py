@@ -24,6 +24,7 @@ reads the samples and appends the results.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -45,7 +46,7 @@ from pipeline.outputs import Calibration, row_cosines
 from pipeline.results import CanaryResult, ColumnParity, DriftResult
 from pipeline.tables import runs
 from pipeline.tables.delta import append_records, append_rows, is_delta_table
-from pipeline.tables.paths import TablePaths
+from pipeline.tables.paths import TablePaths, is_remote
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -325,15 +326,17 @@ class Landed:
     rows_written: int
 
 
-def sample_rows(spark: SparkSession, output_path: str, version: int | None,
+def sample_rows(spark: SparkSession | None, output_path: str, version: int | None,
                 want: SampleRequest) -> tuple[Any, Any]:
     """Seeded, repeatable samples (pandas) of the rows written by this run and by the
-    reference runs, at most ``size`` each: from the runs' stored samples, and, for a
-    run that stored none (older releases), from its rows in the output table."""
+    reference runs, at most ``size`` each: from the runs' stored samples (delta-rs where
+    the table is local), and, for a run that stored none (older releases), from its rows
+    in the output table (Spark; ``spark`` None: a local session is started for it)."""
     import pandas as pd
     from pyspark.sql import functions as F
 
     from pipeline.sampling import order_key, seeded_sample
+    from pipeline.spark import session_for
 
     run_id, columns, size, seed = want.run_id, want.columns, want.size, want.seed
     wanted = [run_id, *want.refs]
@@ -341,13 +344,11 @@ def sample_rows(spark: SparkSession, output_path: str, version: int | None,
     frames = []
     samples = TablePaths.beside(output_path).samples
     if is_delta_table(samples):
-        frames.append(spark.read.format("delta").load(samples)
-                      .filter(F.col("run_id").isin(wanted)).select(*keep)
-                      .withColumn("_key", order_key(seed)).toPandas())
+        frames.append(_stored_samples(spark, samples, wanted, keep, seed))
     have = set(frames[0]["run_id"]) if frames else set()
     missing = [r for r in wanted if r not in have]
     if missing:  # runs of releases that stored no sample: from their rows in the table
-        reader = spark.read.format("delta")
+        reader = session_for(spark, "embed-drift").read.format("delta")
         if version is not None:
             reader = reader.option("versionAsOf", version)
         table = reader.load(output_path)
@@ -360,6 +361,39 @@ def sample_rows(spark: SparkSession, output_path: str, version: int | None,
     reference = pdf[pdf["run_id"] != run_id].head(size)
     return (current.drop(columns=["_key"]).reset_index(drop=True),
             reference.drop(columns=["_key"]).reset_index(drop=True))
+
+
+def _stored_samples(spark: SparkSession | None, path: str, run_ids: list[str],
+                    columns: list[str], seed: int) -> Any:
+    """The stored sample rows of these runs (pandas) with their seeded order key
+    (``_key``: sha256 of "<seed>:<content hash>", as :func:`~pipeline.sampling.
+    order_key` computes it in Spark): delta-rs where the table is local."""
+    import pyarrow.compute as pc
+
+    from pipeline import deltars
+    from pipeline.spark import session_for
+
+    if not is_remote(path):
+        with contextlib.suppress(deltars.NotReadableHere):
+            found = deltars.dataset(path).to_table(
+                columns=columns, filter=pc.field("run_id").isin(run_ids)).to_pandas()
+            found["_key"] = [hashlib.sha256(f"{seed}:{h}".encode()).hexdigest()
+                             for h in found["content_hash"]]
+            return found
+    return stored_samples_spark(session_for(spark, "embed-drift"), path, run_ids, columns,
+                                seed)
+
+
+def stored_samples_spark(spark: SparkSession, path: str, run_ids: list[str],
+                         columns: list[str], seed: int) -> Any:
+    """:func:`_stored_samples` read by Spark: a remote table, or one delta-rs refuses."""
+    from pyspark.sql import functions as F
+
+    from pipeline.sampling import order_key
+
+    return (spark.read.format("delta").load(path)
+            .filter(F.col("run_id").isin(run_ids)).select(*columns)
+            .withColumn("_key", order_key(seed)).toPandas())
 
 
 def distribution(spark: SparkSession, cfg: RunConfig, landed: Landed,
@@ -432,16 +466,26 @@ def stored_flags(rows: Any) -> list[str]:
     return [f"{r.column}: {f}" for r in rows.itertuples() for f in json.loads(r.flags or "[]")]
 
 
-def latest_local(path: str, output_path: str, run_id: str) -> Any:
-    """One run's drift rows without Spark (delta-rs), as pandas: the Airflow drift task."""
-    from pipeline import deltars
-
-    return deltars.read_pandas(path, {"output_path": output_path, "run_id": run_id})
-
-
-def latest(spark: SparkSession, path: str, output_path: str | None = None,
+def latest(spark: SparkSession | None, path: str, output_path: str | None = None,
            run_id: str | None = None) -> Any:
-    """Drift rows of one run (default: the latest run with rows), as pandas."""
+    """Drift rows of one run (default: the latest run with rows), as pandas: read with
+    delta-rs where the table is local, else with Spark (``spark`` None: a local one)."""
+    from pipeline import deltars
+    from pipeline.spark import session_for
+
+    if not is_remote(path):
+        with contextlib.suppress(deltars.NotReadableHere):
+            rows = deltars.read_pandas(path, {"output_path": output_path} if output_path
+                                       else None)
+            if not run_id and not rows.empty:
+                run_id = rows.sort_values("computed_at")["run_id"].iloc[-1]
+            return rows[rows["run_id"] == run_id].reset_index(drop=True)
+    return latest_spark(session_for(spark, "embed-drift"), path, output_path, run_id)
+
+
+def latest_spark(spark: SparkSession, path: str, output_path: str | None = None,
+                 run_id: str | None = None) -> Any:
+    """:func:`latest` read by Spark: a remote table, or one delta-rs refuses."""
     from pyspark.sql import functions as F
 
     df = spark.read.format("delta").load(path)

@@ -84,7 +84,7 @@ def _fmt(value: float | None) -> str:
     return html.escape(str(value))
 
 
-def write_report(spark: SparkSession, table_path: str, drift_path: str, run_id: str | None,
+def write_report(spark: SparkSession | None, table_path: str, drift_path: str, run_id: str | None,
                  out: Path | None = None, sample: int = 2000) -> tuple[Any, Path | None]:
     """Build the HTML report of one run's drift (default: the latest run; file:
     <table parent>/_drift_reports/<run>.html); returns (drift rows as pandas, path)."""

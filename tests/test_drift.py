@@ -299,6 +299,28 @@ def test_delta_rs_reads_every_table_as_spark_does(spark, runs):
     assert total == pytest.approx(float(np.stack(pdf["emb_384"]).astype(np.float64).sum()))
 
 
+def test_drift_report_readers_without_spark_equal_sparks(spark, runs):
+    """`embed drift` and the DAG's drift task read the drift rows and the stored samples
+    with delta-rs (no JVM): the same rows, and the same seeded order, as Spark's read."""
+    cfg, shuffled = runs["cfg"], runs["results"]["shuffled"]
+    path, out = TablePaths.of(cfg).drift, cfg.sink.path
+    for run_id in (None, shuffled.run_id, runs["results"]["split"].run_id):
+        ours = drift.latest(None, path, out, run_id).sort_values("column")
+        theirs = drift.latest_spark(spark, path, out, run_id).sort_values("column")
+        assert len(ours) == 2 and list(ours["run_id"]) == list(theirs["run_id"]), run_id
+        for name in ("column", "status", "mmd2", "flags", "reference_runs"):
+            assert list(ours[name]) == list(theirs[name]), (run_id, name)
+    refs = json.loads(drift.latest(None, path, out, shuffled.run_id)["reference_runs"].iloc[0])
+    wanted, keep = [shuffled.run_id, *refs], ["run_id", "content_hash", "emb_64"]
+    ours = drift._stored_samples(None, TablePaths.of(cfg).samples, wanted, keep, 7)
+    theirs = drift.stored_samples_spark(spark, TablePaths.of(cfg).samples, wanted, keep, 7)
+    assert len(ours) > 100 and set(ours["run_id"]) == set(wanted)
+    assert list(ours.sort_values("_key")["content_hash"]) == list(
+        theirs.sort_values("_key")["content_hash"])
+    assert dict(zip(ours["content_hash"], ours["_key"], strict=True)) == dict(
+        zip(theirs["content_hash"], theirs["_key"], strict=True))
+
+
 def test_column_metadata_says_how_to_decode_each_vector(runs):
     fields = {f.name: f for f in _delta_rs(runs["cfg"].sink.path).schema().fields}
     assert fields["emb_384"].metadata == {

@@ -86,11 +86,11 @@ class TableIdentity(Mapping[str, str]):
         return cls({k[len(PREFIX):]: v for k, v in props.items() if k.startswith(PREFIX)})
 
     @classmethod
-    def read(cls, spark: SparkSession, path: str) -> TableIdentity | None:
+    def read(cls, spark: SparkSession | None, path: str) -> TableIdentity | None:
         """The table's identity (empty: a Delta table embed did not make; None: no table).
         A local table's log is read with delta-rs (no Spark job: in a new JVM, Spark's
         first Delta read costs seconds), a remote one or one delta-rs cannot open with
-        Spark."""
+        Spark (``spark`` None: a local session)."""
         from delta.tables import DeltaTable
 
         from pipeline.tables.delta import is_delta_table
@@ -105,6 +105,9 @@ class TableIdentity(Mapping[str, str]):
 
             with contextlib.suppress(DeltaError):
                 return cls.from_properties(deltars.open_table(path).metadata().configuration)
+        from pipeline.spark import session_for
+
+        spark = session_for(spark, "embed-identity")
         if not DeltaTable.isDeltaTable(spark, path):
             return None
         props = DeltaTable.forPath(spark, path).detail().collect()[0]["properties"] or {}
