@@ -40,6 +40,11 @@ def all_text(root) -> str:
 
 def runnable(blocks: list[list[str]]) -> list[list[str]]:
     return [b for b in blocks if not b[0].startswith(DEPLOY_BLOCKS)]
+
+
+# What Ivy prints when spark-submit resolves --packages / spark.jars.packages itself
+IVY_LINE = re.compile(r"^(?:::.*|\s*confs: .*|\s*found \S+#.*|Ivy Default Cache.*|"
+                      r"The jars for the packages.*|.*spark-packages.*|.*UNRESOLVED.*)$", re.M)
 FENCE = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
 PYTHON_FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
@@ -143,6 +148,9 @@ def test_every_readme_command_runs_as_typed_in_a_fresh_shell(checkout_copy):
     try:
         for commands in blocks:
             proc = run_block(checkout_copy, commands)
+            ivy = IVY_LINE.findall(proc.stdout + proc.stderr)
+            if commands[0].startswith("make demo") and ivy:  # the first screen: no Ivy log
+                failures.append(f"make demo printed Ivy's resolution log: {ivy[:5]}")
             print("\n".join(line for line in proc.stdout.splitlines()
                             if line.startswith(("+ ", "= "))))
             if proc.returncode != 0:
