@@ -470,30 +470,10 @@ def latest(spark: SparkSession | None, path: str, output_path: str | None = None
            run_id: str | None = None) -> Any:
     """Drift rows of one run (default: the latest run with rows), as pandas: read with
     delta-rs where the table is local, else with Spark (``spark`` None: a local one)."""
-    from pipeline import deltars
-    from pipeline.spark import session_for
+    from pipeline.tables.delta import read_records
 
-    if not is_remote(path):
-        with contextlib.suppress(deltars.NotReadableHere):
-            rows = deltars.read_pandas(path, {"output_path": output_path} if output_path
-                                       else None)
-            if not run_id and not rows.empty:
-                run_id = rows.sort_values("computed_at")["run_id"].iloc[-1]
-            return rows[rows["run_id"] == run_id].reset_index(drop=True)
-    return latest_spark(session_for(spark, "embed-drift"), path, output_path, run_id)
-
-
-def latest_spark(spark: SparkSession, path: str, output_path: str | None = None,
-                 run_id: str | None = None) -> Any:
-    """:func:`latest` read by Spark: a remote table, or one delta-rs refuses."""
-    from pyspark.sql import functions as F
-
-    df = spark.read.format("delta").load(path)
-    if output_path:
-        df = df.filter(F.col("output_path") == output_path)
-    if not run_id:
-        last = df.orderBy(F.col("computed_at").desc()).select("run_id").limit(1).collect()
-        if not last:
-            return df.limit(0).toPandas()
-        run_id = last[0]["run_id"]
-    return df.filter(F.col("run_id") == run_id).toPandas()
+    equal = {k: v for k, v in (("output_path", output_path), ("run_id", run_id)) if v}
+    rows = read_records(spark, path, equal)
+    if not run_id and not rows.empty:
+        rows = rows[rows["run_id"] == rows.sort_values("computed_at")["run_id"].iloc[-1]]
+    return rows.reset_index(drop=True)

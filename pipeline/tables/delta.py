@@ -326,6 +326,27 @@ def append_records(spark: SparkSession | None, path: str, schema_ddl: str,
     append_rows(rows_frame(spark, schema_ddl, rows).coalesce(1), path, run_id, merge_schema)
 
 
+def read_records(spark: SparkSession | None, path: str,
+                 equal: dict[str, Any] | None = None) -> Any:
+    """The rows of a small bookkeeping table (runs, drift) as pandas, filtered on
+    ``column == value`` for each item of ``equal``: delta-rs (the filter pushed down to
+    the Parquet scan) unless the table is remote and a session is at hand, or delta-rs
+    will not read it (deletion vectors, column mapping); then Spark (``spark`` None: a
+    local session is started for that case only). The reading twin of append_records."""
+    from pyspark.sql import functions as F
+
+    from pipeline import deltars
+    from pipeline.spark import session_for
+
+    if not (is_remote(path) and spark is not None):
+        with contextlib.suppress(deltars.NotReadableHere):
+            return deltars.read_pandas(path, equal)
+    df = session_for(spark, "embed-bookkeeping").read.format("delta").load(path)
+    for column, value in (equal or {}).items():
+        df = df.filter(F.col(column) == value)
+    return df.toPandas()
+
+
 def rows_frame(spark: SparkSession, schema_ddl: str, rows: list[dict[str, Any]]) -> DataFrame:
     """A DataFrame of dict rows in a DDL schema's column order; missing keys are null."""
     from pyspark.sql.types import DataType, StructType

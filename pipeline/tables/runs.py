@@ -39,25 +39,11 @@ def events(path: str, equal: dict[str, Any] | None = None,
     ``equal``; empty where there is no table yet."""
     import pandas as pd
 
-    from pipeline import deltars
-    from pipeline.tables.delta import is_delta_table
-    from pipeline.tables.paths import is_remote
+    from pipeline.tables.delta import is_delta_table, read_records
 
     if not is_delta_table(path):
         return pd.DataFrame(columns=[c.split()[0] for c in SCHEMA.split(", ")])
-    if not (is_remote(path) and spark is not None):
-        try:
-            return deltars.read_pandas(path, equal)
-        except deltars.NotReadableHere:
-            pass
-    from pyspark.sql import functions as F
-
-    from pipeline.spark import session_for
-
-    df = session_for(spark, "embed-runs").read.format("delta").load(path)
-    for column, value in (equal or {}).items():
-        df = df.filter(F.col(column) == value)
-    return df.toPandas()
+    return read_records(spark, path, equal)
 
 
 def latest(path: str, limit: int = 20, output_path: str | None = None,
