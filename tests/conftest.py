@@ -101,6 +101,11 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1)
 
 
+def arrow_matrix(col) -> np.ndarray:
+    """A fixed-size-list Arrow column of vectors (the encoder core's output) as a matrix."""
+    return np.asarray(col.values, dtype=np.float32).reshape(len(col), col.type.list_size)
+
+
 def read_vectors(spark, path: str, column: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids sorted, [N, dim] vectors in that order) from a Delta output table."""
     pdf = spark.read.format("delta").load(path).select("id", column).toPandas()

@@ -22,7 +22,7 @@ from pipeline.config import load_config
 from pipeline.demo import demo_rows
 from pipeline.tables import runs as runs_table
 from pipeline.tables.paths import TablePaths
-from tests.conftest import ROOT, cosine_rows, demo_table, sorted_table, write_config
+from tests.conftest import ROOT, arrow_matrix, cosine_rows, demo_table, sorted_table, write_config
 
 BIN = Path(sys.executable).parent
 
@@ -149,8 +149,7 @@ def test_standalone_cluster_with_fake_gpus_matches_the_local_encoder(spark, depl
     assert a["id"].tolist() == sorted(texts)
     local = Encoder(cfg.model, cfg.outputs).encode([texts[i] for i in a["id"]]).columns
     for col in ("emb_384", "emb_128", "emb_64"):
-        want = np.asarray(local[col].values, dtype=np.float32).reshape(len(a), -1)
-        assert cosine_rows(np.stack(a[col]), want).min() >= 0.99999
+        assert cosine_rows(np.stack(a[col]), arrow_matrix(local[col])).min() >= 0.99999
 
 
 def _free_port() -> int:
@@ -329,12 +328,6 @@ def test_airflow_dag_runs_dates_as_partitions_and_refuses_dates_before_start(
     assert spark.read.format("delta").load(out).count() == 16  # two dates, each once
 
 
-def torch_cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def test_gpu_conf_parses_and_cuda_without_gpus_fails_clearly(deploy_source, tmp_path):
     conf = {}
     for line in (ROOT / "conf" / "spark-defaults.gpu.conf").read_text().splitlines():
@@ -350,13 +343,14 @@ def test_gpu_conf_parses_and_cuda_without_gpus_fails_clearly(deploy_source, tmp_
 
     # the CLI in-process: the refusal comes before any Spark job (a subprocess would add
     # only an interpreter start; test_entrypoints.py runs `embed` as a process)
+    import torch
     from click.testing import CliRunner
 
     from pipeline.cli import main
 
-    cfg_path = write_config(tmp_path, deploy_source, str(tmp_path / "out"))
-    if torch_cuda_available():
+    if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
+    cfg_path = write_config(tmp_path, deploy_source, str(tmp_path / "out"))
     proc = CliRunner().invoke(main, ["run", "--config", str(cfg_path), "--set",
                                      "model.device=cuda", "--set", "spark.gpus_per_task=1"])
     assert proc.exit_code == 2, proc.output[-2000:]

@@ -15,7 +15,7 @@ from pipeline.encoder.batching import pad_batch, padding_efficiency, plan_batche
 from pipeline.encoder.engine import AUTO_BATCH, batch_limits
 from pipeline.encoder.model import pool
 from pipeline.encoder.varlen import pack_batch
-from tests.conftest import cosine_rows
+from tests.conftest import arrow_matrix, cosine_rows
 
 OUTPUTS = (OutputSpec(name="emb_384", dim=384), OutputSpec(name="emb_128", dim=128),
            OutputSpec(name="emb_64", dim=64))
@@ -27,10 +27,6 @@ def encoder():
     return Encoder(ModelConfig(), OUTPUTS)
 
 
-def _matrix(col: pa.Array) -> np.ndarray:
-    return np.asarray(col.values, dtype=np.float32).reshape(len(col), col.type.list_size)
-
-
 def test_parity_with_sentence_transformers_every_column(encoder, demo_rows, st_reference):
     texts = pa.array([r["text"] for r in demo_rows])
     result = encoder.encode(texts)
@@ -38,7 +34,7 @@ def test_parity_with_sentence_transformers_every_column(encoder, demo_rows, st_r
     for spec in OUTPUTS:
         col = result.columns[spec.name]
         assert col.type == pa.list_(pa.float32(), spec.dim) and len(col) == len(demo_rows)
-        ours = _matrix(col)
+        ours = arrow_matrix(col)
         ref = st_reference[:, : spec.dim]  # truncate -> renormalize, the same way
         cos = cosine_rows(ours, ref)
         assert cos.min() >= 0.9999, (spec.name, cos.min())
@@ -59,9 +55,9 @@ def test_batch_limits_by_device_and_config():
 
 def test_rows_come_back_in_caller_order(encoder, demo_rows):
     texts = [r["text"] for r in demo_rows[:60]]
-    forward = _matrix(encoder.encode(texts).columns["emb_64"])
+    forward = arrow_matrix(encoder.encode(texts).columns["emb_64"])
     perm = np.random.default_rng(0).permutation(len(texts))
-    shuffled = _matrix(encoder.encode([texts[i] for i in perm]).columns["emb_64"])
+    shuffled = arrow_matrix(encoder.encode([texts[i] for i in perm]).columns["emb_64"])
     assert cosine_rows(shuffled, forward[perm]).min() >= 0.9999
 
 
@@ -83,7 +79,7 @@ PARITY_CASES = [("attention", "eager", 64, 0.9999), ("attention", "sdpa", 64, 0.
 def test_backends_and_precisions_within_parity_threshold(key, value, n, threshold, demo_rows,
                                                          st_reference):
     enc = Encoder(ModelConfig(**{key: value}), OUTPUTS[:1])
-    ours = _matrix(enc.encode([r["text"] for r in demo_rows[:n]]).columns["emb_384"])
+    ours = arrow_matrix(enc.encode([r["text"] for r in demo_rows[:n]]).columns["emb_384"])
     assert getattr(enc.runtime, key) == value
     assert cosine_rows(ours, st_reference[:n]).min() >= threshold
 
@@ -175,7 +171,7 @@ def test_prefetch_overlaps_tokenizing_and_keeps_batch_order(encoder, demo_rows):
     seen = []
     for batch, prepared in encoder.prefetched(batches, lambda b: b.column("text")):
         assert prepared.n_rows == batch.num_rows
-        seen.append(_matrix(encoder.encode(prepared).columns["emb_64"]))
-    direct = _matrix(encoder.encode(texts).columns["emb_64"])
+        seen.append(arrow_matrix(encoder.encode(prepared).columns["emb_64"]))
+    direct = arrow_matrix(encoder.encode(texts).columns["emb_64"])
     assert cosine_rows(np.concatenate(seen), direct).min() >= 0.9999
     assert list(encoder.prefetched(iter([]))) == []

@@ -164,7 +164,12 @@ def run_blocks(copy: Path, blocks: list[list[str]], timeout: int = 1500) -> list
                  for commands, (out, err) in zip(blocks, files, strict=True)]
         done = []
         for commands, proc, (out, err) in zip(blocks, procs, files, strict=True):
-            proc.wait(timeout=timeout)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:  # none outlives the test, as with run()
+                for other in procs:
+                    other.kill()
+                raise
             out.seek(0)
             err.seek(0)
             done.append(Block(commands, proc.returncode, out.read(), err.read()))
