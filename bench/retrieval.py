@@ -63,7 +63,7 @@ def main() -> None:
     from pipeline.demo import demo_rows
     from pipeline.encoder import Encoder
     from pipeline.encoder.codec import dequantize, quantize
-    from pipeline.outputs import Calibration
+    from pipeline.encoder.cuts import Calibration
 
     torch.set_num_threads(2)
     pairs = []
@@ -143,7 +143,7 @@ def reduce_comparison(args) -> None:
     from pipeline.demo import demo_rows
     from pipeline.encoder import Encoder
     from pipeline.encoder.codec import dequantize, quantize
-    from pipeline.outputs import Calibration, Projection, cut
+    from pipeline.encoder.cuts import Calibration, Projection, cut
 
     torch.set_num_threads(2)
     rows = demo_rows()

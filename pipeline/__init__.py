@@ -1,6 +1,6 @@
 """Batch embedding pipeline: text tables -> Spark -> Spark-free encoder core -> Delta.
 
-The encoder core (``pipeline.encoder``, ``pipeline.outputs``) imports neither Spark nor
+The encoder core (``pipeline.encoder``) imports neither Spark nor
 Delta; ``pipeline.run`` is the one module that wires the stages together.
 """
 

@@ -40,9 +40,9 @@ import numpy as np
 from pipeline.config import CanaryConfig, DistributionConfig, OutputSpec, RunConfig
 from pipeline.drift_stats import column_drift, sparse_drift
 from pipeline.encoder import splade
+from pipeline.encoder.cuts import Calibration, row_cosines
 from pipeline.encoder.splade import SparseRows
 from pipeline.errors import CanaryError, ConfigError, DriftBreach
-from pipeline.outputs import Calibration, row_cosines
 from pipeline.results import CanaryResult, ColumnParity, DriftResult
 from pipeline.tables import runs
 from pipeline.tables.delta import append_records, append_rows, is_delta_table

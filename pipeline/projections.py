@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.encoder.cuts import Projection
 from pipeline.errors import PipelineError
-from pipeline.outputs import Projection
 from pipeline.tables.delta import append_records
 from pipeline.tables.paths import TablePaths
 

@@ -88,7 +88,7 @@ def write_report(spark: SparkSession | None, table_path: str, drift_path: str, r
                  out: Path | None = None, sample: int = 2000) -> tuple[Any, Path | None]:
     """Build the HTML report of one run's drift (default: the latest run; file:
     <table parent>/_drift_reports/<run>.html); returns (drift rows as pandas, path)."""
-    from pipeline.outputs import Calibration
+    from pipeline.encoder.cuts import Calibration
     from pipeline.tables.identity import TableIdentity
 
     rows = drift.latest(spark, drift_path, table_path, run_id)

@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from pipeline import changes, drift, lineage, projections, sampling, sink, source, up_to_date
 from pipeline.config import RunConfig
 from pipeline.encoder import parity
+from pipeline.encoder.cuts import Calibration, Projection, needs_calibration, needs_projection
 from pipeline.encoder.model import ModelInfo
 from pipeline.encoder.parity import ParityResult
 from pipeline.errors import AlreadyCommitted, PipelineError, ReconciliationError, raised_on_worker
-from pipeline.outputs import Calibration, Projection, needs_calibration, needs_projection
 from pipeline.placement import Placement
 from pipeline.preflight import Preflight, preflight
 from pipeline.results import CanaryResult, DriftResult, Partition, RunResult

@@ -34,9 +34,9 @@ import pyarrow as pa
 
 from pipeline.config import ModelConfig, OutputSpec
 from pipeline.encoder import codec, splade
+from pipeline.encoder.cuts import Calibration
 from pipeline.encoder.splade import SparseRows
 from pipeline.errors import PipelineError
-from pipeline.outputs import Calibration
 from pipeline.tables.identity import TableIdentity
 
 if TYPE_CHECKING:

@@ -29,11 +29,12 @@ from pipeline.config import (
     RunConfig,
 )
 from pipeline.encoder.codec import to_arrow
+from pipeline.encoder.cuts import Calibration
 from pipeline.encoder.splade import from_arrow as sparse_from_arrow
 from pipeline.encoder.splade import to_arrow as sparse_arrow
 from pipeline.encoder.stats import EncoderStats
 from pipeline.errors import PipelineError, raised_on_worker
-from pipeline.outputs import Calibration, column_metadata, spark_type, to_spark_arrow
+from pipeline.outputs import column_metadata, spark_type, to_spark_arrow
 from pipeline.placement import ClusterView, Placement, local_slots
 from pipeline.placement import plan as plan_placement
 

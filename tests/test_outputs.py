@@ -18,10 +18,10 @@ from pipeline.encoder.codec import (
     to_arrow,
     to_float,
 )
+from pipeline.encoder.cuts import Calibration
 from pipeline.encoder.engine import resolve_layer, validate_outputs
 from pipeline.encoder.model import inspect_model
 from pipeline.errors import ConfigError
-from pipeline.outputs import Calibration
 from tests.conftest import cosine_rows
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from pipeline import projections
 from pipeline.config import load_config
+from pipeline.encoder.cuts import Projection
 from pipeline.errors import PipelineError
-from pipeline.outputs import Projection
 from pipeline.run import run
 from tests.conftest import write_config
 

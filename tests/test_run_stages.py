@@ -229,7 +229,7 @@ def test_a_run_restores_the_session_conf_it_changes(spark, demo_source, tmp_path
 
 def test_one_cached_encoder_serves_two_calibrations(demo_rows):
     from pipeline.encoder.codec import quantize
-    from pipeline.outputs import Calibration
+    from pipeline.encoder.cuts import Calibration
     from pipeline.udf import get_encoder
 
     outputs = (OutputSpec(name="q", dim=64, dtype="int8"),)

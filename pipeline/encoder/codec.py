@@ -38,7 +38,7 @@ CALIBRATED = ("int8", "uint8")
 
 
 class Ranges(Protocol):
-    """What int8/uint8 need: per column, per dimension (min, max) (outputs.Calibration)."""
+    """What int8/uint8 need: per column, per dimension (min, max) (cuts.Calibration)."""
 
     @property
     def ranges(self) -> Mapping[str, tuple[Any, Any]]: ...

@@ -25,6 +25,7 @@ from pipeline.encoder import chunking as chunker
 from pipeline.encoder.backends import Backend, LoadRequest, TorchBackend
 from pipeline.encoder.batching import pad_batch, padded_tokens, plan_batches
 from pipeline.encoder.codec import quantize, to_arrow
+from pipeline.encoder.cuts import Calibration, cut, needs_calibration, row_cosines
 from pipeline.encoder.head import Head
 from pipeline.encoder.model import (
     ModelInfo,
@@ -40,7 +41,6 @@ from pipeline.encoder.splade import to_arrow as sparse_arrow
 from pipeline.encoder.stats import EncoderStats
 from pipeline.encoder.varlen import pack_batch
 from pipeline.errors import ConfigError
-from pipeline.outputs import Calibration, cut, needs_calibration, row_cosines
 
 log = logging.getLogger(__name__)
 
@@ -707,7 +707,7 @@ class Encoder:
 
         ``info``: per-row tokens and cut-off flags, and the unit lengths and
         batches (for padding statistics). ``reduce: pca`` columns use the
-        projections in ``calibration``; ``pca`` (see ``outputs.cut``) asks for the
+        projections in ``calibration``; ``pca`` (see ``cuts.cut``) asks for the
         full pooled vector (to fit one) or a truncation (the canary) instead.
         """
         prep = texts if isinstance(texts, Prepared) else self.prepare(texts)

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from pipeline.config import ModelConfig, OutputSpec
+from pipeline.encoder.cuts import row_cosines
 from pipeline.errors import ModelError
-from pipeline.outputs import row_cosines
 
 if TYPE_CHECKING:
     from pipeline.encoder.engine import Encoder

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from pyspark.sql.types import StructType
 
     from pipeline.config import OutputSpec, RunConfig
+    from pipeline.encoder.cuts import Calibration
     from pipeline.encoder.model import ModelInfo
-    from pipeline.outputs import Calibration
 
 PREFIX = "embed."
 # partition_by, chunking, head and backend are there only when set, so tables made
@@ -132,7 +132,7 @@ class TableIdentity(Mapping[str, str]):
 
     @property
     def calibration(self) -> Calibration:
-        from pipeline.outputs import Calibration
+        from pipeline.encoder.cuts import Calibration
 
         return Calibration.from_json(self.entries.get("calibration"))
 
