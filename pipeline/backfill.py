@@ -101,19 +101,18 @@ def _plans(cfg: RunConfig, model_fingerprint: str, salt: str, counts: list[tuple
 def plan_without_spark(cfg: RunConfig, model_fingerprint: str, start: str | None,
                        end: str | None, salt: str = "") -> list[PartitionPlan] | None:
     """:func:`plan`'s answer read with delta-rs and pyarrow, no JVM (``embed backfill
-    --dry-run``); None where that reader does not apply: a source that is not a local
-    Delta table, one delta-rs cannot read (deletion vectors, column mapping), or a
-    partition column that is not a string, a date or an integer (Spark's cast to
-    string is the partition value; those three cast alike in both)."""
+    --dry-run``), local or in an object store; None where that reader does not apply: a
+    source that is not a Delta table, one delta-rs cannot read (deletion vectors, column
+    mapping), or a partition column that is not a string, a date or an integer (Spark's
+    cast to string is the partition value; those three cast alike in both)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from pipeline import deltars
     from pipeline.tables.delta import is_delta_table
-    from pipeline.tables.paths import is_remote
 
     column = partition_column(cfg)
-    if cfg.source.format != "delta" or is_remote(cfg.source.path) or is_remote(cfg.sink.path):
+    if cfg.source.format != "delta":
         return None
     try:
         data = deltars.dataset(cfg.source.path)

@@ -168,7 +168,7 @@ def backfill_cmd(config_path: Path, overrides: tuple[str, ...], start: str | Non
         if plans is not None:
             _print_plan(console, cfg, plans)
             return
-        spark = get_session(cfg.spark)
+        spark = get_session(cfg.spark, _stores(cfg.source.path, cfg.sink.path))
         plans = backfill.plan(spark, cfg, checked.fingerprint, start, end, salt)
         _print_plan(console, cfg, plans)
         if not dry_run:
@@ -235,17 +235,18 @@ def runs_cmd(table_path: str, runs_path: str | None, limit: int) -> None:
     from pipeline.tables.delta import is_delta_table
     from pipeline.tables.paths import TablePaths
 
-    table_path = str(Path(table_path).resolve())
-    path = TablePaths.beside(table_path, runs=runs_path).runs
-    if not Path(path).is_dir():
+    table_path = _location(table_path)
+    path = TablePaths.beside(table_path, runs=_location(runs_path)).runs
+    if not is_delta_table(path):
         click.echo(f"error: no runs table at {path}", err=True)
         sys.exit(3)
-    # delta-rs reads both tables here (no JVM start); Spark only where it cannot
+    # delta-rs reads both tables here, local or remote (no JVM start); Spark only where
+    # it cannot
     runs = runs_table.latest(path, limit, output_path=table_path)
     layout = "no table yet"
     if is_delta_table(table_path):
-        found = maintain.local_layout(table_path) or maintain.layout(
-            get_session(SparkConfig(app_name="embed-runs")), table_path)
+        found = maintain.log_layout(table_path) or maintain.layout(
+            get_session(SparkConfig(app_name="embed-runs"), _stores(table_path)), table_path)
         layout = found.summary()
     out = Table(title=f"runs of {table_path}", caption=f"table now: {layout} "
                       "(embed maintain --optimize compacts)")
@@ -281,11 +282,12 @@ def maintain_cmd(table_path: str, optimize: bool, vacuum_hours: float | None) ->
     """Show an output table's files; compact them and delete unneeded old ones."""
     from pipeline import maintain
     from pipeline.config import SparkConfig
-    from pipeline.spark import get_session
+    from pipeline.spark import check_conditional_writes, get_session
 
-    table_path = str(Path(table_path).resolve())
-    spark = get_session(SparkConfig(app_name="embed-maintain"))
+    table_path = _location(table_path)
     try:
+        spark = get_session(SparkConfig(app_name="embed-maintain"), _stores(table_path))
+        check_conditional_writes(spark, table_path)
         maintain.check_table(spark, table_path)
         click.echo(f"{table_path}: {maintain.layout(spark, table_path).summary()}")
         if optimize:
@@ -306,12 +308,14 @@ def maintain_cmd(table_path: str, optimize: bool, vacuum_hours: float | None) ->
 @click.option("--table", "table_path", required=True, help="Output table path.")
 @click.option("--run", "run_id", default=None, help="Run id (default: the latest checked run).")
 @click.option("--drift-path", default=None, help="Drift table (default: next to the table).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="HTML report (default: <table parent>/_drift_reports/<run>.html).")
+@click.option("--out", default=None,
+              help="HTML report, a local path or an object-store URI (default: "
+                   "<table parent>/_drift_reports/<run>.html; for a table in an object "
+                   "store, _drift_reports/<run>.html here).")
 @click.option("--sample", type=int, default=2000, show_default=True,
               help="Rows per side to plot.")
 @click.option("--fail-on-breach", is_flag=True, help="Exit 9 when the run's drift breached.")
-def drift_cmd(table_path: str, run_id: str | None, drift_path: str | None, out: Path | None,
+def drift_cmd(table_path: str, run_id: str | None, drift_path: str | None, out: str | None,
               sample: int, fail_on_breach: bool) -> None:
     """Print a run's drift checks (canary + distribution) and write an HTML report."""
     from rich.table import Table
@@ -319,16 +323,16 @@ def drift_cmd(table_path: str, run_id: str | None, drift_path: str | None, out: 
     from pipeline import drift
     from pipeline.errors import DriftBreach, SourceError
     from pipeline.report import write_report
-
-    table_path = str(Path(table_path).resolve())
+    from pipeline.tables.delta import is_delta_table
     from pipeline.tables.paths import TablePaths
 
-    path = TablePaths.beside(table_path, drift=drift_path).drift
-    if not Path(path).is_dir():
+    table_path = _location(table_path)
+    path = TablePaths.beside(table_path, drift=_location(drift_path)).drift
+    if not is_delta_table(path):
         _fail(SourceError(f"no drift table at {path} (runs record it once they have embedded "
                           "rows; --drift-path names another)"))
-    # delta-rs reads the drift, samples and identity of a local table; Spark only for
-    # what it cannot (an older release's runs that stored no sample)
+    # delta-rs reads the drift, samples and identity of the table, local or remote; Spark
+    # only for what it cannot (an older release's runs that stored no sample)
     rows, written = write_report(None, table_path, path, run_id, out, sample=sample)
     if written is None:
         _fail(SourceError(f"no drift results for {table_path}"
@@ -351,6 +355,20 @@ def drift_cmd(table_path: str, run_id: str | None, drift_path: str | None, out: 
     if fail_on_breach and status == "breach":
         _fail(DriftBreach(f"run {run} drifted: {'; '.join(drift.stored_flags(rows))} "
                           f"(see {written})"))
+
+
+def _location(given: str | None) -> Any:
+    """A table argument in its one spelling: a local path (relative to here) or an
+    object-store URI (``s3://`` is ``s3a://``), never resolved as a local path."""
+    from pipeline import storage
+
+    return storage.normalize(given) if given else None
+
+
+def _stores(*locations: str) -> set[str]:
+    from pipeline import storage
+
+    return storage.kinds(locations)
 
 
 def _console() -> Any:
@@ -386,14 +404,17 @@ state_option = click.option("--state-dir", type=click.Path(path_type=Path),
 @click.option("--port", type=click.IntRange(1, 65535), default=7077, show_default=True,
               help="The master's port.")
 @click.option("--webui-port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--isolated", is_flag=True,
+              help="Each worker gets its own HOME, temp and scratch folders (nodes that "
+                   "share no disk): models from an object store are copied per worker.")
 def cluster_start(state_dir: Path, workers: int, cores: int, memory: str, gpus: int,
-                  port: int, webui_port: int) -> None:
+                  port: int, webui_port: int, isolated: bool) -> None:
     """Start a master and N workers; prints the master URL for spark-submit --master."""
     from pipeline.cluster import Cluster
 
     try:
         cluster = Cluster(state_dir.resolve(), port=port, webui_port=webui_port).start(
-            workers, cores, memory, gpus=gpus)
+            workers, cores, memory, gpus=gpus, isolated=isolated)
     except RuntimeError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
@@ -411,21 +432,22 @@ def cluster_stop(state_dir: Path) -> None:
 
 
 @main.command("demo-data")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Where to write the Delta source table.")
+@click.option("--out", required=True,
+              help="Where to write the Delta source table: a local path or an object-store "
+                   "URI (s3://bucket/docstrings).")
 @click.option("--limit", type=int, default=None, help="Only the first N docstrings.")
 @click.option("--repeat", type=int, default=1, show_default=True,
               help="Repeat the corpus N times (new ids) for larger runs.")
 @click.option("--change-feed/--no-change-feed", default=True, show_default=True,
               help="Delta Change Data Feed on: re-runs read only the changes.")
-def demo_data_cmd(out: Path, limit: int | None, repeat: int, change_feed: bool) -> None:
+def demo_data_cmd(out: str, limit: int | None, repeat: int, change_feed: bool) -> None:
     """Write the demo source: the Python standard library's docstrings, as Delta
     (by delta-rs: no JVM start)."""
     from pipeline.demo import write_demo_delta
 
-    n = write_demo_delta(str(out.resolve()), limit=limit, repeat=repeat,
-                         change_feed=change_feed)
-    click.echo(f"wrote {n:,} docstrings to {out.resolve()}")
+    where = _location(out)
+    n = write_demo_delta(where, limit=limit, repeat=repeat, change_feed=change_feed)
+    click.echo(f"wrote {n:,} docstrings to {where}")
 
 
 @main.command("demo-sparse-model")
@@ -440,11 +462,20 @@ def demo_sparse_model_cmd(out: Path) -> None:
 
 
 @main.command("setup-spark")
-def setup_spark_cmd() -> None:
+@click.option("--storage", "storages", multiple=True, type=click.Choice(["s3", "azure", "gcs"]),
+              help="Also put this object store's connector on every spark-submit's "
+                   "classpath (resolved from Maven Central once; repeatable; kept by later "
+                   "setup-spark runs).")
+def setup_spark_cmd(storages: tuple[str, ...]) -> None:
     """Write spark-defaults.conf (Delta jars, this Python) into the installed pyspark."""
-    from pipeline.spark import write_spark_defaults
+    from pipeline.spark import set_up_storages, write_spark_defaults
 
-    click.echo(f"wrote {write_spark_defaults()}")
+    try:
+        written = write_spark_defaults(storages=storages)
+    except PipelineError as err:
+        _fail(err)
+    kinds = set_up_storages()
+    click.echo(f"wrote {written}" + (f" (connectors: {', '.join(kinds)})" if kinds else ""))
 
 
 @main.command("sizes")

@@ -38,10 +38,16 @@ class Cluster:
     def _pidfile(self, name: str) -> Path:
         return self.state_dir / f"{name}.pid"
 
-    def _spawn(self, name: str, *args: str, opts: str = "") -> int:
+    def _spawn(self, name: str, *args: str, opts: str = "", isolated: bool = False) -> int:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, SPARK_LOCAL_IP=HOST, SPARK_HOME=str(spark_home()),
                    SPARK_WORKER_DIR=str(self.state_dir / f"{name}-work"))
+        if isolated:  # a node of its own: its HOME (caches), temp and scratch folders
+            node = self.state_dir / name
+            for key, sub in (("HOME", "home"), ("TMPDIR", "tmp"), ("SPARK_LOCAL_DIRS", "local")):
+                (node / sub).mkdir(parents=True, exist_ok=True)
+                env[key] = str(node / sub)
+            env.pop("EMBED_CACHE", None)
         if opts:
             env["SPARK_WORKER_OPTS"] = f"{env.get('SPARK_WORKER_OPTS', '')} {opts}".strip()
         log = open(self.state_dir / f"{name}.log", "w")
@@ -52,10 +58,13 @@ class Cluster:
         return proc.pid
 
     def start(self, workers: int = 2, cores: int = 1, memory: str = "2g",
-              timeout: float = 90, gpus: int = 0) -> Cluster:
+              timeout: float = 90, gpus: int = 0, isolated: bool = False) -> Cluster:
         """``gpus``: each worker advertises that many GPUs ("0", "1", ...) through a
         discovery script, whether or not the machine has them: Spark's GPU scheduling
-        (stage-level profiles, task addresses) runs for real on a CPU machine."""
+        (stage-level profiles, task addresses) runs for real on a CPU machine.
+        ``isolated``: each worker (and its executors) gets a HOME, temp and scratch folder
+        of its own under the state folder, as nodes that share no disk: a model from an
+        object store is copied once per worker."""
         if self.alive_workers() is not None:
             raise RuntimeError(f"a master already answers on {HOST}:{self.webui_port}; "
                                "stop it first (embed cluster stop)")
@@ -66,7 +75,8 @@ class Cluster:
         for i in range(workers):
             self._spawn(f"worker-{i}", "org.apache.spark.deploy.worker.Worker",
                         self.master_url, "--host", HOST, "--cores", str(cores),
-                        "--memory", memory, "--webui-port", "0", opts=opts)
+                        "--memory", memory, "--webui-port", "0", opts=opts,
+                        isolated=isolated)
         _wait(lambda: (self.alive_workers() or 0) >= workers, timeout,
               f"{workers} workers to register")
         return self

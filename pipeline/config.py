@@ -25,7 +25,9 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline import storage
 from pipeline.errors import ConfigError
+from pipeline.storage import StorageConfig
 
 SourceFormat = Literal["delta", "parquet", "csv", "json"]
 # sentence-transformers' modes (its "lasttoken" is last_token here)
@@ -309,9 +311,17 @@ class RunConfig:
     spark: SparkConfig = field(default_factory=SparkConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     lineage: LineageConfig = field(default_factory=LineageConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as stored and printed (the runs table, --json): the values of
+        ``spark.conf`` and ``source.options`` keys that name a secret are redacted."""
+        from pipeline.storage import redacted
+
+        out = dataclasses.asdict(self)
+        out["spark"]["conf"] = redacted(out["spark"]["conf"])
+        out["source"]["options"] = redacted(out["source"]["options"])
+        return out
 
     def config_hash(self) -> str:
         blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
@@ -388,18 +398,24 @@ def parse_config(raw: dict, base_dir: Path | None = None) -> RunConfig:
 
 
 def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
+    """Every location in its one spelling (pipeline.storage): URIs as URIs (``s3://`` is
+    ``s3a://``), relative local paths against the config's folder."""
+
     def resolve(p: str) -> str:
-        return p if "://" in p else str((base / p).resolve())
+        return storage.normalize(p, base)
 
     def optional(p: str | None) -> str | None:
         return None if p is None else resolve(p)
 
     model = cfg.model.name_or_path  # a package name stays a name; a relative path resolves
-    is_path = model.startswith(".") or "/" in model
+    if not storage.is_local(model):
+        model = resolve(model)
+    elif (model.startswith(".") or "/" in model) and not Path(model).is_absolute():
+        model = resolve(model)
     return dataclasses.replace(
         cfg,
-        model=dataclasses.replace(cfg.model, name_or_path=resolve(model) if is_path and
-                                  not Path(model).is_absolute() else model),
+        model=dataclasses.replace(cfg.model, name_or_path=model,
+                                  onnx_cache=optional(cfg.model.onnx_cache)),
         source=dataclasses.replace(cfg.source, path=resolve(cfg.source.path)),
         sink=dataclasses.replace(
             cfg.sink, path=resolve(cfg.sink.path),
@@ -598,7 +614,7 @@ def _validate_drift(cfg: RunConfig) -> None:
         raise ConfigError("drift.distribution.permutations", f"{d.permutations} permutations "
                           f"cannot give a p-value below mmd_alpha {d.mmd_alpha}; use at least "
                           f"{int(1 / d.mmd_alpha)}")
-    if c.texts and "://" not in c.texts and not Path(c.texts).is_file():
+    if c.texts and storage.is_local(c.texts) and not Path(c.texts).is_file():
         raise ConfigError("drift.canary.texts", f"file not found: {c.texts}")
     lin = cfg.lineage
     if lin.transport == "file" and not lin.path:
@@ -655,6 +671,8 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
         raise ConfigError(where, f"expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if cls is StorageConfig:
+        storage.check_section(data)
     for key in data:
         if key not in fields:
             hint = difflib.get_close_matches(str(key), fields, n=1)

@@ -9,12 +9,15 @@ from collections.abc import Mapping
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING
 
+from pipeline import storage
 from pipeline.config import load_config
 from pipeline.errors import NON_TRANSIENT_EXITS, ConfigError
 from pipeline.preflight import preflight
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
+
+    from pipeline.config import RunConfig
 
 
 DEFAULT_START_DATE = "2026-01-01"
@@ -47,6 +50,13 @@ def check_logical_date(logical_date: str, start: datetime) -> None:
             "set EMBED_START_DATE to the first partition to embed"))
 
 
+def run_config(config_path: str) -> RunConfig:
+    """The task's config; its ``storage:`` section is what this process's clients use."""
+    cfg = load_config(config_path)
+    storage.activate(cfg.storage)
+    return cfg
+
+
 def maintenance_due(logical_date: str, every: str) -> bool:
     """weekly: on logical dates that are Sundays; daily: every run; never."""
     if every not in MAINTAIN_EVERY:
@@ -61,13 +71,15 @@ def maintain_table(config_path: str, logical_date: str, every: str,
     """OPTIMIZE, then VACUUM at the table's retention, when maintenance is due."""
     from pipeline import maintain
     from pipeline.config import SparkConfig
-    from pipeline.spark import get_session
+    from pipeline.spark import check_conditional_writes, get_session
     from pipeline.tables.delta import is_delta_table
 
-    cfg = load_config(config_path)
+    cfg = run_config(config_path)
     if not maintenance_due(logical_date, every) or not is_delta_table(cfg.sink.path):
         return {"maintained": False, "every": every}
-    spark = spark or get_session(SparkConfig(master="local[1]", app_name="embed-dag-maintain"))
+    spark = spark or get_session(SparkConfig(master="local[1]", app_name="embed-dag-maintain"),
+                                 storage.kinds([cfg.sink.path]))
+    check_conditional_writes(spark, cfg.sink.path)
     before = maintain.layout(spark, cfg.sink.path)
     maintain.optimize(spark, cfg.sink.path, maintain.maintenance_id())
     maintain.vacuum(spark, cfg.sink.path, maintain.retention_hours(spark, cfg.sink.path))
@@ -105,7 +117,7 @@ def check_run(config_path: str, partition: str) -> dict:
     from pipeline.tables import runs as runs_table
     from pipeline.tables.paths import TablePaths
 
-    cfg = load_config(config_path)
+    cfg = run_config(config_path)
     path = TablePaths.of(cfg).runs
     runs = runs_table.latest(path, 1, cfg.sink.path)
     if runs.empty:
@@ -151,7 +163,7 @@ def check_drift(config_path: str, run_id: str) -> dict:
     from pipeline.tables.delta import is_delta_table
     from pipeline.tables.paths import TablePaths
 
-    cfg = load_config(config_path)
+    cfg = run_config(config_path)
     path = TablePaths.of(cfg).drift
     if not is_delta_table(path):
         return {"status": "none", "canary": "-", "flags": []}

@@ -1,5 +1,7 @@
-"""Reading Delta tables without Spark: delta-rs (``deltalake``) for the log (schema,
-files, properties, history), pyarrow's own filesystem for the Parquet files.
+"""Delta tables without Spark: delta-rs (``deltalake``) for the log (schema, files,
+properties, history) and bookkeeping appends, pyarrow's own filesystem for the Parquet
+files. Local folders and object stores alike: every call takes its storage options and
+filesystem from :mod:`pipeline.storage`.
 
 Not delta-rs' ``to_pyarrow_dataset()``: its Rust filesystem handler, called from
 pyarrow's I/O threads, aborts the process at interpreter exit ("terminate called
@@ -12,11 +14,12 @@ Spark).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+
+from pipeline import storage
 
 if TYPE_CHECKING:
     from deltalake import DeltaTable
@@ -30,7 +33,17 @@ def open_table(path: str) -> DeltaTable:
     """The table at ``path`` (delta-rs raises TableNotFoundError where there is none)."""
     from deltalake import DeltaTable
 
-    return DeltaTable(str(Path(path).resolve()) if "://" not in path else path)
+    path = storage.normalize(path)
+    return DeltaTable(path, storage_options=storage.settings().delta_options(path))
+
+
+def is_table(path: str) -> bool:
+    """A Delta table is at ``path`` (a local folder with a ``_delta_log``, or a log that
+    delta-rs finds in the object store)."""
+    from deltalake import DeltaTable
+
+    path = storage.normalize(path)
+    return DeltaTable.is_deltatable(path, storage.settings().delta_options(path))
 
 
 def unreadable_because(table: DeltaTable) -> str | None:
@@ -50,8 +63,10 @@ def arrow_dataset(table: DeltaTable) -> ds.Dataset:
         raise NotReadableHere(f"{table.table_uri} uses {why}")
     schema = pa.schema(cast(Any, table.schema().to_arrow()))  # arro3 -> pyarrow (C data)
     partitions = table.metadata().partition_columns
-    base = table.table_uri.removeprefix("file://")
-    return ds.dataset(table.file_uris(), schema=schema, format="parquet",
+    settings = storage.settings()
+    fs, base = settings.filesystem(storage.normalize(table.table_uri))
+    files = [settings.filesystem(storage.normalize(uri))[1] for uri in table.file_uris()]
+    return ds.dataset(files, schema=schema, format="parquet", filesystem=fs,
                       partitioning="hive" if partitions else None,
                       partition_base_dir=base if partitions else None)
 
@@ -106,7 +121,7 @@ def arrow_schema(ddl: str) -> pa.Schema:
 
 def append(path: str, ddl: str, rows: list[dict[str, Any]], user_metadata: str,
            merge_schema: bool = False) -> None:
-    """Append driver-side rows to a local table (created where there is none) in one
+    """Append driver-side rows to a table (created where there is none) in one
     commit whose ``userMetadata`` is ``user_metadata``, as Spark's append does; keys
     outside ``ddl`` are ignored, missing ones are null; ``merge_schema`` adds the
     columns the table lacks."""
@@ -117,7 +132,9 @@ def append(path: str, ddl: str, rows: list[dict[str, Any]], user_metadata: str,
     data = pa.Table.from_pylist([{n: row.get(n) for n in schema.names} for row in rows],
                                 schema=schema)
     try:
-        write_deltalake(str(Path(path).resolve()), data, mode="append",
+        path = storage.normalize(path)
+        write_deltalake(path, data, mode="append",
+                        storage_options=storage.settings().delta_options(path),
                         schema_mode="merge" if merge_schema else None,
                         commit_properties=CommitProperties(
                             custom_metadata={"userMetadata": user_metadata}))

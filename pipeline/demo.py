@@ -104,17 +104,22 @@ def write_demo_table(spark: SparkSession, path: str, limit: int | None = None,
 def write_demo_delta(path: str, limit: int | None = None, repeat: int = 1,
                      change_feed: bool = True) -> int:
     """As :func:`write_demo_table`, by delta-rs: no JVM start (`embed demo-data`, the
-    first step of `make demo`). Spark reads, updates and follows its change feed."""
+    first step of `make demo`), to a local folder or an object store. Spark reads,
+    updates and follows its change feed."""
     import pyarrow as pa
     from deltalake import write_deltalake
 
+    from pipeline import storage
+
+    path = storage.normalize(path)
     frame = demo_frame(limit, repeat)
     # int64, string, string, string, date32 (from datetime.date): DEMO_SCHEMA
     table = pa.Table.from_pandas(frame[["id", "name", "summary", "text", "day"]],
                                  preserve_index=False)
     config = {"delta.enableChangeDataFeed": "true"} if change_feed else None
     write_deltalake(path, table, mode="overwrite", schema_mode="overwrite",
-                    configuration=config)
+                    configuration=config,
+                    storage_options=storage.settings().delta_options(path))
     return len(frame)
 
 

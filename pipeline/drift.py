@@ -46,7 +46,7 @@ from pipeline.errors import CanaryError, ConfigError, DriftBreach
 from pipeline.results import CanaryResult, ColumnParity, DriftResult
 from pipeline.tables import runs
 from pipeline.tables.delta import append_records, append_rows, is_delta_table
-from pipeline.tables.paths import TablePaths, is_remote
+from pipeline.tables.paths import TablePaths
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -348,7 +348,7 @@ def sample_rows(spark: SparkSession | None, output_path: str, version: int | Non
     have = set(frames[0]["run_id"]) if frames else set()
     missing = [r for r in wanted if r not in have]
     if missing:  # runs of releases that stored no sample: from their rows in the table
-        reader = session_for(spark, "embed-drift").read.format("delta")
+        reader = session_for(spark, "embed-drift", output_path).read.format("delta")
         if version is not None:
             reader = reader.option("versionAsOf", version)
         table = reader.load(output_path)
@@ -367,26 +367,26 @@ def _stored_samples(spark: SparkSession | None, path: str, run_ids: list[str],
                     columns: list[str], seed: int) -> Any:
     """The stored sample rows of these runs (pandas) with their seeded order key
     (``_key``: sha256 of "<seed>:<content hash>", as :func:`~pipeline.sampling.
-    order_key` computes it in Spark): delta-rs where the table is local."""
+    order_key` computes it in Spark): delta-rs, local or remote; Spark where delta-rs
+    will not read the table."""
     import pyarrow.compute as pc
 
     from pipeline import deltars
     from pipeline.spark import session_for
 
-    if not is_remote(path):
-        with contextlib.suppress(deltars.NotReadableHere):
-            found = deltars.dataset(path).to_table(
-                columns=columns, filter=pc.field("run_id").isin(run_ids)).to_pandas()
-            found["_key"] = [hashlib.sha256(f"{seed}:{h}".encode()).hexdigest()
-                             for h in found["content_hash"]]
-            return found
-    return stored_samples_spark(session_for(spark, "embed-drift"), path, run_ids, columns,
+    with contextlib.suppress(deltars.NotReadableHere):
+        found = deltars.dataset(path).to_table(
+            columns=columns, filter=pc.field("run_id").isin(run_ids)).to_pandas()
+        found["_key"] = [hashlib.sha256(f"{seed}:{h}".encode()).hexdigest()
+                         for h in found["content_hash"]]
+        return found
+    return stored_samples_spark(session_for(spark, "embed-drift", path), path, run_ids, columns,
                                 seed)
 
 
 def stored_samples_spark(spark: SparkSession, path: str, run_ids: list[str],
                          columns: list[str], seed: int) -> Any:
-    """:func:`_stored_samples` read by Spark: a remote table, or one delta-rs refuses."""
+    """:func:`_stored_samples` read by Spark: a table delta-rs refuses."""
     from pyspark.sql import functions as F
 
     from pipeline.sampling import order_key

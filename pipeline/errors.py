@@ -26,6 +26,13 @@ class ConfigError(PipelineError):
         super().__init__(f"config error at '{key}': {message}")
 
 
+class StorageError(PipelineError):
+    """An object store cannot be used as configured: its connector is missing and cannot
+    be resolved, or it ignores conditional writes (commits could be lost)."""
+
+    exit_code = 2
+
+
 class SourceError(PipelineError):
     """The source table is missing, unreadable or lacks a configured column."""
 

@@ -25,8 +25,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline import storage
 from pipeline.tables import runs
-from pipeline.tables.paths import TablePaths, is_remote
+from pipeline.tables.paths import TablePaths
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -69,7 +70,7 @@ def embedding_facet_schema_url() -> str:
 
 def job_name(sink_path: str) -> str:
     """The OpenLineage job name: one job per output table."""
-    return "embed." + Path(sink_path.rstrip("/")).name
+    return "embed." + storage.name(sink_path)
 
 
 def nominal_time(partition: str | None) -> datetime | None:
@@ -189,13 +190,18 @@ def _result_fields(result: RunResult) -> dict:
 
 
 def dataset_name(path: str) -> tuple[str, str]:
-    """OpenLineage (namespace, name) of a table path: ``file`` + absolute path locally,
-    ``scheme://authority`` + path for object stores and HDFS (the naming spec)."""
-    if is_remote(path):
-        scheme, rest = path.split("://", 1)
-        authority, _, name = rest.partition("/")
-        return f"{scheme}://{authority}", "/" + name
-    return "file", str(Path(path.removeprefix("file://")).resolve())
+    """OpenLineage (namespace, name) of a table path, as the naming spec has them:
+    ``file`` + the absolute path locally; ``s3://bucket`` + the object key for S3 (s3a
+    is the connector's name, not the store's), ``gs://bucket`` and
+    ``abfss://container@account...`` + the path inside; ``hdfs://host:port`` + the
+    absolute path."""
+    path = storage.normalize(path)
+    if storage.is_local(path):
+        return "file", path
+    shown = storage.display(path)
+    authority, key = storage.bucket_and_key(shown)
+    namespace = f"{shown.split('://', 1)[0]}://{authority}"
+    return namespace, "/" + key if storage.scheme(path) == "hdfs" else key
 
 
 def _embedding_facet_class() -> Any:

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 from pipeline.errors import ConfigError, SourceError
 from pipeline.tables import delta
 from pipeline.tables.identity import TableIdentity
-from pipeline.tables.paths import is_remote
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -49,17 +48,19 @@ def layout(spark: SparkSession, path: str) -> Layout:
     return Layout(files=int(detail["numFiles"] or 0), bytes=int(detail["sizeInBytes"] or 0))
 
 
-def local_layout(path: str) -> Layout | None:
-    """As :func:`layout`, from the table's log by delta-rs (no JVM); None where delta-rs
-    cannot open it here (an object store only Spark has credentials for)."""
+def log_layout(path: str) -> Layout | None:
+    """As :func:`layout`, from the table's log by delta-rs (no JVM), local or remote; None
+    where delta-rs cannot open it."""
     import pyarrow as pa
     import pyarrow.compute as pc
+    from deltalake.exceptions import DeltaError
 
     from pipeline import deltars
 
-    if is_remote(path):
+    try:
+        files = pa.table(deltars.open_table(path).get_add_actions(flatten=True))
+    except DeltaError:
         return None
-    files = pa.table(deltars.open_table(path).get_add_actions(flatten=True))
     size = pc.sum(files["size_bytes"]).as_py() if files.num_rows else 0
     return Layout(files=files.num_rows, bytes=int(size or 0))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from pipeline import source
+from pipeline import source, storage
 from pipeline.config import RunConfig, check_length_rules, check_pooling_rules
 from pipeline.encoder import chunking as chunker
 from pipeline.encoder.engine import validate_outputs
@@ -47,7 +47,9 @@ class Preflight:
 
 
 def preflight(cfg: RunConfig) -> Preflight:
-    """Read the model, fill in its own values, check what can be checked without Spark."""
+    """Read the model, fill in its own values, check what can be checked without Spark.
+    The config's ``storage:`` section is what this process's clients use from here on."""
+    storage.activate(cfg.storage)
     info = inspect_model(cfg.model.name_or_path, cfg.model.allow_pickle)
     resolved = resolve(cfg.model, info)
     cfg = dataclasses.replace(cfg, model=resolved.cfg)

@@ -12,12 +12,11 @@ import base64
 import html
 import io
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import drift
+from pipeline import drift, storage
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -84,10 +83,19 @@ def _fmt(value: float | None) -> str:
     return html.escape(str(value))
 
 
+def default_report(table_path: str, run_id: str) -> str:
+    """Where a run's report goes unless told: beside a local table
+    (``<parent>/_drift_reports/<run>.html``); for a table in an object store, a local
+    file under the working directory (``_drift_reports/<run>.html``)."""
+    folder = storage.parent(table_path) if storage.is_local(table_path) else "."
+    return storage.normalize(storage.join(folder, "_drift_reports", f"{run_id}.html"))
+
+
 def write_report(spark: SparkSession | None, table_path: str, drift_path: str, run_id: str | None,
-                 out: Path | None = None, sample: int = 2000) -> tuple[Any, Path | None]:
-    """Build the HTML report of one run's drift (default: the latest run; file:
-    <table parent>/_drift_reports/<run>.html); returns (drift rows as pandas, path)."""
+                 out: str | None = None, sample: int = 2000) -> tuple[Any, str | None]:
+    """Build the HTML report of one run's drift (default: the latest run) and write it
+    to ``out`` (a local path or an object-store URI; default :func:`default_report`);
+    returns (drift rows as pandas, where it went)."""
     from pipeline.encoder.cuts import Calibration
     from pipeline.tables.identity import TableIdentity
 
@@ -95,7 +103,7 @@ def write_report(spark: SparkSession | None, table_path: str, drift_path: str, r
     if rows.empty:
         return rows, None
     run_id = rows["run_id"].iloc[0]
-    out = out or Path(table_path).parent / "_drift_reports" / f"{run_id}.html"
+    out = storage.normalize(out) if out else default_report(table_path, run_id)
     refs = json.loads(rows["reference_runs"].iloc[0] or "[]")
     version = rows["output_version"].iloc[0]
     version = None if version != version else int(version)
@@ -142,6 +150,5 @@ Reference runs: {html.escape(", ".join(refs) or "none")}.
 Status: <b class="{'bad' if status == 'breach' else 'ok'}">{html.escape(status)}</b>.</p>
 {''.join(sections)}
 </body></html>"""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(doc, encoding="utf-8")
+    storage.write_bytes(out, doc.encode("utf-8"))
     return rows, out

@@ -26,7 +26,17 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from pipeline import changes, drift, lineage, projections, sampling, sink, source, up_to_date
+from pipeline import (
+    changes,
+    drift,
+    lineage,
+    projections,
+    sampling,
+    sink,
+    source,
+    storage,
+    up_to_date,
+)
 from pipeline.config import RunConfig
 from pipeline.encoder import parity
 from pipeline.encoder.cuts import Calibration, Projection, needs_calibration, needs_projection
@@ -236,7 +246,10 @@ def run(cfg: RunConfig, spark: SparkSession | None = None, progress: Progress | 
             new_run_id(started_at), started_at, info, model_fp, partition.value)),
             partition, timer)
     with timer("spark_start"):
-        spark = spark or spark_setup.get_session(cfg.spark)
+        stores = storage.kinds([cfg.source.path, *TablePaths.of(cfg).all()])
+        spark = (spark_setup.adopt(spark, cfg.spark, stores) if spark is not None
+                 else spark_setup.get_session(cfg.spark, stores))
+        spark_setup.check_conditional_writes(spark, cfg.sink.path)
     udf.check_gpu_request(spark, cfg)
     ctx = _context(cfg, spark, info, model_fp, partition, full_refresh)
     recorder = lineage.RunRecorder(spark, cfg, lineage.RunMeta(

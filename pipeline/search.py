@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import pyarrow as pa
 
+from pipeline import storage
 from pipeline.config import ModelConfig, OutputSpec
 from pipeline.encoder import codec, splade
 from pipeline.encoder.cuts import Calibration
@@ -108,8 +109,7 @@ def open_table(path: str) -> TableInfo:
                           "embed.model_fingerprint / embed.outputs properties)")
     specs = {s.name: s for s in identity.outputs}
     sizes = pa.table(cast(Any, table.get_add_actions(flatten=True))).column("size_bytes")
-    resolved = str(Path(path).resolve()) if "://" not in path else path
-    return TableInfo(path=resolved, identity=identity, specs=specs,
+    return TableInfo(path=storage.normalize(path), identity=identity, specs=specs,
                      calibration=identity.calibration,
                      data_bytes=int(pa.compute.sum(sizes).as_py() or 0),
                      has_chunks="chunk_index" in table.schema().to_arrow().names,
@@ -141,8 +141,8 @@ def model_location(info: TableInfo, model: str | None) -> str:
     if model:
         return model
     recorded = info.identity.get("model_path")
-    if recorded and Path(recorded).is_dir():
-        return recorded
+    if recorded and storage.exists(recorded):
+        return recorded  # a directory here, or in an object store (copied once per node)
     name = info.identity["model"]
     if recorded and not Path(name).expanduser().is_dir():
         from pipeline.encoder.model import resolve_model_dir
@@ -340,7 +340,7 @@ def _spark_top(info: TableInfo, query: np.ndarray, spec: OutputSpec, k: int,
     from pipeline.config import SparkConfig
     from pipeline.spark import get_session
 
-    spark = get_session(SparkConfig(app_name="embed-search"))
+    spark = get_session(SparkConfig(app_name="embed-search"), storage.kinds([info.path]))
     calibration, column = info.calibration, spec.name
 
     def partition_top(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -498,7 +498,8 @@ def _source_texts(path: str, fmt: str, id_col: str, text_col: str, ids: list) ->
 
         dataset = deltars.dataset(path)
     else:
-        dataset = ds.dataset(path, format=cast(Any, fmt))
+        fs, inner = storage.settings().filesystem(path)
+        dataset = ds.dataset(inner, format=cast(Any, fmt), filesystem=fs)
     rows = dataset.to_table(columns=[id_col, text_col],
                             filter=ds.field(id_col).isin(ids)).to_pylist()
     return {r[id_col]: r[text_col] for r in rows}

@@ -8,12 +8,11 @@ for row-level lineage.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline import storage
 from pipeline.config import SourceConfig
 from pipeline.errors import ConfigError, SourceError
-from pipeline.tables.paths import is_remote
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -25,30 +24,43 @@ RAW_VALUE_CHARS = 1000
 
 
 def check_source_path(cfg: SourceConfig) -> None:
-    """Fail before Spark starts when a local source path is missing or not Delta."""
-    if is_remote(cfg.path):
-        return
-    path = Path(cfg.path.removeprefix("file://"))
-    if not path.exists():
-        raise SourceError(f"source path not found: {path} (source.path)")
-    if cfg.format == "delta" and not (path / "_delta_log").is_dir():
-        raise SourceError(f"source path {path} is not a Delta table (no _delta_log); "
+    """Fail before Spark starts when the source path is missing or not Delta (a local
+    folder or an object store: the store's own error, in one line, where it refuses)."""
+    import pyarrow.fs as pafs
+
+    from pipeline import deltars
+
+    try:
+        fs, inner = storage.settings().filesystem(cfg.path)
+        missing = fs.get_file_info(inner).type == pafs.FileType.NotFound
+        not_delta = cfg.format == "delta" and not missing and not deltars.is_table(cfg.path)
+    except OSError as exc:
+        raise SourceError(f"cannot read source {cfg.path}: {_first_line(exc)} (source.path; "
+                          "credentials come from the environment, docs/storage.md)") from None
+    if missing:
+        raise SourceError(f"source path not found: {cfg.path} (source.path)")
+    if not_delta:
+        raise SourceError(f"source path {cfg.path} is not a Delta table (no _delta_log); "
                           "set source.format to one of: delta, parquet, csv, json")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def files_hash(df: DataFrame) -> str:
     """Lineage of a file source (no Delta version): sha256 of its sorted file list with
-    each local file's size and modification time."""
+    each file's size and modification time (local or in an object store)."""
     import hashlib
-    import os
 
     digest = hashlib.sha256()
+    settings = storage.settings()
     for name in sorted(df.inputFiles()):
         digest.update(name.encode())
-        local = name.removeprefix("file:")
-        if os.path.exists(local):
-            st = os.stat(local)
-            digest.update(f":{st.st_size}:{st.st_mtime_ns}".encode())
+        fs, inner = settings.filesystem(storage.normalize(name))
+        info = fs.get_file_info(inner)
+        if info.size is not None:
+            digest.update(f":{info.size}:{info.mtime_ns}".encode())
         digest.update(b"\n")
     return digest.hexdigest()
 

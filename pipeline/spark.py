@@ -1,23 +1,35 @@
-"""SparkSession with Delta, Arrow and the project's interpreter set up.
+"""SparkSession with Delta, Arrow, the project's interpreter and the connectors of the
+object stores a run uses (pipeline.jars) set up, and their settings (pipeline.storage).
 
 Also writes the installed pyspark's ``conf/spark-defaults.conf`` (``embed
 setup-spark``) so a plain ``spark-submit jobs/embed.py`` from this environment
-gets the Delta jars, the Delta catalog and this interpreter on its workers.
+gets the Delta jars, the Delta catalog and this interpreter on its workers (and with
+``--storage s3`` the S3A connector).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from pipeline import jars, storage
 from pipeline.config import SparkConfig
+from pipeline.errors import StorageError
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-SCALA_VERSION = "2.13"
+log = logging.getLogger(__name__)
+# The class each store's connector provides: a session without it cannot reach the store.
+CONNECTOR_CLASSES = {"s3": "org.apache.hadoop.fs.s3a.S3AFileSystem",
+                     "azure": "org.apache.hadoop.fs.azurebfs.SecureAzureBlobFileSystem",
+                     "gcs": "com.google.cloud.hadoop.fs.gcs.GoogleHadoopFileSystem"}
+
 _QUIET_LOG4J = """\
 # Written by `embed setup-spark`: keep Spark's console to warnings and errors.
 rootLogger.level = warn
@@ -44,42 +56,6 @@ logger.ivy.level = error
 """
 
 
-def delta_package() -> str:
-    """The Maven coordinate of the Delta jar that matches the installed pip packages."""
-    from importlib.metadata import version
-
-    import pyspark
-
-    spark_mm = ".".join(pyspark.__version__.split(".")[:2])
-    return f"io.delta:delta-spark_{spark_mm}_{SCALA_VERSION}:{version('delta-spark')}"
-
-
-def spark_home() -> Path:
-    import pyspark
-
-    return Path(os.environ.get("SPARK_HOME") or Path(pyspark.__file__).parent)
-
-
-def _jar_manifest() -> Path:
-    return spark_home() / "conf" / "delta-jars.txt"
-
-
-def resolved_jars() -> list[str] | None:
-    """Local paths of the Delta jars resolved at setup, if all still exist.
-
-    Using them as ``spark.jars`` skips Ivy at every start: no resolution report
-    on the console and no registry lookup at run time.
-    """
-    manifest = _jar_manifest()
-    if not manifest.is_file():
-        return None
-    lines = manifest.read_text().split()
-    if not lines or lines[0] != delta_package():
-        return None
-    jars = lines[1:]
-    return jars if jars and all(Path(j).is_file() for j in jars) else None
-
-
 # The driver JVM compiles with C1 only: a run's driver lives seconds to minutes and
 # spends its CPU on class loading and compiling what it runs once (Delta's log replay,
 # planning), where C2's second compilation competes with the Python workers for the
@@ -94,12 +70,22 @@ DRIVER_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1"
 LONG_LIVED_JAVA_OPTIONS = "-XX:TieredStopAtLevel=4"
 
 
-def base_conf(python: str | None = None) -> dict[str, str]:
+def spark_home() -> Path:
+    return jars.spark_home()
+
+
+def base_conf(python: str | None = None, storages: Iterable[str] = (),
+              ship_connectors: bool = True) -> dict[str, str]:
+    """What every session gets: Delta's jars (with the connectors of ``storages``, on
+    every node, unless ``ship_connectors`` is False: a local master's driver has them on
+    its classpath), Delta's extension and catalog, this interpreter on the workers."""
     python = python or sys.executable
-    jars = resolved_jars()
-    deps = {"spark.jars": ",".join(jars)} if jars else {"spark.jars.packages": delta_package()}
+    kinds = sorted(set(storages))
+    connectors = [j for kind in kinds for j in [
+        *(jars.ensure(kind) if ship_connectors else []), *jars.delta_extras(kind)]]
     return {
-        **deps,
+        "spark.jars": ",".join([*jars.ensure("delta"), *connectors]),
+        **_log_stores(storages),
         "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
         "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
         "spark.pyspark.python": python,
@@ -116,16 +102,31 @@ def base_conf(python: str | None = None) -> dict[str, str]:
     }
 
 
-def write_spark_defaults(python: str | None = None) -> Path:
+def _storages_file() -> Path:
+    return spark_home() / "conf" / "embed-storage.txt"
+
+
+def set_up_storages() -> list[str]:
+    """The stores ``embed setup-spark --storage`` put into spark-defaults.conf so far."""
+    path = _storages_file()
+    return path.read_text().split() if path.is_file() else []
+
+
+def write_spark_defaults(python: str | None = None, storages: Iterable[str] = ()) -> Path:
     """Write spark-defaults.conf + log4j2.properties into the installed pyspark, and
-    pin SPARK_HOME for this environment's Spark scripts (:func:`pin_spark_home`)."""
+    pin SPARK_HOME for this environment's Spark scripts (:func:`pin_spark_home`).
+    ``storages`` (s3, azure, gcs) join the ones set up before: their connectors go on
+    every spark-submit's classpath (resolved from Maven Central once)."""
     conf_dir = spark_home() / "conf"
     conf_dir.mkdir(parents=True, exist_ok=True)
+    kinds = sorted({*set_up_storages(), *storages})
     lines = ["# Written by `embed setup-spark` for this environment."]
-    lines += [f"{k} {v}" for k, v in base_conf(python).items()]
+    lines += [f"{k} {v}" for k, v in base_conf(python, kinds).items()]
+    storage.write_bytes(str(_storages_file()), ("\n".join(kinds) + "\n").encode())
     target = conf_dir / "spark-defaults.conf"
-    target.write_text("\n".join(lines) + "\n")
-    (conf_dir / "log4j2.properties").write_text(_QUIET_LOG4J)
+    # renamed into place: a spark-submit starting meanwhile reads the old file or the new
+    storage.write_bytes(str(target), ("\n".join(lines) + "\n").encode())
+    storage.write_bytes(str(conf_dir / "log4j2.properties"), _QUIET_LOG4J.encode())
     pin_spark_home()
     return target
 
@@ -162,41 +163,180 @@ def pin_spark_home() -> Path | None:
     return target
 
 
-def get_session(cfg: SparkConfig) -> SparkSession:
-    """The active session (spark-submit) or a new local one with Delta configured."""
+def get_session(cfg: SparkConfig, storages: Iterable[str] = ()) -> SparkSession:
+    """The active session (spark-submit, the DAG) or a new one with Delta configured, able
+    to reach ``storages`` (s3, azure, gcs: :func:`pipeline.storage.kinds`).
+
+    A new session gets each store's connector (a local master on the driver's classpath:
+    no copy of the AWS SDK's 690 MB bundle per session; a cluster's executors by
+    ``spark.jars``) and the store's settings as Hadoop keys; ``spark.conf`` keys of the
+    config win over both."""
     from pyspark.sql import SparkSession
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     active = SparkSession.getActiveSession()
     if active is not None:
-        _apply_runtime_conf(active, cfg)
-        return active
+        return adopt(active, cfg, storages)
     builder = SparkSession.builder.appName(cfg.app_name)
-    # Under spark-submit (the JVM started this Python) --master decides, not the config.
-    if cfg.master and "PYSPARK_GATEWAY_PORT" not in os.environ:
+    # Under spark-submit (the JVM started this Python) --master and the classpath are
+    # spark-submit's, not the config's: the session is checked as an adopted one.
+    submitted = "PYSPARK_GATEWAY_PORT" in os.environ
+    if cfg.master and not submitted:
         builder = builder.master(cfg.master)
-    for key, value in base_conf().items():
-        builder = builder.config(key, value)
+    local = (cfg.master or "local[*]").startswith("local")
+    for key, value in {**base_conf(storages=storages, ship_connectors=not local),
+                       **_driver_classpath(storages if local else ()),
+                       **_log_stores(storages), **_hadoop_keys(storages)}.items():
+        if not submitted:
+            builder = builder.config(key, value)
     builder = builder.config("spark.ui.enabled", "false")
     for key, value in cfg.conf.items():
         builder = builder.config(key, str(value))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
-    _apply_runtime_conf(spark, cfg)
+    if submitted:
+        return adopt(spark, cfg, storages)
+    _apply_runtime_conf(spark, cfg, storages)
     return spark
 
 
-def session_for(spark: SparkSession | None, app_name: str) -> SparkSession:
-    """``spark``, or a local session for a table that delta-rs could not serve."""
-    return spark or get_session(SparkConfig(master="local[1]", app_name=app_name))
+def adopt(spark: SparkSession, cfg: SparkConfig, storages: Iterable[str] = ()) -> SparkSession:
+    """A session made elsewhere (spark-submit, the DAG, a notebook) set up for this run:
+    the stores' connectors must be on its classpath (else a one-line error that says how),
+    and the stores' settings and the config's ``spark.hadoop.*`` keys go into its Hadoop
+    configuration now."""
+    missing = [kind for kind in sorted(set(storages)) if not _has_class(
+        spark, CONNECTOR_CLASSES.get(kind, ""))]
+    if missing:
+        kind = missing[0]
+        raise StorageError(
+            f"this Spark session has no {kind} connector ({CONNECTOR_CLASSES[kind]}): run "
+            f"`embed setup-spark --storage {kind}` once (it puts the connector into "
+            "spark-defaults.conf), or start the job with --packages "
+            f"{jars.coordinate(kind)}")
+    if "s3" in set(storages) and spark.sparkContext.getConf().get(LOG_STORE_KEYS[0]) is None:
+        raise StorageError(
+            "this Spark session commits to S3 with Delta's single-driver log store, which "
+            "loses a commit when two drivers write one table at once: run `embed "
+            f"setup-spark --storage s3` once, or pass --conf {LOG_STORE_KEYS[0]}="
+            f"{jars.LOGSTORE_CLASS} (set it to io.delta.storage.S3SingleDriverLogStore to "
+            "accept one writer per table)")
+    _apply_runtime_conf(spark, cfg, storages)
+    return spark
 
 
-def _apply_runtime_conf(spark: SparkSession, cfg: SparkConfig) -> None:
+_PROBED: dict[str, bool] = {}
+
+
+def check_conditional_writes(spark: SparkSession, location: str) -> None:
+    """Refuse (StorageError) a bucket that ignores conditional writes: the commits of two
+    drivers could overwrite each other there. Probed once per bucket and process, beside
+    ``location``: two create-if-absent PUTs of one object, the second must fail (412).
+    Skipped where the session uses a log store of the user's own (one writer accepted,
+    or a coordinator such as DynamoDB)."""
+    if storage.scheme(location) != "s3a" or spark._jvm is None:
+        return
+    bucket = storage.bucket_and_key(location)[0]
+    if spark.sparkContext.getConf().get(LOG_STORE_KEYS[0]) != jars.LOGSTORE_CLASS:
+        return
+    if bucket not in _PROBED:
+        _PROBED[bucket] = _refuses_second_create(spark, storage.join(
+            storage.parent(location), f"_embedding_probe-{uuid.uuid4().hex}"))
+    if not _PROBED[bucket]:
+        raise StorageError(
+            f"s3a://{bucket} ignores conditional writes (If-None-Match): two drivers "
+            "committing to one table there could overwrite each other's commit; use a "
+            "store that has them (AWS S3 does since 2024), or run one writer per table and "
+            f"set spark.conf.{LOG_STORE_KEYS[0]}: io.delta.storage.S3SingleDriverLogStore")
+
+
+def _refuses_second_create(spark: SparkSession, location: str) -> bool:
+    jvm = spark._jvm
+    assert jvm is not None
+    jsc = spark.sparkContext._jsc
+    assert jsc is not None
+    path = jvm.org.apache.hadoop.fs.Path(location)
+    fs = path.getFileSystem(jsc.hadoopConfiguration())
+
+    def create() -> Any:
+        return (fs.createFile(path).overwrite(False)
+                .must("fs.option.create.conditional.overwrite", True).build())
+
+    first, second = create(), create()  # both pass the existence check: neither is there
+    first.write(bytearray(b"1"))
+    first.close()
+    second.write(bytearray(b"2"))
+    try:
+        second.close()
+        refused = False
+    except Exception:  # noqa: BLE001 - py4j wraps S3A's RemoteFileChangedException (412)
+        refused = True
+    fs.delete(path, False)
+    return refused
+
+
+def _has_class(spark: SparkSession, name: str) -> bool:
+    jvm = spark._jvm
+    if jvm is None or not name:
+        return True  # not a JVM session: the server decides
+    loader = jvm.java.lang.Thread.currentThread().getContextClassLoader()
+    try:
+        jvm.java.lang.Class.forName(name, False, loader)
+    except Exception:  # noqa: BLE001 - py4j wraps ClassNotFoundException
+        return False
+    return True
+
+
+def _driver_classpath(storages: Iterable[str]) -> dict[str, str]:
+    connectors = [j for kind in sorted(set(storages)) for j in jars.ensure(kind)]
+    return {"spark.driver.extraClassPath": os.pathsep.join(connectors)} if connectors else {}
+
+
+# Delta picks a log store per URI scheme; S3's must make commits conditional PUTs.
+LOG_STORE_KEYS = tuple(f"spark.delta.logStore.{s}.impl" for s in ("s3a", "s3", "s3n"))
+
+
+def _log_stores(storages: Iterable[str]) -> dict[str, str]:
+    return dict.fromkeys(LOG_STORE_KEYS, jars.LOGSTORE_CLASS) if "s3" in set(storages) else {}
+
+
+def _hadoop_keys(storages: Iterable[str]) -> dict[str, str]:
+    """The stores' settings as session confs (``spark.hadoop.`` + the Hadoop key)."""
+    if "s3" not in set(storages):
+        return {}
+    return {f"spark.hadoop.{k}": v for k, v in storage.settings().hadoop_conf().items()}
+
+
+def session_for(spark: SparkSession | None, app_name: str, location: str) -> SparkSession:
+    """``spark``, or a local session for a table that delta-rs could not serve (able to
+    reach ``location``'s store)."""
+    return spark or get_session(SparkConfig(master="local[1]", app_name=app_name),
+                                storage.kinds([location]))
+
+
+def _apply_runtime_conf(spark: SparkSession, cfg: SparkConfig,
+                        storages: Iterable[str] = ()) -> None:
+    """The config's session confs that can change now: ``spark.sql.*``, and the Hadoop
+    keys (the stores' settings, then ``spark.hadoop.*``) into the Hadoop configuration
+    every later job reads. Other keys are fixed when a session starts: warned about."""
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))
+    hadoop = {k.removeprefix("spark.hadoop."): v for k, v in _hadoop_keys(storages).items()}
     for key, value in cfg.conf.items():
         if key.startswith("spark.sql."):
             spark.conf.set(key, str(value))
+        elif key.startswith("spark.hadoop."):
+            hadoop[key.removeprefix("spark.hadoop.")] = str(value)
+        elif spark.conf.get(key, None) != str(value):
+            log.warning("spark.conf.%s is fixed when a session starts; this session (started "
+                        "by spark-submit or the DAG) keeps %s: pass it as --conf", key,
+                        spark.conf.get(key, None))
+    if hadoop:
+        jsc = spark.sparkContext._jsc
+        assert jsc is not None, "a classic (JVM) Spark session is needed"
+        conf = jsc.hadoopConfiguration()
+        for key, value in hadoop.items():
+            conf.set(key, value)
 
 
 def task_slots(spark: SparkSession) -> int:
@@ -204,77 +344,3 @@ def task_slots(spark: SparkSession) -> int:
     return max(1, spark.sparkContext.defaultParallelism)
 
 
-_IVY_SETTINGS = """\
-<!-- Written by `embed setup-spark`: Delta's jars come from Maven Central only (Spark's
-     default resolver chain also asks the Spark Packages host, which is unreachable
-     from many networks and fills the console with "not found" lines). -->
-<ivysettings>
-  <settings defaultResolver="central"/>
-  <resolvers>
-    <ibiblio name="central" m2compatible="true" root="https://repo1.maven.org/maven2/"/>
-  </resolvers>
-</ivysettings>
-"""
-
-
-def ivy_settings() -> Path:
-    """The ivysettings.xml the one resolution of Delta's jars uses."""
-    path = spark_home() / "conf" / "ivysettings.xml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.is_file() or path.read_text() != _IVY_SETTINGS:
-        path.write_text(_IVY_SETTINGS)
-    return path
-
-
-def warm_jar_cache() -> None:
-    """Resolve Delta's jars into Ivy's cache once (from Maven Central), in a child
-    process whose Ivy report goes to a log file: the console gets one line, or on
-    failure the error and what to do."""
-    import subprocess
-
-    if resolved_jars():
-        return
-    log_file = spark_home() / "conf" / "delta-jars-resolve.log"
-    print(f"bootstrap: resolving {delta_package()} from Maven Central", flush=True)
-    with open(log_file, "w") as log:
-        done = subprocess.run([sys.executable, "-m", "pipeline.spark", "--resolve"],
-                              stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode != 0 or not resolved_jars():
-        lines = [ln.strip() for ln in log_file.read_text(errors="replace").splitlines()]
-        why = next((ln for ln in reversed(lines) if any(
-            word in ln for word in ("UNRESOLVED", "unresolved", "Error", "Exception",
-                                    "not found"))), lines[-1] if lines else "no output")
-        print(f"bootstrap: could not resolve Delta's jars: {why[:200]} (full log: {log_file});"
-              " check that https://repo1.maven.org is reachable, then run make demo again",
-              file=sys.stderr)
-        sys.exit(1)
-
-
-def _resolve_jars() -> None:
-    """The child process of :func:`warm_jar_cache`: one session with spark.jars.packages."""
-    import shutil
-    import tempfile
-
-    from pipeline.config import SparkConfig
-
-    _jar_manifest().unlink(missing_ok=True)
-    write_spark_defaults()  # packages, not stale jars, for this one resolution
-    spark = get_session(SparkConfig(master="local[1]", app_name="embed-warm",
-                                    conf={"spark.jars.ivySettings": str(ivy_settings())}))
-    tmp = tempfile.mkdtemp(prefix="embed-warm-")
-    try:
-        spark.range(1).write.format("delta").save(tmp + "/t")
-        jars = [j.removeprefix("file://") for j in
-                spark.sparkContext.getConf().get("spark.jars", "").split(",") if j]
-    finally:
-        spark.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
-    _jar_manifest().write_text("\n".join([delta_package(), *jars]) + "\n")
-    write_spark_defaults()  # now with spark.jars from the cache
-
-
-if __name__ == "__main__":
-    if "--warm" in sys.argv:
-        warm_jar_cache()
-    elif "--resolve" in sys.argv:
-        _resolve_jars()

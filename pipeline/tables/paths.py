@@ -1,6 +1,7 @@
 """Where the tables of one output table live: one naming scheme for all of them.
 
-Next to the output (``<parent>/<name>``) unless the config names a path:
+Next to the output (``<parent>/<name>``, a local folder or an object-store prefix alike:
+pipeline.storage joins them) unless the config names a path:
 
     output          sink.path
     quarantine      sink.quarantine_path, else <sink.path>_quarantine
@@ -16,24 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pipeline import storage
+
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
-
-
-def is_remote(path: str) -> bool:
-    """An object store or HDFS path (``s3://``, ``abfss://`` ...): not a local folder to
-    look into (``file://`` and plain paths are local)."""
-    return "://" in path and not path.startswith("file://")
-
-
-def _parent(path: str) -> str:
-    """The folder holding ``path`` (string arithmetic: ``s3://bucket/x`` keeps its //)."""
-    head, _, _ = path.rstrip("/").rpartition("/")
-    return head or "."
-
-
-def _name(path: str) -> str:
-    return path.rstrip("/").rpartition("/")[2]
 
 
 @dataclass(frozen=True)
@@ -46,6 +33,10 @@ class TablePaths:
     samples: str
     projections: str
 
+    def all(self) -> tuple[str, ...]:
+        return (self.output, self.quarantine, self.runs, self.drift, self.canary,
+                self.samples, self.projections)
+
     @classmethod
     def of(cls, cfg: RunConfig) -> TablePaths:
         return cls.beside(cfg.sink.path, quarantine=cfg.sink.quarantine_path,
@@ -56,11 +47,11 @@ class TablePaths:
     def beside(cls, output: str, *, quarantine: str | None = None, runs: str | None = None,
                drift: str | None = None, canary: str | None = None) -> TablePaths:
         """The tables of ``output``: the paths given, the rest by the naming scheme."""
-        parent = _parent(output)
+        parent = storage.parent(output)
         return cls(output=output,
                    quarantine=quarantine or output.rstrip("/") + "_quarantine",
-                   runs=runs or f"{parent}/_embedding_runs",
-                   drift=drift or f"{parent}/_embedding_drift",
-                   canary=canary or f"{parent}/_embedding_canary",
-                   samples=f"{parent}/_embedding_samples/{_name(output)}",
-                   projections=f"{parent}/_embedding_projections")
+                   runs=runs or storage.join(parent, "_embedding_runs"),
+                   drift=drift or storage.join(parent, "_embedding_drift"),
+                   canary=canary or storage.join(parent, "_embedding_canary"),
+                   samples=storage.join(parent, "_embedding_samples", storage.name(output)),
+                   projections=storage.join(parent, "_embedding_projections"))
