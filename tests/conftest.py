@@ -1,5 +1,6 @@
 """Shared fixtures: ONE local Spark session (local[2]) per test run, the real
-all-MiniLM-L6-v2, and small Delta source tables built from the demo corpus."""
+all-MiniLM-L6-v2, small Delta source tables built from the demo corpus, and ONE S3 API
+server (moto's, a subprocess on 127.0.0.1) that the process's environment names."""
 
 from __future__ import annotations
 
@@ -10,12 +11,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.s3 import S3Server, free_port, set_environment
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 PARITY_ROWS = 500
+# The S3 server's port is chosen now, and the environment names it before any Spark JVM
+# starts: its Python workers inherit the AWS variables as a node's would (tests/s3.py).
+# (once per process: the tests import this module again as tests.conftest)
+S3_PORT = int(os.environ.setdefault("EMBED_TEST_S3_PORT", str(free_port())))
+set_environment(S3_PORT)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = S3Server(S3_PORT, tmp_path_factory.mktemp("moto")).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +40,7 @@ def spark():
 
     # one session for the whole run: a long-lived driver, C2 kept (pipeline/spark.py)
     session = get_session(SparkConfig(master="local[2]", app_name="embed-tests", conf={
-        "spark.driver.extraJavaOptions": LONG_LIVED_JAVA_OPTIONS}))
+        "spark.driver.extraJavaOptions": LONG_LIVED_JAVA_OPTIONS}), storages=("s3",))
     yield session
     session.stop()
 

@@ -152,6 +152,55 @@ def test_standalone_cluster_with_fake_gpus_matches_the_local_encoder(spark, depl
         assert cosine_rows(np.stack(a[col]), arrow_matrix(local[col])).min() >= 0.99999
 
 
+@pytest.mark.cluster
+def test_shared_nothing_cluster_lands_the_vectors_with_tables_and_model_in_the_bucket(
+        s3_server, model_dir, st_reference, tmp_path):
+    """A master and two workers on 127.0.0.1, each worker a node of its own (HOME, work,
+    temp and scratch folders); the tables and the model only in the S3 server; `embed run`
+    started from a third folder with a HOME of its own. Every worker copies the model from
+    the bucket into its own cache; the vectors are sentence-transformers'."""
+    from pipeline.cluster import Cluster
+    from pipeline.demo import write_demo_delta
+
+    bucket = s3_server.bucket("nodes")
+    model = s3_server.upload_folder(model_dir, f"{bucket}/models/minilm")
+    rows = 60
+    write_demo_delta(f"{bucket}/docstrings", limit=rows)
+    cluster = Cluster(tmp_path / "cluster", port=_free_port(), webui_port=_free_port())
+    driver = tmp_path / "driver"
+    (driver / "home").mkdir(parents=True)
+    (driver / "run.yaml").write_text(
+        "source: {path: s3://nodes/docstrings}\n"
+        f"model: {{name_or_path: '{model}', parity_check: false}}\n"
+        "outputs: [{name: emb, dim: 384}]\n"
+        "sink: {path: s3://nodes/out}\n"
+        f"spark: {{master: '{cluster.master_url}', partitions: 4,\n"
+        "        conf: {spark.executor.memory: 1g, spark.cores.max: 2}}\n"
+        "drift: {canary: {enabled: false}, distribution: {enabled: false}}\n")
+    try:
+        cluster.start(workers=2, cores=1, memory="2g", isolated=True)
+        ran = subprocess.run([str(BIN / "embed"), "run", "--config", "run.yaml", "--json",
+                              "--no-progress"], cwd=driver, env=_env(HOME=str(driver / "home")),
+                             capture_output=True, text=True, timeout=900)
+    finally:
+        cluster.stop()
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-3000:]
+    assert json.loads(ran.stdout.strip().splitlines()[-1])["rows_embedded"] == rows
+    from pipeline import deltars
+
+    table = deltars.dataset("s3://nodes/out").to_table(columns=["id", "emb"])
+    order = np.argsort(table.column("id").to_numpy())
+    got = np.stack(table.column("emb").to_numpy(zero_copy_only=False))[order]
+    assert cosine_rows(got, st_reference[:rows]).min() >= 0.9999
+    # the model was copied once per node, into that node's own cache
+    for node in ("worker-0", "worker-1"):
+        copies = list((tmp_path / "cluster" / node / "home").glob(
+            ".cache/embed-pipeline/models/minilm-*/model.safetensors"))
+        assert len(copies) == 1, node
+    assert list((driver / "home").glob(".cache/embed-pipeline/models/minilm-*"))
+    assert not list(tmp_path.rglob("_delta_log"))  # no table on any local disk
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

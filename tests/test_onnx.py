@@ -5,6 +5,7 @@ and model, and a table records which backend made it."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -184,3 +185,22 @@ def test_a_table_records_its_backend_and_refuses_the_other(spark, tiny, demo_sou
     info = search.open_table(str(tmp_path / "int8"))
     enc = search.query_encoder(info, [info.specs["e"]], None, None)
     assert enc.runtime.label == "cpu/int8/onnx"
+
+
+def test_an_onnx_cache_in_the_bucket_is_shared_by_the_nodes(tiny, s3_server, tmp_path):
+    """model.onnx_cache in an object store: the first node exports the graph there (the
+    driver's preflight, as a rule); another node, with a cache of its own, downloads the
+    same bytes instead of exporting."""
+    shared = s3_server.bucket("onnx-cache") + "/graphs"
+    graphs = []
+    for node in ("a", "b"):
+        done = subprocess.run([sys.executable, "-c", _PREPARE, tiny["bert_cls"], shared],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "EMBED_CACHE": str(tmp_path / node)})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert ("exporting" in done.stderr) == (node == "a"), (node, done.stderr[-2000:])
+        graphs.append(Path(done.stdout.strip()))
+        assert graphs[-1].is_relative_to(tmp_path / node / "onnx")
+    assert graphs[0].read_bytes() == graphs[1].read_bytes()
+    names = {k.rsplit("/", 1)[1] for k in s3_server.objects("onnx-cache")}
+    assert {graphs[0].name, graphs[0].name.replace(".int8.onnx", ".json")} <= names
