@@ -158,7 +158,8 @@ def test_shared_nothing_cluster_lands_the_vectors_with_tables_and_model_in_the_b
     """A master and two workers on 127.0.0.1, each worker a node of its own (HOME, work,
     temp and scratch folders); the tables and the model only in the S3 server; `embed run`
     started from a third folder with a HOME of its own. Every worker copies the model from
-    the bucket into its own cache; the vectors are sentence-transformers'."""
+    the bucket into its own cache; the vectors are sentence-transformers' (the suite's
+    in-process runs check local tables against it: test_pipeline.py)."""
     from pipeline.cluster import Cluster
     from pipeline.demo import write_demo_delta
 
@@ -192,6 +193,8 @@ def test_shared_nothing_cluster_lands_the_vectors_with_tables_and_model_in_the_b
     order = np.argsort(table.column("id").to_numpy())
     got = np.stack(table.column("emb").to_numpy(zero_copy_only=False))[order]
     assert cosine_rows(got, st_reference[:rows]).min() >= 0.9999
+    identity = deltars.open_table("s3://nodes/out").metadata().configuration
+    assert identity["embed.model_path"] == "s3a://nodes/models/minilm"  # found again by search
     # the model was copied once per node, into that node's own cache
     for node in ("worker-0", "worker-1"):
         copies = list((tmp_path / "cluster" / node / "home").glob(

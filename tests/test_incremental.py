@@ -175,7 +175,7 @@ def test_maintain_compacts_refuses_a_short_vacuum_and_loses_nothing(spark, tiny_
         run(cfg, spark=spark)
     before = maintain.layout(spark, cfg.sink.path)
     assert before.files >= 3
-    assert maintain.local_layout(cfg.sink.path) == before  # `embed runs` reads it so
+    assert maintain.log_layout(cfg.sink.path) == before  # `embed runs` reads it so
     # the refusal in-process (the CLI as typed; this session): no JVM start for it
     refused = CliRunner().invoke(main, ["maintain", "--table", cfg.sink.path, "--vacuum", "1"])
     assert refused.exit_code == 2 and "below the table's retention of 168" in refused.output

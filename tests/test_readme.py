@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ NOT_RUN = {
 DEPLOY_BLOCKS = ("export AIRFLOW_HOME=", ".venv/bin/embed cluster start")
 DOCS = ("README.md", "docs/outputs.md", "docs/tables.md", "docs/search.md", "docs/sparse.md",
         "docs/passages.md", "docs/lineage-drift.md", "docs/operations.md",
-        "docs/performance.md")
+        "docs/performance.md", "docs/storage.md")
 
 
 def all_text(root) -> str:
@@ -137,6 +138,32 @@ def block_script(commands: list[str]) -> str:
         if command_name(c) not in NOT_RUN) + "\n"
 
 
+def _kill_groups(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def spark_conf_kept():
+    """The README's `embed setup-spark --storage s3` rewrites this environment's
+    spark-defaults.conf (the copy's .venv is this checkout's): put it back afterwards, so
+    the rest of the suite runs with the Spark setup scripts/test.sh made."""
+    from pipeline.spark import spark_home
+
+    files = [spark_home() / "conf" / name for name in ("spark-defaults.conf",
+                                                       "embed-storage.txt")]
+    saved = {f: f.read_bytes() for f in files if f.is_file()}
+    try:
+        yield
+    finally:
+        for f in files:
+            if f in saved:
+                f.write_bytes(saved[f])
+            else:
+                f.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class Block:
     commands: list[str]
@@ -159,16 +186,19 @@ def run_blocks(copy: Path, blocks: list[list[str]], timeout: int = 1500) -> list
     with contextlib.ExitStack() as stack:
         files = [(stack.enter_context(tempfile.TemporaryFile("w+")),
                   stack.enter_context(tempfile.TemporaryFile("w+"))) for _ in blocks]
+        # each block in a process group of its own: what it left running in the background
+        # (a block that failed before stopping its server) is stopped with it
         procs = [subprocess.Popen(["bash", "-l", "-c", block_script(commands)], cwd=copy,
-                                  env=fresh_shell_env(), stdout=out, stderr=err, text=True)
+                                  env=fresh_shell_env(), stdout=out, stderr=err, text=True,
+                                  start_new_session=True)
                  for commands, (out, err) in zip(blocks, files, strict=True)]
+        stack.callback(_kill_groups, procs)
         done = []
         for commands, proc, (out, err) in zip(blocks, procs, files, strict=True):
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:  # none outlives the test, as with run()
-                for other in procs:
-                    other.kill()
+                _kill_groups(procs)
                 raise
             out.seek(0)
             err.seek(0)
@@ -185,6 +215,12 @@ def test_every_readme_command_runs_as_typed_in_a_fresh_shell(checkout_copy):
 
     blocks = runnable(readme_blocks(all_text(checkout_copy)))
     failures = []
+    with spark_conf_kept():
+        _run_all(checkout_copy, blocks, failures)
+    assert not failures, "\n\n".join(failures)
+
+
+def _run_all(checkout_copy: Path, blocks: list[list[str]], failures: list[str]) -> None:
     try:
         # The first block (make demo) sets up and writes the demo tables that later
         # blocks read; the later blocks do not depend on each other, and run at once.
@@ -210,4 +246,3 @@ def test_every_readme_command_runs_as_typed_in_a_fresh_shell(checkout_copy):
         subprocess.run([str(checkout_copy / ".venv" / "bin" / "embed"), "cluster", "stop"],
                        cwd=checkout_copy, env=fresh_shell_env(), capture_output=True,
                        timeout=120)
-    assert not failures, "\n\n".join(failures)
