@@ -24,6 +24,7 @@ import subprocess
 import sys
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from pipeline import storage
 from pipeline.errors import StorageError
@@ -31,6 +32,14 @@ from pipeline.errors import StorageError
 SCALA_VERSION = "2.13"
 GCS_CONNECTOR = "4.0.4"  # the newest gcs-connector that resolved with its dependencies
 KINDS = ("delta", "s3", "azure", "gcs")
+# Classes each kind's jars must load (the connector, and a class of what it needs): a
+# resolution that lacks one is refused, not written down.
+REQUIRED = {"delta": ("io.delta.tables.DeltaTable",),
+            "s3": ("org.apache.hadoop.fs.s3a.S3AFileSystem",
+                   "software.amazon.awssdk.services.s3.S3Client"),
+            "azure": ("org.apache.hadoop.fs.azurebfs.SecureAzureBlobFileSystem",),
+            "gcs": ("com.google.cloud.hadoop.fs.gcs.GoogleHadoopFileSystem",
+                    "com.google.cloud.hadoop.gcsio.GoogleCloudStorageFileSystem")}
 _ARTIFACT = re.compile(r"^(?:[^_]+_)?(.+?)-\d")  # Ivy's group_artifact-version.jar
 MAVEN_CENTRAL = "https://repo1.maven.org/maven2/"
 _IVY_SETTINGS = """\
@@ -187,11 +196,16 @@ def ensure(kind: str, announce: str = "embed") -> list[str]:
         print(f"{announce}: resolving {coordinate(kind)} from Maven Central (once, into "
               "Ivy's cache)", file=sys.stderr, flush=True)
         with open(log_file, "w") as log:
-            done = subprocess.run([sys.executable, "-m", "pipeline.jars", "--resolve", kind],
+            done = subprocess.run([sys.executable, "-m", "pipeline.jars", "--resolve", kind,
+                                   coordinate(kind)],
                                   stdout=log, stderr=subprocess.STDOUT)
     jars = resolved(kind)
     if done.returncode != 0 or not jars:
         lines = [ln.strip() for ln in log_file.read_text(errors="replace").splitlines()]
+        incomplete = [ln for ln in lines if ln.startswith("Error: ") and "resolved without" in ln]
+        if incomplete:  # resolved, but it does not load: no network problem
+            raise StorageError(f"{incomplete[-1].removeprefix('Error: ')}; see "
+                               "docs/storage.md")
         why = next((ln for ln in reversed(lines) if any(
             word in ln for word in ("UNRESOLVED", "unresolved", "Error", "Exception",
                                     "not found"))), lines[-1] if lines else "no output")
@@ -204,9 +218,10 @@ def ensure(kind: str, announce: str = "embed") -> list[str]:
     return jars
 
 
-def _resolve(kind: str) -> None:
-    """The child process of :func:`ensure`: a session with ``spark.jars.packages``; the
-    jars Ivy adds, less those pyspark (or Delta, for a connector) already has."""
+def _resolve(kind: str, wanted: str) -> None:
+    """The child process of :func:`ensure`: a session with ``spark.jars.packages`` =
+    ``wanted`` (the parent's coordinate of ``kind``); the jars Ivy adds, less those
+    pyspark (or Delta, for a connector) already has."""
     import shutil
     import tempfile
 
@@ -214,7 +229,7 @@ def _resolve(kind: str) -> None:
 
     manifest(kind).unlink(missing_ok=True)
     builder = (SparkSession.builder.master("local[1]").appName(f"embed-jars-{kind}")
-               .config("spark.jars", "").config("spark.jars.packages", coordinate(kind))
+               .config("spark.jars", "").config("spark.jars.packages", wanted)
                .config("spark.jars.ivySettings", str(ivy_settings()))
                .config("spark.ui.enabled", "false"))
     if kind == "delta":
@@ -227,9 +242,18 @@ def _resolve(kind: str) -> None:
     try:
         if kind == "delta":  # the jars load: a table is written
             spark.range(1).write.format("delta").save(tmp + "/t")
+        jvm: Any = spark._jvm
+        loader = jvm.java.lang.Thread.currentThread().getContextClassLoader()
+        for name in REQUIRED[kind]:
+            try:
+                jvm.java.lang.Class.forName(name, True, loader)
+            except Exception:  # noqa: BLE001 - py4j: ClassNotFound / NoClassDefFound
+                sys.exit(f"Error: {wanted} resolved without {name}: its dependencies do "
+                         "not come with it from Maven (put the connector's shaded jar on "
+                         "the classpath with spark.jars instead)")
         # spark-submit put what Ivy resolved into the JVM's spark.jars property (the
         # Python side's "" above keeps spark-defaults' jars out of this resolution)
-        found = spark._jvm.java.lang.System.getProperty("spark.jars") or ""  # type: ignore[union-attr]
+        found = jvm.java.lang.System.getProperty("spark.jars") or ""
         jars = [j.removeprefix("file://").removeprefix("file:") for j in found.split(",") if j]
     finally:
         spark.stop()
@@ -238,18 +262,18 @@ def _resolve(kind: str) -> None:
     if kind != "delta":
         taken |= {artifact(Path(j).name) for j in resolved("delta") or []}
     keep = [j for j in jars if artifact(Path(j).name) not in taken]
-    storage.write_bytes(str(manifest(kind)), ("\n".join([coordinate(kind), *keep]) + "\n").encode())
+    storage.write_bytes(str(manifest(kind)), ("\n".join([wanted, *keep]) + "\n").encode())
 
 
 def main(argv: list[str]) -> None:
     """``--ensure KIND...``: each kind's jars in Ivy's cache (bootstrap, the test setup);
-    ``--resolve KIND``: the child process of :func:`ensure`."""
-    kinds = argv[1:]
-    if len(argv) < 2 or argv[0] not in ("--ensure", "--resolve") or not set(kinds) <= set(KINDS):
-        sys.exit(f"usage: python -m pipeline.jars --ensure|--resolve {{{','.join(KINDS)}}}...")
-    if argv[0] == "--resolve":
-        _resolve(kinds[0])
+    ``--resolve KIND COORDINATE``: the child process of :func:`ensure`."""
+    if len(argv) == 3 and argv[0] == "--resolve" and argv[1] in KINDS:
+        _resolve(argv[1], argv[2])
         return
+    kinds = argv[1:]
+    if len(argv) < 2 or argv[0] != "--ensure" or not set(kinds) <= set(KINDS):
+        sys.exit(f"usage: python -m pipeline.jars --ensure {{{','.join(KINDS)}}}...")
     try:
         for kind in kinds:
             ensure(kind, announce="bootstrap")
