@@ -317,3 +317,31 @@ def test_sizes_measures_a_sparse_columns_active_dimensions(sparse_models, tmp_pa
     assert out.exit_code == 0, out.output
     assert f"~{K}.0 active" in out.output and f"{K * 8:,}" in out.output
     assert "int8 x 32 (dense)" in out.output
+
+
+def test_search_explain_and_hybrid_read_an_s3_table_as_a_local_one(tables, s3_server):
+    """The sparse and dense tables copied as they are into the S3 server (a Delta table's
+    paths are relative): `embed search --explain` and `--hybrid` on the s3:// copies give
+    the local tables' hits and token weights, read with delta-rs and pyarrow's S3."""
+    from pathlib import Path
+
+    from pipeline.hybrid import explain, hybrid_search
+    from pipeline.search import SearchOptions, search
+
+    bucket = s3_server.bucket("sparse-search")
+    for name in ("sparse", "dense"):
+        s3_server.upload_folder(Path(tables[name]), f"{bucket}/{name}")
+    options = SearchOptions(k=3, snippets=False)
+    found = {}
+    for where, (sparse, dense) in (("local", (tables["sparse"], tables["dense"])),
+                                   ("s3", (f"{bucket}/sparse", f"{bucket}/dense"))):
+        hits = search(sparse, "sp", QUERY, options).hits
+        why = explain(sparse, "sp", QUERY, hits, options)
+        fused = hybrid_search(sparse, "sp", f"{dense}:emb", QUERY, options)[0]
+        found[where] = ([(h.id, round(h.score, 6)) for h in hits], why.query_tokens,
+                        why.matches, [(h.id, h.ranks) for h in fused])
+    assert found["local"] == found["s3"]
+    runner = CliRunner()  # and as typed
+    out = runner.invoke(main, ["search", "--table", f"{bucket}/sparse", "--column", "sp",
+                               "--k", "3", "--explain", QUERY])
+    assert out.exit_code == 0 and "query tokens:" in out.output, out.output
