@@ -23,7 +23,7 @@ import pytest
 from pipeline import storage
 from pipeline.config import SparkConfig, parse_config
 from pipeline.errors import ConfigError, StorageError
-from tests.conftest import ROOT, write_config
+from tests.conftest import ROOT
 from tests.s3 import ACCESS_KEY, environment
 
 BIN = ROOT / ".venv" / "bin"
@@ -266,12 +266,17 @@ def _objects_named(s3_server, prefix: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_every_command_on_s3_tables_kill9_rerun_exact_and_no_secret_anywhere(
-        s3_server, bucket, s3_model, tmp_path):
-    """A config that names only s3:// URIs, credentials only in the environment (and a
-    planted secret in spark.conf and source.options): kill -9 mid-run, re-run, then
-    every table command. No secret in any object written, file written or line printed."""
-    from pipeline import deltars
+def test_s3_end_to_end_kill9_spark_submit_dag_tasks_every_command_and_no_secret(
+        spark, s3_server, bucket, s3_model, tmp_path):
+    """A config that names only s3:// URIs, credentials only in the environment (and
+    planted secrets in spark.conf and source.options), as a scheduler would run it:
+    `embed run` killed -9 mid-run; spark-submit (the DAG's embed task) refused in one line
+    without the S3 setup, then re-run with it (what `embed setup-spark --storage s3` puts
+    in spark-defaults.conf): every id exactly once; the DAG's Python tasks; a no-op
+    re-run from the logs; every table command. No secret in any object written, file
+    written or line printed."""
+    from pipeline import dag_tasks, deltars
+    from pipeline.spark import base_conf
 
     env = {**os.environ, **environment(s3_server.endpoint, secret=PLANTED[0]),
            "PYSPARK_PYTHON": sys.executable, "EMBED_CACHE": str(tmp_path / "cache")}
@@ -282,7 +287,8 @@ def test_every_command_on_s3_tables_kill9_rerun_exact_and_no_secret_anywhere(
                  work, env)
     printed = [out.stdout + out.stderr]
     assert out.returncode == 0, out.stderr
-    (work / "s3.yaml").write_text(f"""
+    config = work / "s3.yaml"
+    config.write_text(f"""
 source: {{path: s3://lake/cli/docstrings, partition_column: day,
          options: {{api_token: {PLANTED[2]}}}}}
 model: {{name_or_path: '{s3_model}', parity_check: false}}
@@ -293,8 +299,8 @@ spark: {{master: 'local[2]', conf: {{spark.hadoop.fs.s3a.access.key: {ACCESS_KEY
 lineage: {{transport: file, path: lineage.jsonl}}
 drift: {{canary: {{enabled: true}}, distribution: {{enabled: false}}}}
 """)
-    run_cmd = [str(BIN / "embed"), "run", "--config", "s3.yaml", "--no-progress"]
-    killed = subprocess.Popen(run_cmd, cwd=work, env=env, stdout=subprocess.PIPE,
+    killed = subprocess.Popen([str(BIN / "embed"), "run", "--config", "s3.yaml",
+                               "--no-progress"], cwd=work, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not _objects_named(s3_server, "cli/out/_delta_log/0"):
@@ -303,16 +309,35 @@ drift: {{canary: {{enabled: true}}, distribution: {{enabled: false}}}}
     printed.append(killed.communicate(timeout=60)[0])
     assert time.time() < deadline, printed[-1][-3000:]
 
-    done = _embed([*run_cmd[1:], "--json"], work, env)
+    submit = [str(BIN / "spark-submit"), "--master", "local[2]"]
+    job = [str(ROOT / "jobs" / "embed.py"), "--config", str(config)]
+    bare = subprocess.run([*submit, *job], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=600)
+    said = bare.stdout + bare.stderr  # (spark-submit hands the driver's stderr to stdout)
+    printed.append(said)
+    assert bare.returncode == 2, said[-3000:]
+    error = [ln for ln in said.splitlines() if ln.startswith("error:")]
+    assert len(error) == 1 and "embed setup-spark --storage s3" in error[0], said[-2000:]
+    assert "Traceback" not in said
+    confs = [arg for key, value in base_conf(storages=["s3"]).items()
+             for arg in ("--conf", f"{key}={value}")]
+    done = subprocess.run([*submit, *confs, *job], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=600)
     printed.append(done.stdout + done.stderr)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["rows_embedded"] + result["rows_skipped"] == rows
+    assert done.returncode == 0, printed[-1][-3000:]
     ids = deltars.dataset("s3://lake/cli/out").to_table(columns=["id"]).column("id")
     assert sorted(ids.to_pylist()) == list(range(rows))  # every id exactly once
 
+    # the DAG's Python tasks (the embed task was the spark-submit above)
+    validated = dag_tasks.validate_config(str(config), "2026-06-07")
+    checked = dag_tasks.check_run(str(config), "")
+    assert checked["rows_embedded"] + checked["rows_skipped"] == rows
+    drifted = dag_tasks.check_drift(str(config), checked["run_id"])
+    assert drifted["canary"] in ("baseline", "same_runtime", "runtime_changed"), drifted
+    assert "into s3a://lake/cli/out" in dag_tasks.summary_line(validated, checked, drifted)
+
     started = time.perf_counter()
-    noop = _embed([*run_cmd[1:], "--json"], work, env)
+    noop = _embed(["run", "--config", "s3.yaml", "--json", "--no-progress"], work, env)
     noop_seconds = time.perf_counter() - started
     printed.append(noop.stdout + noop.stderr)
     assert noop.returncode == 0 and json.loads(noop.stdout.splitlines()[-1])["rows_read"] == 0
@@ -336,53 +361,14 @@ drift: {{canary: {{enabled: true}}, distribution: {{enabled: false}}}}
     assert "succeeded" in printed[-7] and "running" in printed[-7]  # runs: the killed one
     assert list((work / "_drift_reports").glob("*.html"))  # a remote table's report: here
     assert "compacted into" in printed[-1]
+    maintained = dag_tasks.maintain_table(str(config), "2026-06-07", "daily", spark=spark)
+    assert maintained["maintained"]
 
     written = [p.read_bytes() for p in work.rglob("*") if p.is_file() and p.name != "s3.yaml"]
     stored = list(s3_server.objects("lake").values())
     for secret in PLANTED:
         assert not [t for t in printed if secret in t], secret
         assert not [b for b in written + stored if secret.encode() in b], secret
-
-
-@pytest.mark.slow
-def test_spark_submit_and_the_dag_tasks_on_s3(spark, s3_server, bucket, tmp_path):
-    """The DAG's tasks on an S3 table: validate, the embed task's spark-submit (refused in
-    one line without the S3 setup; with it, what `embed setup-spark --storage s3` puts
-    into spark-defaults.conf), check, drift, publish, maintain."""
-    from pipeline import dag_tasks
-    from pipeline.demo import write_demo_delta
-    from pipeline.spark import base_conf
-
-    write_demo_delta(f"{bucket}/dag/docstrings", limit=60)
-    cfg_path = write_config(tmp_path, f"{bucket}/dag/docstrings", f"{bucket}/dag/out",
-                            outputs="[{name: emb, dim: 32}]",
-                            extra="drift: {canary: {enabled: true}}")
-    validated = dag_tasks.validate_config(str(cfg_path), "2026-06-07")
-    assert validated["output"] == "s3a://lake/dag/out"
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
-    submit = [str(BIN / "spark-submit"), "--master", "local[1]",
-              str(ROOT / "jobs" / "embed.py"), "--config", str(cfg_path)]
-    bare = subprocess.run(submit, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    said = bare.stdout + bare.stderr  # (spark-submit hands the driver's stderr to stdout)
-    assert bare.returncode == 2, said[-3000:]
-    error = [ln for ln in said.splitlines() if ln.startswith("error:")]
-    assert len(error) == 1 and "embed setup-spark --storage s3" in error[0], said[-2000:]
-    assert "Traceback" not in said
-
-    confs = [arg for key, value in base_conf(storages=["s3"]).items()
-             for arg in ("--conf", f"{key}={value}")]
-    done = subprocess.run([*submit[:3], *confs, *submit[3:]], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    checked = dag_tasks.check_run(str(cfg_path), "")
-    assert checked["rows_embedded"] == 60
-    drifted = dag_tasks.check_drift(str(cfg_path), checked["run_id"])
-    assert drifted["canary"] == "baseline"
-    assert "embedded 60 rows into s3a://lake/dag/out" in dag_tasks.summary_line(
-        validated, checked, drifted)
-    maintained = dag_tasks.maintain_table(str(cfg_path), "2026-06-07", "daily", spark=spark)
-    assert maintained["maintained"] and maintained["files_after"] <= maintained["files_before"]
 
 
 def test_a_connector_that_cannot_be_resolved_is_one_line_that_says_what_to_do(monkeypatch):
