@@ -11,6 +11,7 @@ committed).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
     from pipeline.backfill import PartitionPlan
-    from pipeline.config import RunConfig
+    from pipeline.config import RunConfig, SparkConfig
     from pipeline.encoder.parity import ParityResult
     from pipeline.preflight import Preflight
     from pipeline.results import RunResult
@@ -105,14 +106,14 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 def run_cmd(config_path: Path, overrides: tuple[str, ...], as_json: bool, progress: bool,
             partition: str | None, full_refresh: bool) -> None:
     """Embed the configured source table into its Delta output table."""
-    from pipeline import backfill
+    from pipeline import backfill, catalog
     from pipeline.config import load_config
     from pipeline.errors import DriftBreach
     from pipeline.preflight import preflight
     from pipeline.run import run
 
     try:
-        cfg = load_config(config_path, overrides)
+        cfg, spark = catalog.located(load_config(config_path, overrides))
         reporter = None
         if progress and not as_json:
             from pipeline.progress import spark_task_progress
@@ -120,7 +121,7 @@ def run_cmd(config_path: Path, overrides: tuple[str, ...], as_json: bool, progre
             reporter = spark_task_progress
         part = backfill.partition(cfg, preflight(cfg).fingerprint, partition) \
             if partition else None
-        result = run(cfg, progress=reporter, partition=part, full_refresh=full_refresh)
+        result = run(cfg, spark, progress=reporter, partition=part, full_refresh=full_refresh)
     except DriftBreach as breach:  # the rows are committed: show them, then exit 9
         if breach.result is not None:
             print_summary(breach.result, as_json)
@@ -152,14 +153,14 @@ def backfill_cmd(config_path: Path, overrides: tuple[str, ...], start: str | Non
 
     from rich.console import Console
 
-    from pipeline import backfill
+    from pipeline import backfill, catalog
     from pipeline.config import load_config
     from pipeline.preflight import preflight
     from pipeline.spark import get_session
 
     console = Console()
     try:
-        cfg = load_config(config_path, overrides)
+        cfg, spark = catalog.located(load_config(config_path, overrides))
         checked = preflight(cfg)
         salt = "" if resume else uuid.uuid4().hex
         # a dry run reads the tables' logs with delta-rs where it can: no JVM to start
@@ -168,7 +169,7 @@ def backfill_cmd(config_path: Path, overrides: tuple[str, ...], start: str | Non
         if plans is not None:
             _print_plan(console, cfg, plans)
             return
-        spark = get_session(cfg.spark, _stores(cfg.source.path, cfg.sink.path))
+        spark = spark or get_session(cfg.spark, _stores(cfg.source.path, cfg.sink.path))
         plans = backfill.plan(spark, cfg, checked.fingerprint, start, end, salt)
         _print_plan(console, cfg, plans)
         if not dry_run:
@@ -220,8 +221,40 @@ def _run_partitions(console: Any, spark: SparkSession, cfg: RunConfig,
                   f"{time.perf_counter() - started:.1f} s")
 
 
+# The session a table name is looked up in: the last --config given, else the default
+# (SPARK_REMOTE, set by --remote too, else a local classic session).
+_CATALOG_SPARK: list[SparkConfig] = []
+
+
+def _set_remote(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        os.environ["SPARK_REMOTE"] = value
+
+
+def _set_catalog_config(ctx: click.Context, param: click.Parameter,
+                        value: Path | None) -> None:
+    if value is not None:
+        from pipeline.config import load_config
+
+        _CATALOG_SPARK.append(load_config(value).spark)
+
+
+def catalog_options(f: Any) -> Any:
+    """--remote and --config: where a table given by name is looked up."""
+    f = click.option("--remote", default=None, expose_value=False, callback=_set_remote,
+                     help="A Spark Connect server (sc://host:port) to work through, whose "
+                          "catalog names the table (default: SPARK_REMOTE).")(f)
+    return click.option("--config", "catalog_config", default=None, expose_value=False,
+                        type=click.Path(path_type=Path, exists=True, dir_okay=False),
+                        callback=_set_catalog_config,
+                        help="A run config whose spark section reaches the catalog that "
+                             "names the table (spark.remote, or a metastore's confs).")(f)
+
+
 @main.command("runs")
-@click.option("--table", "table_path", required=True, help="Output table path.")
+@click.option("--table", "table_path", required=True,
+              help="Output table: a path, a URI or a catalog name.")
+@catalog_options
 @click.option("--runs-path", default=None, help="Runs table (default: next to the table).")
 @click.option("--limit", type=int, default=20, show_default=True)
 def runs_cmd(table_path: str, runs_path: str | None, limit: int) -> None:
@@ -273,7 +306,9 @@ def runs_cmd(table_path: str, runs_path: str | None, limit: int) -> None:
 
 
 @main.command("maintain")
-@click.option("--table", "table_path", required=True, help="Output table path.")
+@click.option("--table", "table_path", required=True,
+              help="Output table: a path, a URI or a catalog name.")
+@catalog_options
 @click.option("--optimize", is_flag=True, help="Compact small files (Delta OPTIMIZE).")
 @click.option("--vacuum", "vacuum_hours", type=click.FloatRange(min=0), default=None,
               metavar="HOURS", help="Delete files no version of the last HOURS needs "
@@ -305,7 +340,9 @@ def maintain_cmd(table_path: str, optimize: bool, vacuum_hours: float | None) ->
 
 
 @main.command("drift")
-@click.option("--table", "table_path", required=True, help="Output table path.")
+@click.option("--table", "table_path", required=True,
+              help="Output table: a path, a URI or a catalog name.")
+@catalog_options
 @click.option("--run", "run_id", default=None, help="Run id (default: the latest checked run).")
 @click.option("--drift-path", default=None, help="Drift table (default: next to the table).")
 @click.option("--out", default=None,
@@ -359,10 +396,31 @@ def drift_cmd(table_path: str, run_id: str | None, drift_path: str | None, out: 
 
 def _location(given: str | None) -> Any:
     """A table argument in its one spelling: a local path (relative to here) or an
-    object-store URI (``s3://`` is ``s3a://``), never resolved as a local path."""
-    from pipeline import storage
+    object-store URI (``s3://`` is ``s3a://``), never resolved as a local path; or a
+    catalog name (schema.table, no such folder here): its location, from the catalog
+    of the session --remote or --config names (else SPARK_REMOTE, else a local one)."""
+    from pipeline import catalog, storage
 
-    return storage.normalize(given) if given else None
+    if not given:
+        return None
+    if not catalog.is_name(given) or Path(given).exists():
+        return storage.normalize(given)
+    from pipeline.config import SparkConfig
+    from pipeline.spark import get_session
+
+    spark_cfg = _CATALOG_SPARK[-1] if _CATALOG_SPARK else SparkConfig(app_name="embed-catalog")
+    try:
+        return catalog.location_of(get_session(spark_cfg), given)
+    except PipelineError as err:
+        _fail(err)
+
+
+def _resolved(config_path: Path, overrides: tuple[str, ...]) -> RunConfig:
+    """The config, its catalog names (source.table, sink.table) resolved to locations."""
+    from pipeline import catalog
+    from pipeline.config import load_config
+
+    return catalog.located(load_config(config_path, overrides))[0]
 
 
 def _stores(*locations: str) -> set[str]:
@@ -431,6 +489,44 @@ def cluster_stop(state_dir: Path) -> None:
     click.echo(f"stopped {len(pids)} processes" if pids else "nothing to stop")
 
 
+@main.group("connect-server")
+def connect_group() -> None:
+    """A Spark Connect server on 127.0.0.1 (Delta, a Hive metastore) to run jobs as its
+    client: spark.remote: sc://127.0.0.1:PORT in a config, or SPARK_REMOTE."""
+
+
+connect_state = click.option("--state-dir", type=click.Path(path_type=Path),
+                             default=Path(".spark-connect"), show_default=True,
+                             help="Where its pid file, log, metastore and warehouse go.")
+
+
+@connect_group.command("start")
+@connect_state
+@click.option("--port", type=click.IntRange(1, 65535), default=15002, show_default=True)
+@click.option("--master", default="local[*]", show_default=True,
+              help="Where the server runs its jobs (e.g. spark://127.0.0.1:7077).")
+def connect_start(state_dir: Path, port: int, master: str) -> None:
+    """Start the server; prints its URL (sc://127.0.0.1:PORT)."""
+    from pipeline.cluster import ConnectServer
+
+    try:
+        server = ConnectServer(state_dir.resolve(), port=port, master=master).start()
+    except RuntimeError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    click.echo(server.url)
+
+
+@connect_group.command("stop")
+@connect_state
+def connect_stop(state_dir: Path) -> None:
+    """Stop the server started from this state dir, by its pid."""
+    from pipeline.cluster import ConnectServer
+
+    pids = ConnectServer(state_dir.resolve()).stop()
+    click.echo(f"stopped {len(pids)} processes" if pids else "nothing to stop")
+
+
 @main.command("demo-data")
 @click.option("--out", required=True,
               help="Where to write the Delta source table: a local path or an object-store "
@@ -440,14 +536,31 @@ def cluster_stop(state_dir: Path) -> None:
               help="Repeat the corpus N times (new ids) for larger runs.")
 @click.option("--change-feed/--no-change-feed", default=True, show_default=True,
               help="Delta Change Data Feed on: re-runs read only the changes.")
-def demo_data_cmd(out: str, limit: int | None, repeat: int, change_feed: bool) -> None:
+@click.option("--table", "name", default=None,
+              help="Also name it in the catalog (schema.table, the schema made if absent): "
+                   "through the Spark Connect server SPARK_REMOTE names, else a local "
+                   "session.")
+def demo_data_cmd(out: str, limit: int | None, repeat: int, change_feed: bool,
+                  name: str | None) -> None:
     """Write the demo source: the Python standard library's docstrings, as Delta
     (by delta-rs: no JVM start)."""
+    from pipeline import storage
     from pipeline.demo import write_demo_delta
 
-    where = _location(out)
+    where = storage.normalize(out)
     n = write_demo_delta(where, limit=limit, repeat=repeat, change_feed=change_feed)
     click.echo(f"wrote {n:,} docstrings to {where}")
+    if name:
+        from pipeline import catalog
+        from pipeline.config import SparkConfig
+        from pipeline.spark import get_session
+
+        try:
+            catalog.register(get_session(SparkConfig(app_name="embed-demo-data"),
+                                         _stores(where)), name, where)
+        except PipelineError as err:
+            _fail(err)
+        click.echo(f"named it {name}")
 
 
 @main.command("demo-sparse-model")
@@ -488,12 +601,11 @@ def sizes_cmd(config_path: Path, overrides: tuple[str, ...], rows: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.config import load_config
     from pipeline.preflight import preflight
     from pipeline.sizes import column_sizes
 
     try:
-        sizes = column_sizes(preflight(load_config(config_path, overrides)))
+        sizes = column_sizes(preflight(_resolved(config_path, overrides)))
     except PipelineError as err:
         _fail(err)
     full = sizes.full_bytes
@@ -536,7 +648,9 @@ def _human(n: float) -> str:
 
 
 @main.command("search")
-@click.option("--table", "table_path", required=True, help="Output table path.")
+@click.option("--table", "table_path", required=True,
+              help="Output table: a path, a URI or a catalog name.")
+@catalog_options
 @click.option("--column", required=True, help="Embedding column to search.")
 @click.option("--k", type=int, default=10, show_default=True, help="Hits to return.")
 @click.option("--prompt", default=None,
@@ -571,6 +685,7 @@ def search_cmd(table_path: str, column: str, k: int, prompt: str | None,
     options = SearchOptions(k=k, prompt=prompt, prompt_name=prompt_name, model=model_path,
                             reader=reader, rescore_factor=rescore_factor,
                             snippets=not as_json)
+    table_path = _location(table_path)
     if hybrid:
         _hybrid_cmd(table_path, column, hybrid, query, options, as_json)
         return
@@ -650,13 +765,13 @@ def _hybrid_cmd(table: str, column: str, other: str, query: str, options: Any,
               help="Also encode 32 canary texts through the engine and through "
                    "sentence-transformers itself, here (no Spark, no table), and compare.")
 def validate_cmd(config_path: Path, overrides: tuple[str, ...], parity: bool) -> None:
-    """Check a config (keys, model, output dims, source path) without starting Spark, and
-    print the model stack as the engine will run it."""
-    from pipeline.config import load_config
+    """Check a config (keys, model, output dims, source path) without starting Spark (a
+    config that names catalog tables asks the catalog for their locations), and print
+    the model stack as the engine will run it."""
     from pipeline.preflight import preflight
 
     try:
-        checked = preflight(load_config(config_path, overrides))
+        checked = preflight(_resolved(config_path, overrides))
         result = _local_parity(checked) if parity else None
     except PipelineError as err:
         _fail(err)

@@ -1,4 +1,5 @@
-"""A real standalone Spark cluster on 127.0.0.1: one master, N workers.
+"""A real standalone Spark cluster on 127.0.0.1: one master, N workers; and a Spark
+Connect server.
 
 Started from the installed pyspark (``spark-class ...deploy.master.Master`` and
 ``...deploy.worker.Worker``), each process in its own session with its pid in a
@@ -20,7 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.spark import spark_home
+from pipeline.spark import (
+    LONG_LIVED_JAVA_OPTIONS,
+    base_conf,
+    derby_log_option,
+    local_metastore_conf,
+    spark_home,
+)
 
 HOST = "127.0.0.1"
 
@@ -117,6 +124,73 @@ class Cluster:
         for pidfile in files:
             pidfile.unlink(missing_ok=True)
         return pids
+
+
+CONNECT_SERVER_CLASS = "org.apache.spark.sql.connect.service.SparkConnectServer"
+
+
+@dataclass(frozen=True)
+class ConnectServer:
+    """Spark Connect's own server, started from the installed pyspark (``spark-submit
+    --class ...SparkConnectServer spark-internal``) on 127.0.0.1: Delta's jars, extension
+    and catalog, this environment's Python on its workers, and Hive support over an
+    embedded Derby metastore with its warehouse, both under ``state_dir``. Catalog
+    tables (``schema.table``) live there."""
+
+    state_dir: Path
+    port: int = 15002
+    master: str = "local[*]"
+
+    @property
+    def url(self) -> str:
+        return f"sc://{HOST}:{self.port}"
+
+    def conf(self) -> dict[str, str]:
+        state = self.state_dir
+        return {**base_conf(), **local_metastore_conf(state),
+                "spark.driver.extraJavaOptions": (f"{LONG_LIVED_JAVA_OPTIONS} "
+                                                  f"{derby_log_option(state)}"),
+                "spark.connect.grpc.binding.address": HOST,
+                "spark.connect.grpc.binding.port": str(self.port),
+                "spark.ui.enabled": "false"}
+
+    def start(self, timeout: float = 120) -> ConnectServer:
+        if _port_open(self.port):
+            raise RuntimeError(f"something already listens on {HOST}:{self.port}; stop it "
+                               "first (embed connect-server stop)")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        args = [str(spark_home() / "bin" / "spark-submit"), "--master", self.master]
+        for key, value in self.conf().items():
+            args += ["--conf", f"{key}={value}"]
+        args += ["--class", CONNECT_SERVER_CLASS, "spark-internal"]
+        python = self.conf()["spark.pyspark.python"]
+        env = dict(os.environ, SPARK_LOCAL_IP=HOST, SPARK_HOME=str(spark_home()),
+                   PYSPARK_PYTHON=python, PYSPARK_DRIVER_PYTHON=python)
+        env.pop("SPARK_REMOTE", None)
+        with open(self.state_dir / "connect-server.log", "w") as log:
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    cwd=self.state_dir, start_new_session=True)
+        (self.state_dir / "connect-server.pid").write_text(str(proc.pid))
+        _wait(lambda: _port_open(self.port) or proc.poll() is not None, timeout,
+              "the Spark Connect server")
+        if proc.poll() is not None:
+            tail = (self.state_dir / "connect-server.log").read_text()[-2000:]
+            raise RuntimeError(f"the Spark Connect server exited:\n{tail}")
+        return self
+
+    def stop(self, grace: float = 10) -> list[int]:
+        pidfile = self.state_dir / "connect-server.pid"
+        if not pidfile.is_file():
+            return []
+        pid = int(pidfile.read_text())
+        _signal_group(pid, signal.SIGTERM)
+        deadline = time.time() + grace
+        while _alive(pid) and time.time() < deadline:
+            time.sleep(0.2)
+        if _alive(pid):
+            _signal_group(pid, signal.SIGKILL)
+        pidfile.unlink(missing_ok=True)
+        return [pid]
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -73,7 +73,10 @@ _FREEFORM = {("source", "options"), ("spark", "conf")}
 
 @dataclass(frozen=True, kw_only=True)
 class SourceConfig:
-    path: str
+    # A path or URI; or ``table``: a catalog name ([catalog.]schema.table), read at the
+    # location the catalog gives (pipeline.catalog). One of the two.
+    path: str = ""
+    table: str | None = None
     format: SourceFormat = "delta"
     id_column: str = "id"
     text_column: str = "text"
@@ -196,7 +199,10 @@ class CalibrationConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SinkConfig:
-    path: str
+    # A path or URI; or ``table``: a catalog name, created when absent (managed, or
+    # external at ``path`` when both are given). One of the two at least.
+    path: str = ""
+    table: str | None = None
     mode: SinkMode = "incremental"
     quarantine_path: str | None = None
     # Runs table (Delta); null: <parent of path>/_embedding_runs.
@@ -224,6 +230,9 @@ class SinkConfig:
 class SparkConfig:
     # None: whatever spark-submit or the environment gave, else local[*].
     master: str | None = None
+    # A Spark Connect server (sc://host:port) to run as its client; None: the
+    # SPARK_REMOTE environment variable (as pyspark reads it), else a classic session.
+    remote: str | None = None
     app_name: str = "embed"
     arrow_batch_rows: int = 4096
     # Partitions of the encode stage; None: one per task slot (length-balanced).
@@ -402,7 +411,7 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
     ``s3a://``), relative local paths against the config's folder."""
 
     def resolve(p: str) -> str:
-        return storage.normalize(p, base)
+        return storage.normalize(p, base) if p else p
 
     def optional(p: str | None) -> str | None:
         return None if p is None else resolve(p)
@@ -430,7 +439,22 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
     )
 
 
+def _validate_tables(cfg: RunConfig) -> None:
+    """source: a path or a catalog table (one); sink: a path, a table, or both."""
+    if bool(cfg.source.path) == bool(cfg.source.table):
+        raise ConfigError("source", "give source.path (a path or URI) or source.table (a "
+                          "catalog name such as schema.table), one of the two")
+    if not (cfg.sink.path or cfg.sink.table):
+        raise ConfigError("sink", "give sink.path (a path or URI) or sink.table (a catalog "
+                          "name such as schema.table)")
+    for key, name in (("source.table", cfg.source.table), ("sink.table", cfg.sink.table)):
+        if name is not None and not storage.is_table_name(name):
+            raise ConfigError(key, f"{name!r} is not a catalog name (schema.table or "
+                              "catalog.schema.table); a path goes in the .path key")
+
+
 def _validate(cfg: RunConfig) -> None:
+    _validate_tables(cfg)
     m = cfg.model
     for key, value in (("spark.arrow_batch_rows", cfg.spark.arrow_batch_rows),
                        ("spark.tasks_per_gpu", cfg.spark.tasks_per_gpu)):

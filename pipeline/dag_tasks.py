@@ -52,9 +52,11 @@ def check_logical_date(logical_date: str, start: datetime) -> None:
 
 def run_config(config_path: str) -> RunConfig:
     """The task's config; its ``storage:`` section is what this process's clients use."""
+    from pipeline import catalog
+
     cfg = load_config(config_path)
     storage.activate(cfg.storage)
-    return cfg
+    return catalog.located(cfg)[0]
 
 
 def maintenance_due(logical_date: str, every: str) -> bool:
@@ -92,7 +94,7 @@ def validate_config(config_path: str, logical_date: str,
                     start: datetime | None = None) -> dict:
     """Check the date, config, model and source path (no Spark); decide the partition."""
     check_logical_date(logical_date, start or start_date())
-    cfg = load_config(config_path)
+    cfg = run_config(config_path)
     info = preflight(cfg).info
     return {
         "config": config_path,

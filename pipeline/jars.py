@@ -228,6 +228,7 @@ def _resolve(kind: str, wanted: str) -> None:
     from pyspark.sql import SparkSession
 
     manifest(kind).unlink(missing_ok=True)
+    os.environ.pop("SPARK_REMOTE", None)  # a JVM of its own, whatever the caller runs on
     builder = (SparkSession.builder.master("local[1]").appName(f"embed-jars-{kind}")
                .config("spark.jars", "").config("spark.jars.packages", wanted)
                .config("spark.jars.ivySettings", str(ivy_settings()))

@@ -85,13 +85,11 @@ def optimize(spark: SparkSession, path: str, tag: str) -> dict[str, str]:
     """Compact the table's small files; returns Delta's metrics. A run writing the same
     files at once makes one of the two fail with ConcurrentRunError (exit 7): nothing
     is lost, re-run what failed."""
-    from delta.tables import DeltaTable
-
     check_table(spark, path)
     # userMetadata is a session conf: take the writers' lock, as a MERGE does
     with delta.conflicts_reported(path), delta.MERGE_LOCK, delta.session_conf(spark, {
             "spark.databricks.delta.commitInfo.userMetadata": delta.commit_tag(tag)}):
-        rows = DeltaTable.forPath(spark, path).optimize().executeCompaction().collect()
+        rows = spark.sql(f"OPTIMIZE {delta.table_ref(path)}").collect()
     metrics = rows[0]["metrics"] if rows else None
     return {k: str(v) for k, v in (metrics.asDict() if metrics else {}).items()
             if not isinstance(v, (dict, list))}
@@ -100,15 +98,13 @@ def optimize(spark: SparkSession, path: str, tag: str) -> dict[str, str]:
 def vacuum(spark: SparkSession, path: str, hours: float) -> None:
     """Delete files no version of the last ``hours`` needs (at least the table's
     retention: a running run still reads the version it started from)."""
-    from delta.tables import DeltaTable
-
     check_table(spark, path)
     floor = retention_hours(spark, path)
     if hours < floor:
         raise ConfigError("--vacuum", f"{hours:g} hours is below the table's retention of "
                           f"{floor:g} hours (delta.deletedFileRetentionDuration): files a "
                           "running run's snapshot needs could go; use at least that")
-    DeltaTable.forPath(spark, path).vacuum(hours)
+    spark.sql(f"VACUUM {delta.table_ref(path)} RETAIN {hours:f} HOURS").collect()
 
 
 def check_table(spark: SparkSession, path: str) -> None:

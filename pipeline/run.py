@@ -27,11 +27,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pipeline import (
+    catalog,
     changes,
     drift,
     lineage,
     projections,
     sampling,
+    session,
     sink,
     source,
     storage,
@@ -42,6 +44,7 @@ from pipeline.encoder import parity
 from pipeline.encoder.cuts import Calibration, Projection, needs_calibration, needs_projection
 from pipeline.encoder.model import ModelInfo
 from pipeline.encoder.parity import ParityResult
+from pipeline.encoder.stats import EncoderStats
 from pipeline.errors import AlreadyCommitted, PipelineError, ReconciliationError, raised_on_worker
 from pipeline.placement import Placement
 from pipeline.preflight import Preflight, preflight
@@ -232,6 +235,9 @@ def run(cfg: RunConfig, spark: SparkSession | None = None, progress: Progress | 
 
     started = time.perf_counter()
     timer = StageTimer()
+    if catalog.has_names(cfg):  # names -> locations: every stage below works on those
+        with timer("spark_start"):
+            cfg, spark = catalog.located(cfg, spark)
     with timer("preflight"):
         checked = preflight(cfg)
         cfg, info, model_fp = checked.cfg, checked.info, checked.fingerprint
@@ -646,7 +652,7 @@ def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
     fitted = calibrated.calibration.projections if calibrated.calibration else {}
     if calibrated.source == "fit" and fitted:  # stored before the commit that names them
         projections.store(spark, cfg.sink.path, fitted, cfg.sink.calibration.size, ctx.run_id)
-    stats = udf.stats_accumulator(spark.sparkContext)
+    stats = udf.StatsChannel(spark)
     encoded = sink.with_lineage_columns(
         udf.encode(spark, cfg, rows.todo, _partitions(ctx, rows.rows_todo), udf.EncodeJob(
             cfg.model, cfg.outputs, ctx.placement, calibrated.calibration,
@@ -656,7 +662,7 @@ def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
     # (device: cuda without CUDA) fails here, before the table is made.
     loaded = background.runtimes() if rows.embeds else set()
     ensure_table(spark, cfg.sink.path, encoded.schema, identity,
-                 deletion_vectors=cfg.sink.deletion_vectors)
+                 deletion_vectors=cfg.sink.deletion_vectors, name=cfg.sink.table)
     _update_identity(ctx, identity, calibrated, canary)
     txn = ctx.partition.txn if ctx.partition else None
     commit = None
@@ -664,7 +670,7 @@ def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
         # The commit names the runtime the workers loaded (the warm-up is done by
         # now, or the encode would wait for the same workers anyway).
         loaded = loaded or ({canary.runtime} if canary else set())
-        spark.sparkContext.setJobGroup(ENCODE_JOB_GROUP, f"embed run {ctx.run_id}")
+        session.tag_jobs(spark, ENCODE_JOB_GROUP, f"embed run {ctx.run_id}")
         with (progress(spark, f"embedding {rows.rows_todo:,} rows") if progress
               else contextlib.nullcontext()):
             commit = delta.write(spark, encoded, cfg.sink.path, _commit_request(
@@ -677,13 +683,14 @@ def encode_commit(ctx: RunContext, rows: RowPlan, calibrated: Calibrated,
     else:  # nothing to embed, only deletes: their own commit
         deleted = (delta.delete_ids(spark, cfg.sink.path, rows.deleted_ids, ctx.run_id)
                    if rows.deleted_ids is not None else 0)
+    encoder_stats = stats.value if commit is not None else EncoderStats()
     if not cfg.chunking.enabled:
         return Written(commit=commit, rows_deleted=deleted, output_schema=encoded.schema,
-                       stats=stats.value)
+                       stats=encoder_stats)
     # chunked: the commit counts passages; documents deleted were counted by the plan
     return Written(commit=commit, rows_deleted=rows.documents_deleted,
                    output_schema=encoded.schema,
-                   stats=stats.value, documents=rows.rows_todo, chunks_deleted=deleted)
+                   stats=encoder_stats, documents=rows.rows_todo, chunks_deleted=deleted)
 
 
 def _commit_request(ctx: RunContext, rows: RowPlan, txn: tuple[str, int] | None,

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import jars, storage
+from pipeline import jars, session, storage
 from pipeline.config import SparkConfig
 from pipeline.errors import StorageError
 
@@ -102,6 +102,21 @@ def base_conf(python: str | None = None, storages: Iterable[str] = (),
     }
 
 
+def local_metastore_conf(folder: Path) -> dict[str, str]:
+    """Hive support over an embedded Derby metastore, with its warehouse, in ``folder``:
+    a catalog on one machine (a Connect server to try, the tests). Static confs: a
+    session gets them when it starts."""
+    return {"spark.sql.catalogImplementation": "hive",
+            "spark.sql.warehouse.dir": str(folder / "warehouse"),
+            "spark.hadoop.javax.jdo.option.ConnectionURL":
+                f"jdbc:derby:;databaseName={folder / 'metastore_db'};create=true"}
+
+
+def derby_log_option(folder: Path) -> str:
+    """The driver JVM option that puts Derby's log in ``folder``, not the working dir."""
+    return f"-Dderby.stream.error.file={folder / 'derby.log'}"
+
+
 def _storages_file() -> Path:
     return spark_home() / "conf" / "embed-storage.txt"
 
@@ -175,6 +190,9 @@ def get_session(cfg: SparkConfig, storages: Iterable[str] = ()) -> SparkSession:
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    remote = cfg.remote or os.environ.get("SPARK_REMOTE")
+    if remote:
+        return connect(remote, cfg, storages)
     active = SparkSession.getActiveSession()
     if active is not None:
         return adopt(active, cfg, storages)
@@ -194,11 +212,21 @@ def get_session(cfg: SparkConfig, storages: Iterable[str] = ()) -> SparkSession:
     for key, value in cfg.conf.items():
         builder = builder.config(key, str(value))
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel("ERROR")
+    session.quiet(spark)
     if submitted:
         return adopt(spark, cfg, storages)
     _apply_runtime_conf(spark, cfg, storages)
     return spark
+
+
+def connect(remote: str, cfg: SparkConfig, storages: Iterable[str] = ()) -> SparkSession:
+    """A Spark Connect client of the server at ``remote`` (``sc://host:port``). The
+    server owns the jars, the master and the stores' settings; the config's
+    ``spark.sql.*`` keys become this session's confs."""
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.builder.remote(remote).getOrCreate()
+    return adopt(spark, cfg, storages)
 
 
 def adopt(spark: SparkSession, cfg: SparkConfig, storages: Iterable[str] = ()) -> SparkSession:
@@ -215,7 +243,7 @@ def adopt(spark: SparkSession, cfg: SparkConfig, storages: Iterable[str] = ()) -
             f"`embed setup-spark --storage {kind}` once (it puts the connector into "
             "spark-defaults.conf), or start the job with --packages "
             f"{jars.coordinate(kind)}")
-    if "s3" in set(storages) and spark.sparkContext.getConf().get(LOG_STORE_KEYS[0]) is None:
+    if "s3" in set(storages) and session.conf_value(spark, LOG_STORE_KEYS[0]) is None:
         raise StorageError(
             "this Spark session commits to S3 with Delta's single-driver log store, which "
             "loses a commit when two drivers write one table at once: run `embed "
@@ -235,10 +263,10 @@ def check_conditional_writes(spark: SparkSession, location: str) -> None:
     ``location``: two create-if-absent PUTs of one object, the second must fail (412).
     Skipped where the session uses a log store of the user's own (one writer accepted,
     or a coordinator such as DynamoDB)."""
-    if storage.scheme(location) != "s3a" or spark._jvm is None:
-        return
+    if storage.scheme(location) != "s3a" or session.is_connect(spark):
+        return  # a Connect server's stores are its operator's to set up
     bucket = storage.bucket_and_key(location)[0]
-    if spark.sparkContext.getConf().get(LOG_STORE_KEYS[0]) != jars.LOGSTORE_CLASS:
+    if session.conf_value(spark, LOG_STORE_KEYS[0]) != jars.LOGSTORE_CLASS:
         return
     if bucket not in _PROBED:
         _PROBED[bucket] = _refuses_second_create(spark, storage.join(
@@ -254,10 +282,8 @@ def check_conditional_writes(spark: SparkSession, location: str) -> None:
 def _refuses_second_create(spark: SparkSession, location: str) -> bool:
     jvm = spark._jvm
     assert jvm is not None
-    jsc = spark.sparkContext._jsc
-    assert jsc is not None
     path = jvm.org.apache.hadoop.fs.Path(location)
-    fs = path.getFileSystem(jsc.hadoopConfiguration())
+    fs = path.getFileSystem(session.hadoop_conf(spark))
 
     def create() -> Any:
         return (fs.createFile(path).overwrite(False)
@@ -277,9 +303,11 @@ def _refuses_second_create(spark: SparkSession, location: str) -> bool:
 
 
 def _has_class(spark: SparkSession, name: str) -> bool:
+    if session.is_connect(spark) or not name:
+        return True  # a Connect server's classpath is its operator's
     jvm = spark._jvm
-    if jvm is None or not name:
-        return True  # not a JVM session: the server decides
+    if jvm is None:
+        return True
     loader = jvm.java.lang.Thread.currentThread().getContextClassLoader()
     try:
         jvm.java.lang.Class.forName(name, False, loader)
@@ -321,26 +349,30 @@ def _apply_runtime_conf(spark: SparkSession, cfg: SparkConfig,
     keys (the stores' settings, then ``spark.hadoop.*``) into the Hadoop configuration
     every later job reads. Other keys are fixed when a session starts: warned about."""
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))
-    hadoop = {k.removeprefix("spark.hadoop."): v for k, v in _hadoop_keys(storages).items()}
+    connect_client = session.is_connect(spark)
+    hadoop = {} if connect_client else {
+        k.removeprefix("spark.hadoop."): v for k, v in _hadoop_keys(storages).items()}
     for key, value in cfg.conf.items():
-        if key.startswith("spark.sql."):
+        if key.startswith("spark.sql.") and spark.conf.isModifiable(key):
             spark.conf.set(key, str(value))
+        elif key.startswith("spark.hadoop.") and connect_client:
+            raise StorageError(f"spark.conf.{key}: a Spark Connect client cannot set the "
+                               "server's Hadoop configuration; set it on the server "
+                               "(its spark-defaults.conf or --conf)")
         elif key.startswith("spark.hadoop."):
             hadoop[key.removeprefix("spark.hadoop.")] = str(value)
         elif spark.conf.get(key, None) != str(value):
             log.warning("spark.conf.%s is fixed when a session starts; this session (started "
                         "by spark-submit or the DAG) keeps %s: pass it as --conf", key,
                         spark.conf.get(key, None))
-    if hadoop:
-        jsc = spark.sparkContext._jsc
-        assert jsc is not None, "a classic (JVM) Spark session is needed"
-        conf = jsc.hadoopConfiguration()
+    conf = session.hadoop_conf(spark)
+    if hadoop and conf is not None:
         for key, value in hadoop.items():
             conf.set(key, value)
 
 
 def task_slots(spark: SparkSession) -> int:
     """Concurrent tasks the cluster runs (local[N] -> N)."""
-    return max(1, spark.sparkContext.defaultParallelism)
+    return session.task_slots(spark)
 
 

@@ -373,3 +373,13 @@ def check_section(raw: dict[str, Any]) -> None:
                               "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and "
                               "AWS_SESSION_TOKEN) or AWS_PROFILE in the environment, or use "
                               "the instance's role")
+
+
+_NAME_PART = r"(?:[A-Za-z_][A-Za-z0-9_]*|`[^`]+`)"
+_TABLE_NAME = re.compile(rf"{_NAME_PART}(?:\.{_NAME_PART}){{1,2}}")
+
+
+def is_table_name(text: str) -> bool:
+    """``schema.table`` or ``catalog.schema.table``: a table named through a catalog, not
+    a location (no ``/``, no scheme); pipeline.catalog resolves it."""
+    return bool(_TABLE_NAME.fullmatch(text)) and "/" not in text and ":" not in text

@@ -14,13 +14,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline import storage
+from pipeline import session, storage
 from pipeline.config import (
     CHUNK_COLUMNS,
     CHUNK_TEXT,
@@ -190,6 +190,13 @@ class EncodeJob:
     pca: str = "project"
     carry: str | None = None
     chunks: Chunked | None = None
+    # each output batch carries its encoder statistics in STATS_COLUMN (JSON on its
+    # first row), for a session without accumulators (StatsChannel)
+    stats_column: bool = False
+
+
+# A task's statistics, sent with its rows: EncoderStats JSON on the first row of a batch.
+STATS_COLUMN = "_encoder_stats"
 
 
 def make_encode_fn(job: EncodeJob, stats_acc: Any = None
@@ -203,12 +210,14 @@ def make_encode_fn(job: EncodeJob, stats_acc: Any = None
                      if chunks else ()),
              "content_hash", *(s.name for s in outputs), "n_tokens", "truncated"]
     names += [carry] if carry else []
+    names += [STATS_COLUMN] if job.stats_column else []
     chunking = chunks.chunking if chunks else None
     stores = storage.settings()
 
     def encode_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         encoder = task_encoder(model_cfg, outputs, placement, chunking, stores)
-        before = encoder.stats  # the encoder counts; this task reports its share
+        before = sent = encoder.stats  # the encoder counts; this task reports its share
+        first = True
         for batch, prepared in encoder.prefetched(batches, lambda b: b.column("text")):
             result: Any
             if raw:
@@ -228,12 +237,25 @@ def make_encode_fn(job: EncodeJob, stats_acc: Any = None
             if carry:
                 arrays.append(batch.column(carry) if take is None
                               else batch.column(carry).take(take))
+            if job.stats_column:
+                rows = len(arrays[0])
+                share = _task_share(encoder.stats, sent, first) if rows else None
+                if share is not None:
+                    sent, first = encoder.stats, False
+                arrays.append(pa.array([share.to_json() if share else None]
+                                       + [None] * (rows - 1) if rows else [], pa.string()))
             yield pa.RecordBatch.from_arrays(arrays, names=names)
         if stats_acc is not None:
             stats_acc.add(dataclasses.replace(encoder.stats - before, peak_rss_mb=_peak_rss_mb(),
                                               tasks=1, gpu_tasks=int(bool(encoder.stats.gpus))))
 
     return encode_batches
+
+
+def _task_share(now: EncoderStats, sent: EncoderStats, first: bool) -> EncoderStats:
+    """What the encoder did since ``sent``; the task itself counted on its first batch."""
+    return dataclasses.replace(now - sent, peak_rss_mb=_peak_rss_mb(), tasks=int(first),
+                               gpu_tasks=int(first and bool(now.gpus)))
 
 
 def _peak_rss_mb() -> float:
@@ -244,18 +266,22 @@ def _peak_rss_mb() -> float:
 
 
 def encode(spark: SparkSession, cfg: RunConfig, rows: DataFrame, partitions: int,
-           job: EncodeJob, stats_acc: Any) -> DataFrame:
+           job: EncodeJob, stats: StatsChannel) -> DataFrame:
     """Rows (id, text, content_hash) -> (id, content_hash, every output column, n_tokens,
-    truncated), encoded on the executors; the encode stage alone asks for GPUs."""
+    truncated), encoded on the executors; the encode stage alone asks for GPUs. The
+    tasks' statistics go to ``stats``."""
+    job = stats.job(job)
     carry, chunks, placement = job.carry, job.chunks, job.placement
-    fn = make_encode_fn(job, stats_acc)
+    fn = make_encode_fn(job, stats.accumulator)
     schema = output_schema(rows.schema["id"].dataType, cfg.outputs,
                            model_pooling=cfg.model.pooling, chunks=chunks,
                            sparse_meta=_sparse_meta(cfg))
     if carry:
         schema = schema.add(rows.schema[carry])
-    return (rows.repartition(partitions)
-            .mapInArrow(fn, schema, profile=gpu_profile(spark, placement)))
+    if job.stats_column:
+        schema = schema.add(STATS_COLUMN, "string")
+    return stats.rows(rows.repartition(partitions)
+                      .mapInArrow(fn, schema, profile=gpu_profile(spark, placement)))
 
 
 def _sparse_meta(cfg: RunConfig) -> dict[str, Any] | None:
@@ -275,28 +301,73 @@ def encode_floats(spark: SparkSession, cfg: RunConfig, placement: Placement,
     quantization. Returns ({column: [N, dim] in id order}, the runtime that ran).
     Chunked runs give each text's passages in order, or with ``first_chunks`` its
     first passage only (one vector per text: the canary)."""
+    import pyarrow.compute as pc
+
     from pipeline import spark as spark_setup
 
     req = request or FloatRequest()
-    stats = stats_accumulator(spark.sparkContext)
     chunks = Chunked.of(cfg)
     if chunks is not None:
         chunks = dataclasses.replace(chunks, store_text=False)
     fn = make_encode_fn(EncodeJob(cfg.model, cfg.outputs, placement, req.calibration,
-                                  raw=True, pca=req.pca, chunks=chunks), stats)
+                                  raw=True, pca=req.pca, chunks=chunks, stats_column=True))
     first_chunks = req.first_chunks
-    schema = output_schema(rows.schema["id"].dataType, cfg.outputs, raw=True, chunks=chunks)
+    schema = output_schema(rows.schema["id"].dataType, cfg.outputs, raw=True,
+                           chunks=chunks).add(STATS_COLUMN, "string")
     encoded = (rows.select("id", "text", "content_hash")
                .repartition(placement.encode_tasks or spark_setup.task_slots(spark))
                .mapInArrow(fn, schema, profile=gpu_profile(spark, placement)))
     keys = ["id"] if chunks is None else ["id", "chunk_index"]
-    if chunks is not None and first_chunks:
-        encoded = encoded.filter("chunk_index = 0")
-    table = (encoded.select(*keys, *(s.name for s in cfg.outputs)).toArrow()
+    table = (encoded.select(*keys, *(s.name for s in cfg.outputs), STATS_COLUMN).toArrow()
              .sort_by([(k, "ascending") for k in keys]))
+    stats = sum_stats(str(s) for s in table.column(STATS_COLUMN).drop_null().to_pylist())
+    if chunks is not None and first_chunks:
+        table = table.filter(pc.field("chunk_index") == 0)
     vectors = {s.name: sparse_from_arrow(table.column(s.name), "float32", 0)
                if s.kind == "sparse" else _matrix(table.column(s.name)) for s in cfg.outputs}
-    return vectors, stats.value.runtime_label
+    return vectors, stats.runtime_label
+
+
+def sum_stats(shares: Iterable[str]) -> EncoderStats:
+    """The tasks' shares (EncoderStats JSON, from STATS_COLUMN) added up."""
+    total = EncoderStats()
+    for share in shares:
+        total = total + EncoderStats.from_json(share)
+    return total
+
+
+class StatsChannel:
+    """How the encode tasks' statistics reach the driver. A classic session: an
+    accumulator the tasks add to. A Spark Connect client has none: the statistics come
+    with the rows (STATS_COLUMN), which are checkpointed on the executors (as Delta's
+    MERGE would materialise them anyway), so the commit and the statistics read the
+    same rows and no row is encoded twice."""
+
+    def __init__(self, spark: SparkSession):
+        self.accumulator = (stats_accumulator(spark.sparkContext)
+                            if session.Capabilities.of(spark).classic else None)
+        self._rows: DataFrame | None = None
+
+    def job(self, job: EncodeJob) -> EncodeJob:
+        return job if self.accumulator is not None else dataclasses.replace(
+            job, stats_column=True)
+
+    def rows(self, encoded: DataFrame) -> DataFrame:
+        """The encoded rows to commit (without STATS_COLUMN)."""
+        if self.accumulator is not None:
+            return encoded
+        self._rows = encoded.localCheckpoint(eager=False)
+        return self._rows.drop(STATS_COLUMN)
+
+    @property
+    def value(self) -> EncoderStats:
+        """The statistics of the rows committed (read after the commit)."""
+        if self.accumulator is not None:
+            return self.accumulator.value
+        if self._rows is None:
+            return EncoderStats()
+        shares = self._rows.where(f"{STATS_COLUMN} IS NOT NULL").select(STATS_COLUMN)
+        return sum_stats(row[0] for row in shares.collect())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,7 +435,7 @@ def warm_workers(spark: SparkSession, cfg: RunConfig, placement: Placement) -> W
     worker reports the runtime it loaded (device/precision/attention). As many
     tasks as the encode stage runs at once, on the same GPUs.
     """
-    slots = placement.encode_tasks or max(1, spark.sparkContext.defaultParallelism)
+    slots = placement.encode_tasks or session.task_slots(spark)
     outputs, model_cfg = cfg.outputs, cfg.model
     chunking = cfg.chunking if cfg.chunking.enabled else None
     stores = storage.settings()
@@ -392,7 +463,7 @@ def warm_workers(spark: SparkSession, cfg: RunConfig, placement: Placement) -> W
 
 
 def is_local(spark: SparkSession) -> bool:
-    return (spark.sparkContext.master or "").startswith("local")
+    return session.is_local(spark)
 
 
 def gpu_profile(spark: SparkSession, placement: Placement) -> Any:
@@ -409,10 +480,12 @@ def gpu_profile(spark: SparkSession, placement: Placement) -> Any:
         TaskResourceRequests,
     )
 
-    conf = spark.sparkContext.getConf()
+    def conf(key: str, default: str) -> str:
+        return session.conf_value(spark, key, default) or default
+
     executor_gpus, task_gpus = profile_requests(
-        conf.get("spark.dynamicAllocation.enabled", "false") == "true",
-        conf.get("spark.executor.resource.gpu.amount", "1") or "1", placement.task_gpu_amount)
+        conf("spark.dynamicAllocation.enabled", "false") == "true",
+        conf("spark.executor.resource.gpu.amount", "1"), placement.task_gpu_amount)
     builder = ResourceProfileBuilder().require(TaskResourceRequests().resource("gpu", task_gpus))
     if executor_gpus is not None:
         builder = builder.require(ExecutorResourceRequests().resource("gpu", executor_gpus))
@@ -434,19 +507,21 @@ def observe(spark: SparkSession, cfg: RunConfig) -> ClusterView:
     devices (local masters) and the cluster's GPU resource amounts."""
     import os
 
-    conf = spark.sparkContext.getConf()
-    master = spark.sparkContext.master or "local[*]"
+    def conf(key: str, default: str) -> str:
+        return session.conf_value(spark, key, default) or default
+
+    master = session.master(spark)
     machine = os.cpu_count() or 1
-    task_cpus = int(conf.get("spark.task.cpus", "1") or "1")
+    task_cpus = int(conf("spark.task.cpus", "1"))
     slots = local_slots(master, machine)
-    executor_cores = int(conf.get("spark.executor.cores", "0") or "0")
+    executor_cores = int(conf("spark.executor.cores", "0"))
     task_gpus = cfg.spark.gpus_per_task or float(
-        conf.get("spark.task.resource.gpu.amount", "0") or "0") or None
+        conf("spark.task.resource.gpu.amount", "0")) or None
     return ClusterView(
         master=master, machine_cores=machine if slots else executor_cores or task_cpus,
         slots=slots or max(1, (executor_cores or task_cpus) // task_cpus),
         cuda_devices=cuda_device_count() if slots and cfg.model.device != "cpu" else 0,
-        executor_gpus=float(conf.get("spark.executor.resource.gpu.amount", "0") or "0"),
+        executor_gpus=float(conf("spark.executor.resource.gpu.amount", "0")),
         task_gpus=task_gpus, task_cpus=task_cpus, device=cfg.model.device,
         tasks_per_gpu=cfg.spark.tasks_per_gpu, token_budget=cfg.model.token_budget)
 

@@ -73,3 +73,20 @@ class EncoderStats:
     @property
     def runtime_label(self) -> str:
         return ", ".join(sorted(self.runtime)) or "-"
+
+    def to_json(self) -> str:
+        """One line of JSON (sets as sorted lists): a task's share, sent with its rows
+        where the session has no accumulators (a Spark Connect client)."""
+        import json
+
+        return json.dumps({f.name: sorted(v) if isinstance(v := getattr(self, f.name), frozenset)
+                           else v for f in fields(self)}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> EncoderStats:
+        import json
+
+        data: dict[str, Any] = json.loads(text)
+        values: dict[str, Any] = {f.name: frozenset(data[f.name]) if f.name in ("runtime", "gpus")
+                                  else data[f.name] for f in fields(cls) if f.name in data}
+        return cls(**values)

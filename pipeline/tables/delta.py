@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import AlreadyCommitted, ConcurrentRunError
 
 if TYPE_CHECKING:
-    from pyspark.sql import Column, DataFrame, SparkSession
+    from pyspark.sql import DataFrame, SparkSession
 
     from pipeline.write_plan import CommitKind
 
@@ -74,16 +75,20 @@ def commit_tag(run_id: str, meta: dict[str, str] | None = None) -> str:
     return json.dumps(tag, separators=(",", ":"))
 
 
+def table_ref(path: str) -> str:
+    """``path`` as Delta's SQL names a table by its location: delta.`path`."""
+    return "delta.`" + path.replace("`", "``") + "`"
+
+
 def _run_commit(spark: SparkSession, path: str, run_id: str) -> Any:
     """This run's latest commit (by userMetadata: other runs may have committed since),
-    or None."""
-    from delta.tables import DeltaTable
+    or None. SQL (DESCRIBE HISTORY): a classic session and a Spark Connect client alike."""
     from pyspark.sql import functions as F
 
     meta = F.col("userMetadata")
     mine = (F.get_json_object(meta, "$.run_id") == run_id) | (meta == run_id)  # or pre-JSON
-    rows = (DeltaTable.forPath(spark, path).history(50)
-            .filter(mine).orderBy("version", ascending=False)
+    rows = (spark.sql(f"DESCRIBE HISTORY {table_ref(path)} LIMIT 50")
+            .filter(mine).orderBy(F.col("version").desc())
             .limit(1).collect())
     return rows[0] if rows else None
 
@@ -110,32 +115,30 @@ def last_commit(spark: SparkSession, path: str, run_id: str,
                   rows_deleted=int(metrics.get("numTargetRowsDeleted", 0)))
 
 
-def _snapshot(spark: SparkSession, path: str) -> Any:
-    """The table's latest Delta snapshot, from the JVM's cached DeltaLog: no Spark job
-    (DESCRIBE DETAIL or history() each cost one, ~1 s here)."""
-    jvm = spark._jvm
-    assert jvm is not None, "a classic (JVM) Spark session is needed, not Spark Connect"
-    none = getattr(getattr(jvm.scala, "None$"), "MODULE$")
-    log = jvm.org.apache.spark.sql.delta.DeltaLog.forTable(spark._jsparkSession, path)
-    return log.update(False, none, none)
+def _log(path: str) -> Any:
+    """The table's latest log state, read by delta-rs: no Spark job, no JVM (a classic
+    session and a Spark Connect client alike)."""
+    from pipeline import deltars
+
+    return deltars.open_table(path)
 
 
-def committed_txn(spark: SparkSession, path: str, app_id: str) -> int:
+def committed_txn(spark: SparkSession | None, path: str, app_id: str) -> int:
     """The last txnVersion Delta recorded for ``app_id`` on this table (-1: none)."""
     if not is_delta_table(path):
         return -1
-    found = _snapshot(spark, path).transactions().get(app_id)
-    return int(found.get()) if found.isDefined() else -1
+    found = _log(path).transaction_version(app_id)
+    return -1 if found is None else int(found)
 
 
-def latest_version(spark: SparkSession, path: str) -> int:
-    return int(_snapshot(spark, path).version())
+def latest_version(spark: SparkSession | None, path: str) -> int:
+    return int(_log(path).version())
 
 
-def table_property(spark: SparkSession, path: str, key: str) -> str | None:
+def table_property(spark: SparkSession | None, path: str, key: str) -> str | None:
     """One Delta table property (``delta.*`` included) of the latest version."""
-    found = _snapshot(spark, path).metadata().configuration().get(key)
-    return str(found.get()) if found.isDefined() else None
+    found = _log(path).metadata().configuration.get(key)
+    return None if found is None else str(found)
 
 
 @contextlib.contextmanager
@@ -233,34 +236,45 @@ def write(spark: SparkSession, df: DataFrame, path: str, req: CommitRequest) -> 
 
 
 def _merge(spark: SparkSession, df: DataFrame, path: str, req: CommitRequest) -> None:
-    """The MERGE of a merge or insert commit. ``req.replace_documents`` (chunked tables):
-    a source row matches only through its id's delete marker, so every stored row
-    (passage) of the ids in ``deletes`` is deleted (a changed document's old passages,
-    however many) and every row of ``df`` inserted; ``deletes`` holds each id once, so a
-    stored row matches one source row at most."""
-    from delta.tables import DeltaTable
-
+    """The MERGE of a merge or insert commit, in Delta's SQL (a temporary view of ``df``
+    as its source). ``req.replace_documents`` (chunked tables): a source row matches only
+    through its id's delete marker, so every stored row (passage) of the ids in
+    ``deletes`` is deleted (a changed document's old passages, however many) and every
+    row of ``df`` inserted; ``deletes`` holds each id once, so a stored row matches one
+    source row at most."""
     keys, deletes, by_id = req.merge_keys, req.deletes, req.replace_documents
     replace_matched = req.replace_matched and req.kind == "merge" and not by_id
-    on = " AND ".join(f"t.{k} = s.{k}" for k in keys)
     if deletes is None:
-        merge = DeltaTable.forPath(spark, path).alias("t").merge(df.alias("s"), on)
-        if replace_matched:
-            merge = merge.whenMatchedUpdateAll()
-        merge.whenNotMatchedInsertAll().execute()
+        on = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
+        clauses = (["WHEN MATCHED THEN UPDATE SET *"] if replace_matched else []) + [
+            "WHEN NOT MATCHED THEN INSERT *"]
+        merge_sql(spark, df, path, on, clauses)
         return
     # The deleted ids ride along as source rows flagged _delete (their other columns
     # null); a flagged row matches every stored row of its id.
     rest = "FALSE" if by_id else (
-        " AND ".join(f"t.{k} = s.{k}" for k in keys if k != "id") or "TRUE")
-    source = _with_deletes(df, deletes)
-    columns: dict[str, str | Column] = {c: f"s.`{c}`" for c in df.columns}
-    merge = (DeltaTable.forPath(spark, path).alias("t")
-             .merge(source.alias("s"), f"t.id = s.id AND (s._delete OR ({rest}))")
-             .whenMatchedDelete(condition="s._delete"))
+        " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys if k != "id") or "TRUE")
+    names = ", ".join(f"`{c}`" for c in df.columns)
+    values = ", ".join(f"s.`{c}`" for c in df.columns)
+    sets = ", ".join(f"`{c}` = s.`{c}`" for c in df.columns)
+    clauses = ["WHEN MATCHED AND s._delete THEN DELETE"]
     if replace_matched:
-        merge = merge.whenMatchedUpdate(condition="NOT s._delete", set=columns)
-    merge.whenNotMatchedInsert(condition="NOT s._delete", values=columns).execute()
+        clauses.append(f"WHEN MATCHED AND NOT s._delete THEN UPDATE SET {sets}")
+    clauses.append(f"WHEN NOT MATCHED AND NOT s._delete THEN INSERT ({names}) VALUES ({values})")
+    merge_sql(spark, _with_deletes(df, deletes), path,
+              f"t.id = s.id AND (s._delete OR ({rest}))", clauses)
+
+
+def merge_sql(spark: SparkSession, source: DataFrame, path: str, on: str,
+              clauses: list[str]) -> None:
+    """``MERGE INTO`` the table at ``path`` (target ``t``) from ``source`` (``s``)."""
+    view = f"embed_merge_source_{uuid.uuid4().hex}"
+    source.createOrReplaceTempView(view)
+    try:
+        spark.sql(f"MERGE INTO {table_ref(path)} AS t USING {view} AS s ON {on} "
+                  + " ".join(clauses)).collect()
+    finally:
+        spark.catalog.dropTempView(view)
 
 
 def _with_deletes(df: DataFrame, deletes: DataFrame) -> DataFrame:
@@ -274,23 +288,17 @@ def _with_deletes(df: DataFrame, deletes: DataFrame) -> DataFrame:
 
 def mark_txn(spark: SparkSession, path: str, run_id: str, txn: tuple[str, int]) -> None:
     """Record a txn with no rows (an empty partition), so a re-run skips it too."""
-    from delta.tables import DeltaTable
-
     empty = spark.read.format("delta").load(path).limit(0)
     with MERGE_LOCK, session_conf(spark, _commit_conf(run_id, txn)):
-        DeltaTable.forPath(spark, path).alias("t").merge(empty.alias("s"), "t.id = s.id") \
-            .whenNotMatchedInsertAll().execute()
+        merge_sql(spark, empty, path, "t.id = s.id", ["WHEN NOT MATCHED THEN INSERT *"])
 
 
 def delete_ids(spark: SparkSession, path: str, ids_df: DataFrame, run_id: str) -> int:
     """Delete output rows whose id left the source; returns rows deleted."""
-    from delta.tables import DeltaTable
-
     if ids_df.limit(1).count() == 0:
         return 0
     with MERGE_LOCK, session_conf(spark, _commit_conf(run_id, None)):
-        DeltaTable.forPath(spark, path).alias("t").merge(ids_df.alias("s"), "t.id = s.id") \
-            .whenMatchedDelete().execute()
+        merge_sql(spark, ids_df, path, "t.id = s.id", ["WHEN MATCHED THEN DELETE"])
     row = _run_commit(spark, path, run_id)
     metrics = (row["operationMetrics"] if row is not None else None) or {}
     return int(metrics.get("numTargetRowsDeleted", 0))

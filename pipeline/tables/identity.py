@@ -16,14 +16,13 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import SinkConflictError
 
 if TYPE_CHECKING:
-    from delta.tables import DeltaTableBuilder
     from pyspark.sql import SparkSession
     from pyspark.sql.types import StructType
 
@@ -91,7 +90,6 @@ class TableIdentity(Mapping[str, str]):
         The log is read with delta-rs, local or remote (no Spark job: in a new JVM,
         Spark's first Delta read costs seconds); with Spark only where delta-rs cannot
         open it (``spark`` None: a local session)."""
-        from delta.tables import DeltaTable
         from deltalake.exceptions import DeltaError
 
         from pipeline import deltars
@@ -102,12 +100,11 @@ class TableIdentity(Mapping[str, str]):
         with contextlib.suppress(DeltaError):
             return cls.from_properties(deltars.open_table(path).metadata().configuration)
         from pipeline.spark import session_for
+        from pipeline.tables.delta import table_ref
 
         spark = session_for(spark, "embed-identity", path)
-        if not DeltaTable.isDeltaTable(spark, path):
-            return None
-        props = DeltaTable.forPath(spark, path).detail().collect()[0]["properties"] or {}
-        return cls.from_properties(props)
+        detail = spark.sql(f"DESCRIBE DETAIL {table_ref(path)}").collect()[0]
+        return cls.from_properties(detail["properties"] or {})
 
     def properties(self) -> dict[str, str]:
         return {PREFIX + k: v for k, v in self.entries.items()}
@@ -212,18 +209,35 @@ def check_compatible(stored: TableIdentity | None, wanted: TableIdentity, path: 
 
 
 def ensure_table(spark: SparkSession, path: str, schema: StructType, identity: TableIdentity,
-                 deletion_vectors: bool = False) -> None:
-    """Create the output table with ``identity`` in its properties, unless it exists."""
-    from delta.tables import DeltaTable
+                 deletion_vectors: bool = False, name: str | None = None) -> None:
+    """Create the output table with ``identity`` in its properties, unless it exists; with
+    ``name``, as that catalog table (managed where ``path`` is its schema's default
+    location, else external at ``path``). DataFrameWriterV2 (a classic session and a
+    Spark Connect client alike): the columns' metadata (how each vector decodes) lands in
+    the table's schema, which a SQL ``CREATE TABLE`` would drop."""
+    from pipeline.tables.delta import is_delta_table, table_ref
 
-    builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(schema)
+    if is_delta_table(path):
+        if name is not None and not spark.catalog.tableExists(name):
+            from pipeline.catalog import register  # made by a run killed before it was named
+
+            register(spark, name, path)
+        return
+    writer = spark.createDataFrame([], schema).writeTo(name or table_ref(path)).using("delta")
+    if name is not None:
+        from pipeline.catalog import default_location
+
+        if path != default_location(spark, name):
+            writer = writer.option("path", path)
     if identity.get("partition_by"):
-        builder = builder.partitionedBy(identity["partition_by"])
+        from pyspark.sql import functions as F
+
+        writer = writer.partitionedBy(F.col(identity["partition_by"]))
     for key, value in identity.properties().items():
-        builder = builder.property(key, value)
+        writer = writer.tableProperty(key, value)
     if deletion_vectors:
-        builder = builder.property("delta.enableDeletionVectors", "true")
-    if _create_racing(builder, path):
+        writer = writer.tableProperty("delta.enableDeletionVectors", "true")
+    if _create_racing(writer.create, path):
         # Another run made the table while this one tried: the identity check decides,
         # as for any existing table.
         stored = TableIdentity.read(spark, path)
@@ -231,26 +245,23 @@ def ensure_table(spark: SparkSession, path: str, schema: StructType, identity: T
             stored.check_compatible(identity, path)
 
 
-def _create_racing(builder: DeltaTableBuilder, path: str, wait: float = 20.0) -> bool:
-    """Run the create; True when it had to be retried because another writer was making
-    the table at the same moment. Delta then fails in one of several ways (its commit
-    conflict, "not empty and also not a Delta table" while the other's first commit is
-    being written, "doesn't exist" from a snapshot cached a moment before): each retry
-    starts a new transaction, which reads the log afresh and finds the table made. A
-    folder without ``_delta_log`` is not a race: its error is raised at once."""
+def _create_racing(create: Callable[[], None], path: str, wait: float = 2.0) -> bool:
+    """Run the create; True when it failed because another writer made the table at the
+    same moment (Delta then says the table exists, or reports its commit conflict, or
+    "not empty and also not a Delta table" while the other's first commit is being
+    written: given ``wait`` seconds to land). Any other failure is raised."""
     from pipeline.tables.delta import is_delta_table
 
-    deadline = time.monotonic() + wait
-    retried = False
-    while True:
-        try:
-            builder.execute()
-            return retried
-        except Exception:
-            if not is_delta_table(path) or time.monotonic() > deadline:
+    try:
+        create()
+        return False
+    except Exception:
+        deadline = time.monotonic() + wait
+        while not is_delta_table(path):
+            if time.monotonic() > deadline:
                 raise
-        retried = True
-        time.sleep(0.5)
+            time.sleep(0.25)
+        return True
 
 
 def set_identity(spark: SparkSession, path: str, values: Mapping[str, Any]) -> None:
