@@ -34,13 +34,22 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def spark():
+def spark(tmp_path_factory):
     from pipeline.config import SparkConfig
-    from pipeline.spark import LONG_LIVED_JAVA_OPTIONS, get_session
+    from pipeline.spark import (
+        LONG_LIVED_JAVA_OPTIONS,
+        derby_log_option,
+        get_session,
+        local_metastore_conf,
+    )
 
-    # one session for the whole run: a long-lived driver, C2 kept (pipeline/spark.py)
+    # one session for the whole run: a long-lived driver, C2 kept (pipeline/spark.py),
+    # with a catalog (a Hive metastore over embedded Derby) for the tables-by-name tests
+    catalog = tmp_path_factory.mktemp("catalog")
     session = get_session(SparkConfig(master="local[2]", app_name="embed-tests", conf={
-        "spark.driver.extraJavaOptions": LONG_LIVED_JAVA_OPTIONS}), storages=("s3",))
+        **local_metastore_conf(catalog),
+        "spark.driver.extraJavaOptions": f"{LONG_LIVED_JAVA_OPTIONS} "
+                                         f"{derby_log_option(catalog)}"}), storages=("s3",))
     yield session
     session.stop()
 

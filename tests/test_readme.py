@@ -30,11 +30,13 @@ NOT_RUN = {
 }
 # Blocks that start Airflow or a standalone cluster: tests/test_deploy.py runs these
 # very commands (with its own AIRFLOW_HOME, state dir and ports), so the suite starts
-# each once; test_deploy_runs_the_docs_airflow_and_cluster_commands checks that.
-DEPLOY_BLOCKS = ("export AIRFLOW_HOME=", ".venv/bin/embed cluster start")
+# each once; test_deploy_runs_the_docs_airflow_and_cluster_commands checks that. The
+# Spark Connect block: tests/test_connect.py runs it as typed.
+DEPLOY_BLOCKS = ("export AIRFLOW_HOME=", ".venv/bin/embed cluster start",
+                 ".venv/bin/embed connect-server start")
 DOCS = ("README.md", "docs/outputs.md", "docs/tables.md", "docs/search.md", "docs/sparse.md",
         "docs/passages.md", "docs/lineage-drift.md", "docs/operations.md",
-        "docs/performance.md", "docs/storage.md")
+        "docs/performance.md", "docs/storage.md", "docs/deployment.md")
 
 
 def all_text(root) -> str:
@@ -113,7 +115,7 @@ def test_deploy_runs_the_docs_airflow_and_cluster_commands():
     deploy = (ROOT / "tests" / "test_deploy.py").read_text()
     calls = {tuple(re.findall(r'"([^"]+)"', args))
              for args in re.findall(r'airflow\(([^)]*)\)', deploy)}
-    blocks = [b for b in readme_blocks(all_text(ROOT)) if b[0].startswith(DEPLOY_BLOCKS)]
+    blocks = [b for b in readme_blocks(all_text(ROOT)) if b[0].startswith(DEPLOY_BLOCKS[:2])]
     assert len(blocks) == 2, blocks
     airflow = [c.split() for c in " && ".join(blocks[0][1:]).split(" && ")]
     assert airflow and all(c[0] == "airflow" for c in airflow)
