@@ -100,3 +100,14 @@ def hadoop_conf(spark: SparkSession) -> Any | None:
         return None
     jsc = spark.sparkContext._jsc
     return jsc.hadoopConfiguration() if jsc is not None else None
+
+
+def delta_errors(spark: SparkSession) -> None:
+    """Delta's commit-conflict errors as its Python classes (``delta.exceptions``) on this
+    kind of session. pyspark converts a JVM error as it raises it, so the conversion must
+    be in place before any Delta command runs: a classic session patches py4j's converter,
+    a Connect client registers Delta's classes with Connect's."""
+    if Capabilities.of(spark).classic:
+        import delta.exceptions  # noqa: F401
+    else:
+        import delta.connect.exceptions  # noqa: F401

@@ -349,6 +349,7 @@ def _apply_runtime_conf(spark: SparkSession, cfg: SparkConfig,
     keys (the stores' settings, then ``spark.hadoop.*``) into the Hadoop configuration
     every later job reads. Other keys are fixed when a session starts: warned about."""
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_rows))
+    session.delta_errors(spark)
     connect_client = session.is_connect(spark)
     hadoop = {} if connect_client else {
         k.removeprefix("spark.hadoop."): v for k, v in _hadoop_keys(storages).items()}
