@@ -120,3 +120,38 @@ def register(spark: SparkSession, name: str, location: str) -> None:
     schema = name.rsplit(".", 1)[0]
     spark.sql(f"CREATE SCHEMA IF NOT EXISTS {schema}")
     spark.sql(f"CREATE TABLE IF NOT EXISTS {name} USING DELTA LOCATION '{location}'")
+
+
+def bookkeeping_names(cfg: RunConfig) -> dict[str, str]:
+    """{catalog name: location} of a named sink's bookkeeping tables: the schema's shared
+    ones (runs, drift, canary, projections: one per schema location, as their paths are)
+    and the sink's quarantine."""
+    from pipeline.tables.paths import TablePaths
+
+    name = cfg.sink.table or ""
+    schema, table = name.rsplit(".", 1)
+    paths = TablePaths.of(cfg)
+    return {f"{schema}.embedding_runs": paths.runs, f"{schema}.embedding_drift": paths.drift,
+            f"{schema}.embedding_canary": paths.canary,
+            f"{schema}.embedding_projections": paths.projections,
+            f"{schema}.{table.strip('`')}_quarantine": paths.quarantine}
+
+
+def name_bookkeeping(spark: SparkSession, cfg: RunConfig) -> list[str]:
+    """Name a named sink's bookkeeping tables in the catalog, those that exist and are not
+    named yet (:func:`bookkeeping_names`); a name taken by another location is left as
+    it is, with a warning. Returns the names added."""
+    import logging
+
+    from pipeline import deltars
+
+    added = []
+    for name, location in bookkeeping_names(cfg).items():
+        if not deltars.is_table(location) or spark.catalog.tableExists(name):
+            continue
+        try:
+            register(spark, name, location)
+            added.append(name)
+        except ConfigError as err:
+            logging.getLogger(__name__).warning("%s", err)
+    return added

@@ -280,6 +280,8 @@ def run(cfg: RunConfig, spark: SparkSession | None = None, progress: Progress | 
                      lineage_run_id=recorder.lineage_run_id, stage_seconds=dict(timer.seconds),
                      warnings=list(checked.warnings))
     recorder.succeed(result)
+    if cfg.sink.table:  # the runs, drift, canary and quarantine tables by name too
+        catalog.name_bookkeeping(spark, cfg)
     drift.enforce_policy(cfg, result)
     return result
 

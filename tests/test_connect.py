@@ -130,14 +130,19 @@ drift: {canary: {enabled: false}, distribution: {enabled: false}}
 
 def test_tables_by_name_on_a_classic_session(spark, tmp_path):
     """source.table and sink.table on the suite's session (a Hive metastore): an external
-    sink at sink.path, then a second name for its location is the same table (a no-op),
-    `embed runs` takes a name, and names the catalog lacks are one-line errors. (A
-    managed sink: the Connect test's, made in its schema's location.)"""
+    sink at sink.path (its runs table named beside it), then a second name for its
+    location is the same table (a no-op), `embed runs` takes a name, and names the
+    catalog lacks are one-line errors. (A managed sink: the Connect test's.)"""
+    from pyspark.errors.exceptions import captured
+
     from pipeline import catalog
     from pipeline.cli import main
     from pipeline.config import load_config
     from pipeline.run import run
 
+    # Delta's conflict classes are what a Delta SQL command raises on this session
+    # (the run's exit 7 for a lost race rests on it): installed when the session is made
+    assert captured.convert_exception.__name__ == "convert_delta_exception"
     source = demo_table(spark, tmp_path, 40)
     catalog.register(spark, "names.src", source)
     external = str(tmp_path / "external")
@@ -148,6 +153,8 @@ sink: {table: names.external}
     first = run(cfg, spark)
     assert first.rows_embedded == 40 and first.output_path == external
     assert _table_type(spark, "names.external") == "EXTERNAL"
+    runs = spark.table("names.embedding_runs").where(f"run_id = '{first.run_id}'")
+    assert sorted(r.status for r in runs.collect()) == ["running", "succeeded"]
 
     catalog.register(spark, "names.alias", external)
     alias = load_config(write_config(tmp_path, "unused", "", extra="""
