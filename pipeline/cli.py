@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -445,9 +446,12 @@ def cluster_group() -> None:
     """A standalone Spark cluster on 127.0.0.1 (master + workers) to try jobs on."""
 
 
-state_option = click.option("--state-dir", type=click.Path(path_type=Path),
-                            default=Path(".spark-cluster"), show_default=True,
-                            help="Where pid files and logs go.")
+def _state_dir_option(default: str, what: str) -> Any:
+    return click.option("--state-dir", type=click.Path(path_type=Path), default=Path(default),
+                        show_default=True, help=what)
+
+
+state_option = _state_dir_option(".spark-cluster", "Where pid files and logs go.")
 
 
 @cluster_group.command("start")
@@ -470,13 +474,22 @@ def cluster_start(state_dir: Path, workers: int, cores: int, memory: str, gpus: 
     """Start a master and N workers; prints the master URL for spark-submit --master."""
     from pipeline.cluster import Cluster
 
+    _echo_started(lambda: Cluster(state_dir.resolve(), port=port, webui_port=webui_port).start(
+        workers, cores, memory, gpus=gpus, isolated=isolated).master_url)
+
+
+def _echo_started(start: Callable[[], str]) -> None:
+    """Start a local service; print its URL, or its error in one line (exit 1)."""
     try:
-        cluster = Cluster(state_dir.resolve(), port=port, webui_port=webui_port).start(
-            workers, cores, memory, gpus=gpus, isolated=isolated)
+        url = start()
     except RuntimeError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
-    click.echo(cluster.master_url)
+    click.echo(url)
+
+
+def _echo_stopped(pids: list[int]) -> None:
+    click.echo(f"stopped {len(pids)} processes" if pids else "nothing to stop")
 
 
 @cluster_group.command("stop")
@@ -485,8 +498,7 @@ def cluster_stop(state_dir: Path) -> None:
     """Stop the master and workers started from this state dir, by their pids."""
     from pipeline.cluster import Cluster
 
-    pids = Cluster(state_dir.resolve()).stop()
-    click.echo(f"stopped {len(pids)} processes" if pids else "nothing to stop")
+    _echo_stopped(Cluster(state_dir.resolve()).stop())
 
 
 @main.group("connect-server")
@@ -495,9 +507,8 @@ def connect_group() -> None:
     client: spark.remote: sc://127.0.0.1:PORT in a config, or SPARK_REMOTE."""
 
 
-connect_state = click.option("--state-dir", type=click.Path(path_type=Path),
-                             default=Path(".spark-connect"), show_default=True,
-                             help="Where its pid file, log, metastore and warehouse go.")
+connect_state = _state_dir_option(".spark-connect",
+                                  "Where its pid file, log, metastore and warehouse go.")
 
 
 @connect_group.command("start")
@@ -509,12 +520,8 @@ def connect_start(state_dir: Path, port: int, master: str) -> None:
     """Start the server; prints its URL (sc://127.0.0.1:PORT)."""
     from pipeline.cluster import ConnectServer
 
-    try:
-        server = ConnectServer(state_dir.resolve(), port=port, master=master).start()
-    except RuntimeError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(1)
-    click.echo(server.url)
+    _echo_started(lambda: ConnectServer(state_dir.resolve(), port=port, master=master)
+                  .start().url)
 
 
 @connect_group.command("stop")
@@ -523,8 +530,7 @@ def connect_stop(state_dir: Path) -> None:
     """Stop the server started from this state dir, by its pid."""
     from pipeline.cluster import ConnectServer
 
-    pids = ConnectServer(state_dir.resolve()).stop()
-    click.echo(f"stopped {len(pids)} processes" if pids else "nothing to stop")
+    _echo_stopped(ConnectServer(state_dir.resolve()).stop())
 
 
 @main.command("demo-data")
