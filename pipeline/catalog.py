@@ -125,11 +125,12 @@ def register(spark: SparkSession, name: str, location: str) -> None:
 def bookkeeping_names(cfg: RunConfig) -> dict[str, str]:
     """{catalog name: location} of a named sink's bookkeeping tables: the schema's shared
     ones (runs, drift, canary, projections: one per schema location, as their paths are)
-    and the sink's quarantine."""
+    and the sink's quarantine; named in ``sink.bookkeeping_schema``, else the sink's."""
     from pipeline.tables.paths import TablePaths
 
     name = cfg.sink.table or ""
     schema, table = name.rsplit(".", 1)
+    schema = cfg.sink.bookkeeping_schema or schema
     paths = TablePaths.of(cfg)
     return {f"{schema}.embedding_runs": paths.runs, f"{schema}.embedding_drift": paths.drift,
             f"{schema}.embedding_canary": paths.canary,

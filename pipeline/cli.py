@@ -672,8 +672,9 @@ def _human(n: float) -> str:
 @click.option("--rescore-factor", type=click.IntRange(min=1), default=4, show_default=True,
               help="Binary columns: rescore the best k x this by a float column.")
 @click.option("--hybrid", "hybrid", default=None, metavar="TABLE:COLUMN",
-              help="Also rank another table of the same ids (e.g. a dense one) and fuse the "
-                   "two rankings by reciprocal rank fusion (k = 60).")
+              help="Also rank another table (a path, a URI or a catalog name) of the same "
+                   "ids (e.g. a dense one) and fuse the two rankings by reciprocal rank "
+                   "fusion (k = 60).")
 @click.option("--explain", is_flag=True,
               help="Sparse columns: print the query's top tokens and each hit's matching "
                    "tokens with their weights.")
@@ -693,7 +694,7 @@ def search_cmd(table_path: str, column: str, k: int, prompt: str | None,
                             snippets=not as_json)
     table_path = _location(table_path)
     if hybrid:
-        _hybrid_cmd(table_path, column, hybrid, query, options, as_json)
+        _hybrid_cmd(table_path, column, _target_located(hybrid), query, options, as_json)
         return
     try:
         result = search(table_path, column, query, options)
@@ -733,6 +734,17 @@ def _explained(table: str, column: str, query: str, hits: list, options: Any) ->
         shared = found.matches.get((hit.id, hit.chunk_index), [])
         out.add_row(str(rank), str(hit.id), ", ".join(f"{t} {c:.3f}" for t, c in shared))
     return out
+
+
+def _target_located(target: str) -> str:
+    """``--hybrid``'s TABLE:COLUMN with its table as a location (a name looked up)."""
+    from pipeline.hybrid import parse_target
+
+    try:
+        table, column = parse_target(target)
+    except PipelineError as err:
+        _fail(err)
+    return f"{_location(table)}:{column}"
 
 
 def _hybrid_cmd(table: str, column: str, other: str, query: str, options: Any,

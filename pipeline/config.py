@@ -203,6 +203,10 @@ class SinkConfig:
     # external at ``path`` when both are given). One of the two at least.
     path: str = ""
     table: str | None = None
+    # The schema ([catalog.]schema) that names a named sink's bookkeeping tables
+    # (embedding_runs, _drift, _canary, _projections, <table>_quarantine); None: the
+    # sink's own. Names only: the tables stay where their paths put them.
+    bookkeeping_schema: str | None = None
     mode: SinkMode = "incremental"
     quarantine_path: str | None = None
     # Runs table (Delta); null: <parent of path>/_embedding_runs.
@@ -451,6 +455,10 @@ def _validate_tables(cfg: RunConfig) -> None:
         if name is not None and not storage.is_table_name(name):
             raise ConfigError(key, f"{name!r} is not a catalog name (schema.table or "
                               "catalog.schema.table); a path goes in the .path key")
+    schema = cfg.sink.bookkeeping_schema
+    if schema is not None and not (cfg.sink.table and storage.is_table_name(schema + ".t")):
+        raise ConfigError("sink.bookkeeping_schema", f"{schema!r}: a schema name "
+                          "([catalog.]schema) for a sink given by sink.table")
 
 
 def _validate(cfg: RunConfig) -> None:

@@ -149,6 +149,10 @@ def test_missing_source_and_model_are_one_line_errors_before_spark(tmp_path):
     ({"sink": {"path": "o", "partition_by": "run_id"}}, r"sink\.partition_by.*output table"),
     ({"sink": {"path": "o", "partition_by": "text"}}, r"sink\.partition_by.*or the text"),
     ({"sink": {"path": "o", "partition_by": "a-b"}}, r"sink\.partition_by.*not a valid"),
+    ({"sink": {"path": "o", "bookkeeping_schema": "ops"}},
+     r"sink\.bookkeeping_schema.*sink given by sink\.table"),
+    ({"sink": {"table": "a.b", "bookkeeping_schema": "s3://x/ops"}},
+     r"sink\.bookkeeping_schema.*schema name"),
 ])
 def test_model_drift_and_lineage_validation(section, pattern):
     with pytest.raises(ConfigError, match=pattern):

@@ -9,6 +9,7 @@ with -9 and re-run. A classic session: the suite's own, with its Hive metastore.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -159,12 +160,21 @@ sink: {table: names.external}
     catalog.register(spark, "names.alias", external)
     alias = load_config(write_config(tmp_path, "unused", "", extra="""
 source: {path: '', table: names.src}
-sink: {path: '', table: names.alias}
+sink: {path: '', table: names.alias, bookkeeping_schema: ops}
 """))
     assert run(alias, spark).rows_embedded == 0  # one location, one table
+    # sink.bookkeeping_schema: the same runs table, named in the schema asked for
+    assert spark.table("ops.embedding_runs").where(f"run_id = '{first.run_id}'").count() == 2
 
     listed = CliRunner().invoke(main, ["runs", "--table", "names.alias"])
     assert listed.exit_code == 0 and "succeeded" in listed.output, listed.output
+    # --hybrid takes a name too: one table's column fused with itself ranks alike
+    fused = CliRunner().invoke(main, ["search", "--table", "names.external", "--column",
+                                      "emb_64", "--hybrid", "names.alias:emb_64", "--k", "3",
+                                      "--json", "read a zip file"])
+    assert fused.exit_code == 0, fused.output
+    hits = [json.loads(line) for line in fused.output.splitlines() if line.startswith("{")]
+    assert len(hits) == 3 and all(h["ranks"][0] == h["ranks"][1] for h in hits), hits
     missing = CliRunner().invoke(main, ["runs", "--table", "names.nowhere"])
     assert missing.exit_code == 3 and "no table named names.nowhere" in missing.output
 
