@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -76,6 +77,8 @@ def test_the_docs_connect_block_runs_as_a_client_with_classic_apis_refused_and_k
         for expected in ("rows embedded      │ 100", "rows embedded      │ 0",
                          "compacted into", "backfill done: 2 partitions"):
             assert expected in said, (expected, said[-3000:])
+        # the progress bar's last state, fed by the server's progress reports
+        assert re.search(r"\b([1-9]\d*)/\1 tasks", said), said[-3000:]
         table = work / ".spark-connect" / "warehouse" / "lake.db" / "docstring_embeddings"
         rows = deltars.dataset(str(table)).to_table(columns=["id", "emb_384"]).to_pandas()
         rows = rows.sort_values("id")
