@@ -135,13 +135,15 @@ drift: {canary: {enabled: false}, distribution: {enabled: false}}
 def test_tables_by_name_on_a_classic_session(spark, tmp_path):
     """source.table and sink.table on the suite's session (a Hive metastore): an external
     sink at sink.path (its runs table named beside it), then a second name for its
-    location is the same table (a no-op), `embed runs` takes a name, and names the
+    location is the same table (a no-op), the DAG's validate and check tasks, `embed runs`
+    and `search --hybrid` take names, bookkeeping names go where asked, and names the
     catalog lacks are one-line errors. (A managed sink: the Connect test's.)"""
     from pyspark.errors.exceptions import captured
 
     from pipeline import catalog
     from pipeline.cli import main
     from pipeline.config import load_config
+    from pipeline.dag_tasks import check_run, start_date, validate_config
     from pipeline.run import run
 
     # Delta's conflict classes are what a Delta SQL command raises on this session
@@ -157,6 +159,11 @@ sink: {table: names.external}
     first = run(cfg, spark)
     assert first.rows_embedded == 40 and first.output_path == external
     assert _table_type(spark, "names.external") == "EXTERNAL"
+    # the DAG's own tasks (validate, check) on the config of names
+    validated = validate_config(str(tmp_path / "run.yaml"), "2024-03-01",
+                                start_date({"EMBED_START_DATE": "2024-01-01"}))
+    assert validated["output"] == external
+    assert check_run(str(tmp_path / "run.yaml"), "")["run_id"] == first.run_id
     runs = spark.table("names.embedding_runs").where(f"run_id = '{first.run_id}'")
     assert sorted(r.status for r in runs.collect()) == ["running", "succeeded"]
 
