@@ -456,7 +456,7 @@ def _validate_tables(cfg: RunConfig) -> None:
             raise ConfigError(key, f"{name!r} is not a catalog name (schema.table or "
                               "catalog.schema.table); a path goes in the .path key")
     schema = cfg.sink.bookkeeping_schema
-    if schema is not None and not (cfg.sink.table and storage.is_table_name(schema + ".t")):
+    if schema is not None and not (cfg.sink.table and storage.is_schema_name(schema)):
         raise ConfigError("sink.bookkeeping_schema", f"{schema!r}: a schema name "
                           "([catalog.]schema) for a sink given by sink.table")
 

@@ -377,9 +377,15 @@ def check_section(raw: dict[str, Any]) -> None:
 
 _NAME_PART = r"(?:[A-Za-z_][A-Za-z0-9_]*|`[^`]+`)"
 _TABLE_NAME = re.compile(rf"{_NAME_PART}(?:\.{_NAME_PART}){{1,2}}")
+_SCHEMA_NAME = re.compile(rf"{_NAME_PART}(?:\.{_NAME_PART})?")
 
 
 def is_table_name(text: str) -> bool:
     """``schema.table`` or ``catalog.schema.table``: a table named through a catalog, not
     a location (no ``/``, no scheme); pipeline.catalog resolves it."""
     return bool(_TABLE_NAME.fullmatch(text)) and "/" not in text and ":" not in text
+
+
+def is_schema_name(text: str) -> bool:
+    """``schema`` or ``catalog.schema``, as :func:`is_table_name` reads a table's."""
+    return bool(_SCHEMA_NAME.fullmatch(text)) and "/" not in text and ":" not in text
