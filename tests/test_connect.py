@@ -24,6 +24,7 @@ from click.testing import CliRunner
 
 from pipeline.errors import ConfigError, SourceError
 from tests.conftest import ROOT, cosine_rows, demo_table, write_config
+from tests.output import tail
 from tests.test_readme import block_script, fresh_shell_env, readme_blocks
 
 CONNECT_BLOCK = ".venv/bin/embed connect-server start"
@@ -71,14 +72,14 @@ def test_the_docs_connect_block_runs_as_a_client_with_classic_apis_refused_and_k
     assert "classic-only pyspark API" in refused.stderr, refused.stderr[-2000:]  # armed
     try:
         done = _shell(work, block_script(commands[:-1]), env)
-        assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+        assert done.returncode == 0, (tail(done.stdout), tail(done.stderr))
         said = done.stdout + done.stderr
-        assert "Traceback" not in said and "classic-only" not in said, said[-3000:]
+        assert "Traceback" not in said and "classic-only" not in said, tail(said)
         for expected in ("rows embedded      │ 100", "rows embedded      │ 0",
                          "compacted into", "backfill done: 2 partitions"):
-            assert expected in said, (expected, said[-3000:])
+            assert expected in said, (expected, tail(said))
         # the progress bar's last state, fed by the server's progress reports
-        assert re.search(r"\b([1-9]\d*)/\1 tasks", said), said[-3000:]
+        assert re.search(r"\b([1-9]\d*)/\1 tasks", said), tail(said)
         table = work / ".spark-connect" / "warehouse" / "lake.db" / "docstring_embeddings"
         rows = deltars.dataset(str(table)).to_table(columns=["id", "emb_384"]).to_pandas()
         rows = rows.sort_values("id")
@@ -125,7 +126,7 @@ drift: {canary: {enabled: false}, distribution: {enabled: false}}
                                timeout=600)
         if again.returncode != 7:
             break
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, tail(again.stderr)
     assert _ids(str(table)) == list(range(100))  # every id exactly once
 
 

@@ -23,6 +23,7 @@ from pipeline.demo import demo_rows
 from pipeline.tables import runs as runs_table
 from pipeline.tables.paths import TablePaths
 from tests.conftest import ROOT, arrow_matrix, cosine_rows, demo_table, sorted_table, write_config
+from tests.output import tail
 
 BIN = Path(sys.executable).parent
 
@@ -98,7 +99,7 @@ def test_standalone_cluster_with_fake_gpus_matches_the_local_encoder(spark, depl
              "jobs/embed.py", "--config", str(cfg_path), "--json",
              "--set", "spark.gpus_per_task=1", "--set", "model.device=auto"],
             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        assert proc.returncode == 0, tail(proc.stdout + proc.stderr, 5000)
         summary = json.loads(proc.stdout.strip().splitlines()[-1])
         assert summary["rows_embedded"] == 80
 
@@ -115,7 +116,7 @@ def test_standalone_cluster_with_fake_gpus_matches_the_local_encoder(spark, depl
         # (spark-submit hands the driver's stderr to stdout)
         said = [line for line in (cuda.stdout + cuda.stderr).splitlines()
                 if line.startswith("error: ")]
-        assert cuda.returncode == 2, cuda.stdout[-3000:] + cuda.stderr[-3000:]
+        assert cuda.returncode == 2, tail(cuda.stdout + cuda.stderr)
         assert said == ["error: config error at 'model.device': cuda was asked for but no "
                         "CUDA device is visible (raised on an executor)"], said
         assert not (tmp_path / "cuda_out").exists()
@@ -185,7 +186,7 @@ def test_shared_nothing_cluster_lands_the_vectors_with_tables_and_model_in_the_b
                              capture_output=True, text=True, timeout=900)
     finally:
         cluster.stop()
-    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-3000:]
+    assert ran.returncode == 0, tail(ran.stdout + ran.stderr)
     assert json.loads(ran.stdout.strip().splitlines()[-1])["rows_embedded"] == rows
     from pipeline import deltars
 
@@ -303,7 +304,7 @@ def test_airflow_dag_runs_dates_as_partitions_and_refuses_dates_before_start(
     def airflow(*args, timeout=600, ok=True):
         proc = subprocess.run([str(BIN / "airflow"), *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout)
-        assert (proc.returncode == 0) == ok, (args, proc.stdout[-3000:], proc.stderr[-3000:])
+        assert (proc.returncode == 0) == ok, (args, tail(proc.stdout), tail(proc.stderr))
         return proc.stdout + proc.stderr
 
     # DagBag: imports cleanly, with the expected task graph

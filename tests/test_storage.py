@@ -24,6 +24,7 @@ from pipeline import storage
 from pipeline.config import SparkConfig, parse_config
 from pipeline.errors import ConfigError, StorageError
 from tests.conftest import ROOT
+from tests.output import tail
 from tests.s3 import ACCESS_KEY, environment
 
 BIN = ROOT / ".venv" / "bin"
@@ -307,7 +308,7 @@ drift: {{canary: {{enabled: true}}, distribution: {{enabled: false}}}}
         time.sleep(0.3)
     os.killpg(killed.pid, signal.SIGKILL)
     printed.append(killed.communicate(timeout=60)[0])
-    assert time.time() < deadline, printed[-1][-3000:]
+    assert time.time() < deadline, tail(printed[-1])
 
     submit = [str(BIN / "spark-submit"), "--master", "local[2]"]
     job = [str(ROOT / "jobs" / "embed.py"), "--config", str(config)]
@@ -315,16 +316,16 @@ drift: {{canary: {{enabled: true}}, distribution: {{enabled: false}}}}
                           timeout=600)
     said = bare.stdout + bare.stderr  # (spark-submit hands the driver's stderr to stdout)
     printed.append(said)
-    assert bare.returncode == 2, said[-3000:]
+    assert bare.returncode == 2, tail(said)
     error = [ln for ln in said.splitlines() if ln.startswith("error:")]
-    assert len(error) == 1 and "embed setup-spark --storage s3" in error[0], said[-2000:]
+    assert len(error) == 1 and "embed setup-spark --storage s3" in error[0], tail(said)
     assert "Traceback" not in said
     confs = [arg for key, value in base_conf(storages=["s3"]).items()
              for arg in ("--conf", f"{key}={value}")]
     done = subprocess.run([*submit, *confs, *job], cwd=work, env=env, capture_output=True,
                           text=True, timeout=600)
     printed.append(done.stdout + done.stderr)
-    assert done.returncode == 0, printed[-1][-3000:]
+    assert done.returncode == 0, tail(printed[-1])
     ids = deltars.dataset("s3://lake/cli/out").to_table(columns=["id"]).column("id")
     assert sorted(ids.to_pylist()) == list(range(rows))  # every id exactly once
 
@@ -357,7 +358,7 @@ drift: {{canary: {{enabled: true}}, distribution: {{enabled: false}}}}
     for args in commands:
         ran = _embed(args, work, env)
         printed.append(ran.stdout + ran.stderr)
-        assert ran.returncode == 0, (args, ran.stderr[-3000:])
+        assert ran.returncode == 0, (args, tail(ran.stderr))
     assert "succeeded" in printed[-7] and "running" in printed[-7]  # runs: the killed one
     assert list((work / "_drift_reports").glob("*.html"))  # a remote table's report: here
     assert "compacted into" in printed[-1]
