@@ -380,12 +380,17 @@ _TABLE_NAME = re.compile(rf"{_NAME_PART}(?:\.{_NAME_PART}){{1,2}}")
 _SCHEMA_NAME = re.compile(rf"{_NAME_PART}(?:\.{_NAME_PART})?")
 
 
+def _is_name(pattern: re.Pattern[str], text: str) -> bool:
+    """``text`` is a name of that shape and no location (no ``/``, no scheme)."""
+    return bool(pattern.fullmatch(text)) and "/" not in text and ":" not in text
+
+
 def is_table_name(text: str) -> bool:
     """``schema.table`` or ``catalog.schema.table``: a table named through a catalog, not
-    a location (no ``/``, no scheme); pipeline.catalog resolves it."""
-    return bool(_TABLE_NAME.fullmatch(text)) and "/" not in text and ":" not in text
+    a location; pipeline.catalog resolves it."""
+    return _is_name(_TABLE_NAME, text)
 
 
 def is_schema_name(text: str) -> bool:
     """``schema`` or ``catalog.schema``, as :func:`is_table_name` reads a table's."""
-    return bool(_SCHEMA_NAME.fullmatch(text)) and "/" not in text and ":" not in text
+    return _is_name(_SCHEMA_NAME, text)
